@@ -1,0 +1,2 @@
+"""llamaprune."""
+__version__ = "0.1.0"

@@ -1,0 +1,110 @@
+"""Run directories, the manifest, and atomic writes: nothing half-written is ever left under a final name.
+
+    >>> with atomic_dir(Path("artifacts/run1"), overwrite=False) as tmp:   # doctest: +SKIP
+    ...     atomic_write_json(tmp / "manifest.json", {"schema_version": 1})
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def refuse_existing(path: Path, overwrite: bool) -> None:
+    if Path(path).exists() and not overwrite:
+        raise ValueError(f"{path} already exists; pass --overwrite to replace it or choose another --out")
+
+
+@contextmanager
+def atomic_dir(path: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling directory that replaces ``path`` only if the block succeeds."""
+    path = Path(path)
+    refuse_existing(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+        os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
+def read_manifest(run_dir: Path) -> dict:
+    path = Path(run_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no {MANIFEST} in {run_dir}; create the run directory with `llamaprune score MODEL --out {run_dir}`"
+        )
+    manifest = json.loads(path.read_text())
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ValueError(
+            f"{path} has schema_version {version}, this llamaprune reads {SCHEMA_VERSION}; "
+            f"re-run `llamaprune score` to rebuild the run directory"
+        )
+    return manifest
+
+
+def append_history(run_dir: Path, entry: dict) -> None:
+    """Record one phase's run (command, options, timings) at the end of the manifest's history."""
+    manifest = read_manifest(run_dir)
+    manifest.setdefault("history", []).append({"at": now_iso(), **entry})
+    atomic_write_json(Path(run_dir) / MANIFEST, manifest)
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def stamp() -> str:
+    return _dt.datetime.now().strftime("%Y%m%d_%H%M%S")
+
+
+def start_log(directory: Path, name: str = "run.log") -> logging.Handler:
+    """Send the full log of this command to ``directory/logs/<stamp>/<name>``; returns the handler."""
+    log_dir = Path(directory) / "logs" / stamp()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_dir / name)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.DEBUG)
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
+def stop_log(handler: logging.Handler) -> None:
+    logging.getLogger().removeHandler(handler)
+    handler.close()

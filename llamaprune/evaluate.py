@@ -1,0 +1,96 @@
+"""Perplexity: exp of the mean next-token NLL over non-overlapping windows of a text.
+
+    >>> windows = evaluation_windows(tokenizer, load_rows("wikitext2"), seq_len=128)   # doctest: +SKIP
+    >>> perplexity(model, windows, batch_size=8).ppl                                   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+from llamaprune.data import evaluation_windows, load_rows
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    ppl: float
+    nll: float
+    windows: int
+    seq_len: int
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def window_nll_sum(logits, input_ids):
+    """Summed next-token NLL of each window, in float32: shape (batch,)."""
+    import torch.nn.functional as F
+
+    shifted = logits[:, :-1].float()
+    targets = input_ids[:, 1:]
+    nll = F.cross_entropy(shifted.reshape(-1, shifted.size(-1)), targets.reshape(-1), reduction="none")
+    return nll.view(targets.shape).sum(dim=1)
+
+
+def perplexity(model, windows, batch_size: int = 8, progress: bool = True) -> PerplexityResult:
+    """Batched perplexity of ``model`` over (n, L) token windows; every window counts L-1 predictions."""
+    import torch
+    from tqdm.auto import tqdm
+
+    if batch_size <= 0:
+        raise ValueError(f"--batch-size must be positive, got {batch_size}")
+    device = next(model.parameters()).device
+    n, seq_len = windows.shape
+    total = torch.zeros((), dtype=torch.float64)
+    start = time.perf_counter()
+    bar = tqdm(total=n, desc="perplexity", unit="win", disable=not progress)
+    with torch.inference_mode():
+        for batch in windows.split(batch_size):
+            batch = batch.to(device)
+            logits = model(input_ids=batch, use_cache=False).logits
+            total += window_nll_sum(logits, batch).double().sum().cpu()
+            bar.update(batch.size(0))
+            bar.set_postfix(tok_s=f"{bar.n * seq_len / (time.perf_counter() - start):.0f}")
+    bar.close()
+    seconds = time.perf_counter() - start
+    predictions = n * (seq_len - 1)
+    nll = (total / predictions).item()
+    return PerplexityResult(
+        ppl=float(torch.exp(torch.tensor(nll)).item()),
+        nll=nll,
+        windows=n,
+        seq_len=seq_len,
+        tokens=n * seq_len,
+        seconds=seconds,
+        tokens_per_s=n * seq_len / seconds if seconds > 0 else float("inf"),
+    )
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """What ``llamaprune eval`` (and ``apply --eval``) measure: test split of ``dataset``, windows of seq_len."""
+
+    dataset: str = "wikitext2"
+    seq_len: int = 128
+    max_windows: int | None = None
+    batch_size: int = 8
+    data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2:
+            raise ValueError(f"--seq-len must be at least 2, got {self.seq_len}")
+        if self.max_windows is not None and self.max_windows <= 0:
+            raise ValueError(f"--max-windows must be positive, got {self.max_windows}")
+        if self.batch_size <= 0:
+            raise ValueError(f"--batch-size must be positive, got {self.batch_size}")
+
+
+def evaluate_dataset(model, tokenizer, options: EvalOptions, progress: bool = True) -> PerplexityResult:
+    """Perplexity on the test split of a named or local text source."""
+    rows = load_rows(options.dataset, split="test", data_dir=options.data_dir)
+    windows = evaluation_windows(tokenizer, rows, options.seq_len, options.max_windows)
+    return perplexity(model, windows, batch_size=options.batch_size, progress=progress)

