@@ -69,8 +69,13 @@ def read_manifest(run_dir: Path) -> dict:
         raise FileNotFoundError(
             f"no {MANIFEST} in {run_dir}; create the run directory with `llamaprune score MODEL --out {run_dir}`"
         )
-    manifest = json.loads(path.read_text())
-    version = manifest.get("schema_version")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path} is not valid JSON ({err}); re-run `llamaprune score` to rebuild it"
+        ) from err
+    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
     if version != SCHEMA_VERSION:
         raise ValueError(
             f"{path} has schema_version {version}, this llamaprune reads {SCHEMA_VERSION}; "

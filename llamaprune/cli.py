@@ -76,11 +76,14 @@ def eval_command(
     """Perplexity of a model on the test split of a text source."""
     from llamaprune.artifacts import atomic_write_json
     from llamaprune.evaluate import EvalOptions, evaluate_dataset
-    from llamaprune.model import load_model
+    from llamaprune.model import load_config, load_model, resolve_device, resolve_source
 
     options = EvalOptions(dataset, seq_len, max_windows, batch_size, data_dir)
+    resolve_device(device)
+    load_config(resolve_source(model))  # a bad device, path or architecture fails before any data loads
+    rows = options.test_rows()  # and a bad dataset before the weights load
     loaded = load_model(model, dtype, device)
-    result = evaluate_dataset(loaded.model, loaded.tokenizer, options)
+    result = evaluate_dataset(loaded.model, loaded.tokenizer, options, rows=rows)
     report = {dataset: result.to_dict()}
     typer.echo(
         f"{dataset}: perplexity {result.ppl:.3f} over {result.windows} windows of {seq_len} tokens "
@@ -90,3 +93,33 @@ def eval_command(
         atomic_write_json(out, report)
     else:
         typer.echo(json.dumps(report))
+
+
+@app.command("score")
+@one_line_errors
+def score_command(
+    model: Annotated[str, typer.Argument(help="Checkpoint dir, .gguf file, hub id, or smollm2-135m.")],
+    out: Annotated[Path, typer.Option(help="Run directory to create (groups.parquet, layers.parquet, ...).")],
+    dataset: Annotated[str, typer.Option(help="Calibration text: wikitext2, ptb, c4, or a local file.")] = "wikitext2",
+    num_samples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward/backward pass.")] = 8,
+    criteria: Annotated[str, typer.Option(help="Comma-separated: taylor,taylor2,wanda,magnitude,random.")] = (
+        "taylor,taylor2,wanda,magnitude,random"
+    ),
+    seed: Annotated[int, typer.Option(help="Seed of the calibration sample and the random baseline.")] = 0,
+    dtype: DTypeOpt = DType.float32,
+    device: DeviceOpt = Device.cpu,
+    data_dir: DataDir = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
+) -> None:
+    """Measure importance and cost of every attention group and MLP channel (phase 1)."""
+    from llamaprune.score import ScoreOptions, parse_criteria, score_run
+
+    options = ScoreOptions(model, dataset, num_samples, seq_len, batch_size, parse_criteria(criteria), seed, dtype,
+                           device, data_dir)
+    result = score_run(options, out, overwrite)
+    typer.echo(
+        f"scored {result.groups.num_rows} groups over {result.tokens} tokens in {result.seconds:.1f} s "
+        f"(peak memory {result.peak_memory_bytes / 2**20:.0f} MiB) -> {out}"
+    )

@@ -1,8 +1,8 @@
 """Text sources and the two token samplers built on them (calibration and evaluation).
 
-A source is a hub name (``wikitext2``, ``ptb``, ``c4``) or a local ``.txt`` / ``.jsonl`` (field ``text``) /
-``.parquet`` (column ``text``) file. A local data directory (``--data-dir`` or ``LLAMAPRUNE_DATA_DIR``)
-is tried before the hub, laid out as ``wikitext-2-raw/wiki.{test,valid,train}.raw``.
+A source is a hub name (``wikitext2``, ``ptb``, ``c4``) or a local ``.txt`` / ``.raw`` (WikiText layout) /
+``.jsonl`` (field ``text``) / ``.parquet`` (column ``text``) file. A local data directory (``--data-dir`` or
+``LLAMAPRUNE_DATA_DIR``) is tried before the hub, laid out as ``wikitext-2-raw/wiki.{test,valid,train}.raw``.
 
     >>> rows = load_rows("wikitext2", split="test", data_dir="../shared/data")   # doctest: +SKIP
     >>> windows = evaluation_windows(tokenizer, rows, seq_len=128)               # doctest: +SKIP
@@ -55,7 +55,7 @@ def load_rows(source: str, split: str = "test", data_dir: str | None = None) -> 
     if source in _HUB:
         local = _local_copy(source, split, data_dir_from_env(data_dir))
         if local is not None:
-            return _raw_rows(local) if source == "wikitext2" else _read_local(local)
+            return _read_local(local)
         return _hub_rows(source, split)
     path = Path(source).expanduser()
     if path.suffix not in LOCAL_SUFFIXES:
@@ -84,6 +84,8 @@ def _raw_rows(path: Path) -> list[str]:
 
 
 def _read_local(path: Path) -> list[str]:
+    if path.suffix == ".raw":
+        return _raw_rows(path)
     if path.suffix == ".jsonl":
         rows = []
         with path.open(encoding="utf-8") as f:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -60,7 +61,7 @@ def perplexity(model, windows, batch_size: int = 8, progress: bool = True) -> Pe
     predictions = n * (seq_len - 1)
     nll = (total / predictions).item()
     return PerplexityResult(
-        ppl=float(torch.exp(torch.tensor(nll)).item()),
+        ppl=math.exp(nll),
         nll=nll,
         windows=n,
         seq_len=seq_len,
@@ -88,9 +89,15 @@ class EvalOptions:
         if self.batch_size <= 0:
             raise ValueError(f"--batch-size must be positive, got {self.batch_size}")
 
+    def test_rows(self) -> list[str]:
+        """The rows evaluated; read them before loading a model so that a bad dataset fails fast."""
+        return load_rows(self.dataset, split="test", data_dir=self.data_dir)
 
-def evaluate_dataset(model, tokenizer, options: EvalOptions, progress: bool = True) -> PerplexityResult:
-    """Perplexity on the test split of a named or local text source."""
-    rows = load_rows(options.dataset, split="test", data_dir=options.data_dir)
+
+def evaluate_dataset(
+    model, tokenizer, options: EvalOptions, progress: bool = True, rows: list[str] | None = None
+) -> PerplexityResult:
+    """Perplexity on the test split of a text source (``rows``: that split, if already read)."""
+    rows = options.test_rows() if rows is None else rows
     windows = evaluation_windows(tokenizer, rows, options.seq_len, options.max_windows)
     return perplexity(model, windows, batch_size=options.batch_size, progress=progress)

@@ -72,15 +72,20 @@ class ModelShape:
         """Parameters of one MLP channel: a gate_proj row, an up_proj row, a down_proj column (+ biases)."""
         return 3 * self.hidden_size + (2 if self.mlp_bias else 0)
 
+    def attn_fixed_params(self, layer: int) -> int:
+        """Parameters of the attention sub-block that no width pruning removes: its norm, the o_proj bias."""
+        if "attention" in self.layers[layer].skip:
+            return 0
+        return self.hidden_size * (2 if self.o_proj_bias else 1)
+
+    def mlp_fixed_params(self, layer: int) -> int:
+        """Parameters of the MLP sub-block that no width pruning removes: its norm, the down_proj bias."""
+        if "mlp" in self.layers[layer].skip:
+            return 0
+        return self.hidden_size * (2 if self.mlp_bias else 1)
+
     def layer_fixed_params(self, layer: int) -> int:
-        """Parameters of a layer that no width pruning removes: norms and output biases."""
-        shape, hidden = self.layers[layer], self.hidden_size
-        fixed = 0
-        if "attention" not in shape.skip:
-            fixed += hidden + (hidden if self.o_proj_bias else 0)
-        if "mlp" not in shape.skip:
-            fixed += hidden + (hidden if self.mlp_bias else 0)
-        return fixed
+        return self.attn_fixed_params(layer) + self.mlp_fixed_params(layer)
 
     def layer_params(self, layer: int) -> int:
         shape = self.layers[layer]

@@ -103,7 +103,14 @@ def load_config(source: Source):
     from transformers import AutoConfig
 
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    config = AutoConfig.from_pretrained(source.path, **kwargs)
+    try:
+        config = AutoConfig.from_pretrained(source.path, **kwargs)
+    except OSError as err:  # hub id not reachable or unknown, unreadable config.json
+        reason = str(err).splitlines()[0][:200].rstrip(".")
+        raise ValueError(
+            f"could not load the config of {source.name}: {reason}; give a local checkpoint directory, "
+            f"a .gguf file, a reachable hub id (org/name) or '{EMBEDDED}'"
+        ) from err
     check_architecture(config)
     return config
 
@@ -139,13 +146,14 @@ def load_model(name: str, dtype: str | DType = DType.float32, device: str | Devi
     """Load model and tokenizer, in eval mode, on ``device`` with weights in ``dtype``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = resolve_device(device)  # before the weights load, so a bad device fails fast
     source = resolve_source(name)
     config = load_config(source)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     model = AutoModelForCausalLM.from_pretrained(source.path, config=config, dtype=torch_dtype(dtype), **kwargs)
     if source.gguf_file:
         _drop_gguf_quantizer(model)
-    model.to(resolve_device(device))
+    model.to(device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
     return LoadedModel(model, tokenizer, source)

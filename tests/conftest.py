@@ -83,6 +83,17 @@ def tiny_checkpoint(tmp_path, tokenizer):
     return path
 
 
+@pytest.fixture
+def gpt2_checkpoint(tmp_path):
+    """A config-only GPT-2 checkpoint directory: an architecture llamaprune does not support."""
+    from transformers import GPT2Config
+
+    path = tmp_path / "gpt2"
+    config = GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, architectures=["GPT2LMHeadModel"])
+    config.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def real_model():
     """The embedded SmolLM2-135M, in float32 on CPU (fetched into the cache on first use)."""
@@ -97,3 +108,29 @@ def _offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.delenv("LLAMAPRUNE_DATA_DIR", raising=False)
+
+
+def group_slices(model, layer: int, kind: str, index: int):
+    """(parameter, index) pairs covering one group, written from DESIGN.md §2 independently of llamaprune."""
+    cfg = model.config
+    block = model.model.layers[layer]
+    d = cfg.head_dim
+    r = cfg.num_attention_heads // cfg.num_key_value_heads
+    out = []
+    if kind == "attn":
+        for proj, lo, hi in (
+            (block.self_attn.q_proj, index * r * d, (index + 1) * r * d),
+            (block.self_attn.k_proj, index * d, (index + 1) * d),
+            (block.self_attn.v_proj, index * d, (index + 1) * d),
+        ):
+            out.append((proj.weight, (slice(lo, hi),)))
+            if proj.bias is not None:
+                out.append((proj.bias, (slice(lo, hi),)))
+        out.append((block.self_attn.o_proj.weight, (slice(None), slice(index * r * d, (index + 1) * r * d))))
+    else:
+        for proj in (block.mlp.gate_proj, block.mlp.up_proj):
+            out.append((proj.weight, (slice(index, index + 1),)))
+            if proj.bias is not None:
+                out.append((proj.bias, (slice(index, index + 1),)))
+        out.append((block.mlp.down_proj.weight, (slice(None), slice(index, index + 1))))
+    return out

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_config, tiny_model
+from conftest import group_slices, tiny_config, tiny_model
 from transformers import LlamaConfig
 
 from llamaprune.groups import ATTN, MLP, iter_groups, model_shape
@@ -29,28 +29,9 @@ def test_costs_add_up_to_num_parameters(kwargs):
 
 
 def _zero_group(model, layer: int, kind: str, index: int) -> None:
-    """Zero a group by explicit slices, written independently of llamaprune."""
-    cfg = model.config
-    block = model.model.layers[layer]
-    d = cfg.head_dim
-    r = cfg.num_attention_heads // cfg.num_key_value_heads
     with torch.no_grad():
-        if kind == ATTN:
-            for proj, lo, hi in (
-                (block.self_attn.q_proj, index * r * d, (index + 1) * r * d),
-                (block.self_attn.k_proj, index * d, (index + 1) * d),
-                (block.self_attn.v_proj, index * d, (index + 1) * d),
-            ):
-                proj.weight[lo:hi] = 0
-                if proj.bias is not None:
-                    proj.bias[lo:hi] = 0
-            block.self_attn.o_proj.weight[:, index * r * d : (index + 1) * r * d] = 0
-        else:
-            for proj in (block.mlp.gate_proj, block.mlp.up_proj):
-                proj.weight[index] = 0
-                if proj.bias is not None:
-                    proj.bias[index] = 0
-            block.mlp.down_proj.weight[:, index] = 0
+        for param, where in group_slices(model, layer, kind, index):
+            param[where] = 0
 
 
 @pytest.mark.parametrize("kwargs", CONFIGS, ids=lambda k: "-".join(f"{a}{b}" for a, b in k.items()))

@@ -1,0 +1,23 @@
+"""Importance criteria: one module per criterion, pure tensor math that tests check against closed forms.
+
+Every criterion produces an elementwise score over a weight (or bias) and is reduced to one number per
+group with :func:`group_sum`; hooks in ``llamaprune.score`` only route tensors here.
+
+    >>> import torch
+    >>> group_sum(torch.ones(4, 3), axis=ROWS, num_groups=2)
+    tensor([6., 6.], dtype=torch.float64)
+"""
+
+from __future__ import annotations
+
+import torch
+
+ROWS = "rows"  # groups own output rows (q/k/v/gate/up weights and their biases)
+COLS = "cols"  # groups own input columns (o_proj, down_proj)
+
+
+def group_sum(score: torch.Tensor, axis: str, num_groups: int) -> torch.Tensor:
+    """Sum an elementwise score over each group's contiguous block of rows or columns, in float64."""
+    if score.dim() == 2:
+        score = score.sum(dim=1 if axis == ROWS else 0, dtype=torch.float64)
+    return score.double().view(num_groups, -1).sum(dim=1)

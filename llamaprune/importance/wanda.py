@@ -1,0 +1,28 @@
+"""Wanda importance |w| * ||x||_2, with ||x|| the L2 norm of each input feature over all calibration tokens.
+
+A bias is a weight on a constant input of 1, so its norm is sqrt(number of tokens).
+
+    >>> import torch
+    >>> acc = accumulate_sq_norm(torch.ones(2, 3, 4), None)      # 6 tokens of 4 features
+    >>> wanda_score(torch.ones(2, 4), acc).sum()
+    tensor(19.5959)
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def accumulate_sq_norm(x: torch.Tensor, acc: torch.Tensor | None) -> torch.Tensor:
+    """acc[j] += sum over tokens of x[..., j]^2, in float32."""
+    sq = x.detach().float().reshape(-1, x.shape[-1]).square().sum(dim=0)
+    return sq if acc is None else acc.add_(sq)
+
+
+def wanda_score(weight: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
+    """Elementwise |W_ij| * ||x_j|| for a (out, in) weight."""
+    return weight.detach().float().abs() * sq_norm.sqrt()[None, :]
+
+
+def wanda_bias_score(bias: torch.Tensor, tokens: int) -> torch.Tensor:
+    return bias.detach().float().abs() * (float(tokens) ** 0.5)

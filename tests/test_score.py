@@ -1,0 +1,207 @@
+"""Phase 1: each criterion against an independent brute-force computation, the tables, the run directory."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import VALID_TXT, group_slices, tiny_config, tiny_model
+from typer.testing import CliRunner
+
+from llamaprune.cli import app
+from llamaprune.groups import iter_groups, model_shape
+from llamaprune.model import config_fingerprint
+from llamaprune.score import STATS_FILE, parse_criteria, score
+from llamaprune.table import check_fingerprint, read_table, read_table_meta
+
+GQA = [dict(heads=4, kv_heads=4), dict(heads=4, kv_heads=2, bias=True), dict(heads=6, kv_heads=2),
+       dict(heads=8, kv_heads=2, bias=True, tie=True), dict(heads=6, kv_heads=2, model_type="qwen2")]
+
+
+def _batches(vocab: int, n: int = 3, batch: int = 2, length: int = 12, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (batch, length), generator=g) for _ in range(n)]
+
+
+def _brute_force(model, batches):
+    """taylor / taylor2 / wanda / magnitude of every group, from whole-loss autograd and explicit captures."""
+    params = [p for p in model.parameters()]
+    grad_sum = [torch.zeros_like(p) for p in params]
+    fisher = [torch.zeros_like(p) for p in params]
+    inputs: dict[int, list] = {}
+    handles = [m.register_forward_pre_hook(lambda m, a: inputs.setdefault(id(m), []).append(a[0].detach()))
+               for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    for b in batches:
+        loss = model(input_ids=b, labels=b, use_cache=False).loss
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        for i, g in enumerate(grads):
+            if g is not None:
+                grad_sum[i] += g
+                fisher[i] += g * g
+    for h in handles:
+        h.remove()
+    index = {id(p): i for i, p in enumerate(params)}
+    norms = {}
+    tokens = sum(b.numel() for b in batches)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and id(m) in inputs:
+            x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs[id(m)]]).double()
+            norms[id(m.weight)] = x.pow(2).sum(0).sqrt()
+            if m.bias is not None:
+                norms[id(m.bias)] = None
+    expected = {}
+    for group in iter_groups(model_shape(model.config)):
+        sums = dict.fromkeys(("taylor", "taylor2", "wanda", "magnitude"), 0.0)
+        for param, where in group_slices(model, group.layer, group.kind, group.index):
+            w = param.detach().double()
+            i = index[id(param)]
+            G, F = grad_sum[i].double(), fisher[i].double()
+            first = (w * G).abs()[where].sum().item()
+            sums["taylor"] += first
+            sums["taylor2"] += first + (0.5 * w * w * F)[where].sum().item()
+            sums["magnitude"] += w.abs()[where].sum().item()
+            norm = norms[id(param)]
+            wanda = w.abs() * tokens**0.5 if norm is None else w.abs() * norm[None, :]
+            sums["wanda"] += wanda[where].sum().item()
+        expected[group.group_id] = sums
+    return expected
+
+
+@pytest.mark.parametrize("kwargs", GQA, ids=lambda k: "-".join(f"{a}{b}" for a, b in k.items()))
+def test_criteria_match_brute_force(kwargs):
+    model = tiny_model(tiny_config(layers=2, **kwargs))
+    batches = _batches(model.config.vocab_size)
+    result = score(model, batches, criteria=("taylor", "taylor2", "wanda", "magnitude"), progress=False)
+    expected = _brute_force(model, batches)
+    table = result.groups.to_pylist()
+    assert [r["group_id"] for r in table] == list(expected)
+    for row in table:
+        for criterion, value in expected[row["group_id"]].items():
+            assert row[criterion] == pytest.approx(value, rel=1e-5), (row["group_id"], criterion)
+    for p in model.parameters():  # scoring leaves no gradient behind and restores requires_grad
+        assert p.grad is None and p.requires_grad
+
+
+def test_block_influence_and_layer_sums():
+    model = tiny_model(tiny_config(layers=3))
+    batches = _batches(model.config.vocab_size)
+    captured = {i: [] for i in range(3)}
+    hooks = [layer.register_forward_hook(
+        lambda m, a, k, out, i=i: captured[i].append((k["hidden_states"] if not a else a[0], out)), with_kwargs=True)
+        for i, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        for b in batches:
+            model(input_ids=b)
+    for h in hooks:
+        h.remove()
+    result = score(model, batches, criteria=("magnitude", "random"), progress=False)
+    layers = result.layers.to_pylist()
+    groups = result.groups.to_pylist()
+    for i, row in enumerate(layers):
+        cos = torch.cat([torch.nn.functional.cosine_similarity(x, y, dim=-1).flatten() for x, y in captured[i]])
+        assert row["block_influence"] == pytest.approx(1 - cos.double().mean().item(), rel=1e-5)
+        assert row["magnitude"] == pytest.approx(sum(g["magnitude"] for g in groups if g["layer"] == i))
+
+
+def test_rows_costs_and_counts():
+    config = tiny_config(heads=6, kv_heads=3, layers=3, intermediate=10, bias=True)
+    model = tiny_model(config)
+    result = score(model, _batches(config.vocab_size), criteria=("wanda",), progress=False)
+    assert result.groups.num_rows == 3 * (3 + 10)
+    shape = model_shape(config)
+    assert sum(result.groups.column("params").to_pylist()) == shape.counts().prunable
+    assert result.meta["params"]["total"] == model.num_parameters()
+    assert result.groups.column_names == ["group_id", "layer", "kind", "index", "params", "wanda"]
+    assert result.tokens == 3 * 2 * 12
+
+
+def test_forward_only_criteria_run_no_backward():
+    model = tiny_model(tiny_config())
+    calls = []
+    model.model.layers[0].mlp.down_proj.weight.register_post_accumulate_grad_hook(lambda p: calls.append(1))
+    score(model, _batches(model.config.vocab_size), criteria=("wanda", "magnitude"), progress=False)
+    assert calls == []
+
+
+def test_random_is_seeded():
+    model = tiny_model(tiny_config())
+    a = score(model, [], criteria=("random",), seed=3, progress=False).groups.column("random").to_pylist()
+    b = score(model, [], criteria=("random",), seed=3, progress=False).groups.column("random").to_pylist()
+    c = score(model, [], criteria=("random",), seed=4, progress=False).groups.column("random").to_pylist()
+    assert a == b and a != c
+
+
+def test_non_finite_scores_name_the_layer():
+    model = tiny_model(tiny_config(layers=2))
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="layer 1"):
+        score(model, [], criteria=("magnitude",), progress=False)
+
+
+def test_parse_criteria():
+    assert parse_criteria("wanda, taylor") == ("taylor", "wanda")
+    with pytest.raises(ValueError, match="choose from"):
+        parse_criteria("taylor,obs")
+
+
+def _write_calibration(tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text("\n".join(VALID_TXT.read_text().splitlines()[:200]))
+    return path
+
+
+def test_cli_score_writes_a_run_directory(tmp_path, tiny_checkpoint):
+    calib = _write_calibration(tmp_path)
+    run = tmp_path / "run"
+    args = ["score", str(tiny_checkpoint), "--out", str(run), "--dataset", str(calib), "--num-samples", "4",
+            "--seq-len", "16", "--batch-size", "2", "--criteria", "taylor,taylor2,wanda,magnitude,random"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in run.iterdir()} >= {"manifest.json", "groups.parquet", "layers.parquet", STATS_FILE, "logs"}
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["calibration"] == {"source": str(calib), "n_samples": 4, "seq_len": 16, "seed": 0, "batch_size": 2}
+    from transformers import AutoConfig
+    fingerprint = config_fingerprint(AutoConfig.from_pretrained(tiny_checkpoint))
+    assert manifest["model"]["fingerprint"] == fingerprint
+    assert read_table_meta(run / "groups.parquet")["fingerprint"] == fingerprint
+    first = read_table(run / "groups.parquet")
+    # Refused without --overwrite; with it, the same seed gives an identical table.
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 2 and "--overwrite" in again.output
+    assert CliRunner().invoke(app, args + ["--overwrite"]).exit_code == 0
+    assert pq.read_table(run / "groups.parquet").equals(first)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]  # no temporary left behind
+
+
+def test_table_from_another_model_is_rejected(tmp_path):
+    model = tiny_model(tiny_config())
+    meta = score(model, [], criteria=("magnitude",), progress=False).meta
+    other = config_fingerprint(tiny_config(intermediate=32))
+    with pytest.raises(ValueError, match=f"{meta['fingerprint']['config_hash']}.*{other['config_hash']}"):
+        check_fingerprint(meta, other, "groups.parquet")
+
+
+def test_cli_score_bad_input(tmp_path, tiny_checkpoint):
+    runner = CliRunner()
+    bad = runner.invoke(app, ["score", str(tiny_checkpoint), "--out", str(tmp_path / "r"), "--criteria", "obs"])
+    assert bad.exit_code == 2 and "choose from" in bad.output and "Traceback" not in bad.output
+    missing = runner.invoke(app, ["score", str(tmp_path / "nope"), "--out", str(tmp_path / "r")])
+    assert missing.exit_code == 2 and "not found" in missing.output
+
+
+@pytest.mark.real
+def test_real_model_table_is_complete_and_finite(real_model):
+    from llamaprune.data import calibration_windows, load_rows
+
+    windows = calibration_windows(real_model.tokenizer, load_rows(str(VALID_TXT)), 4, 32, seed=0)
+    result = score(real_model.model, windows.split(2), progress=False)
+    config = real_model.model.config
+    assert result.groups.num_rows == 30 * (3 + 1536) == config.num_hidden_layers * (
+        config.num_key_value_heads + config.intermediate_size)
+    for name in ("taylor", "taylor2", "wanda", "magnitude", "random"):
+        column = torch.tensor(result.groups.column(name).to_pylist())
+        assert torch.isfinite(column).all() and (column >= 0).all() and column.max() > 0
+    assert sum(result.groups.column("params").to_pylist()) == model_shape(config).counts().prunable
+    influence = result.layers.column("block_influence").to_pylist()
+    assert all(0 <= v <= 2 for v in influence)
