@@ -108,7 +108,7 @@ def load(args):
         torch.manual_seed(0)
         config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
                              num_hidden_layers=2, vocab_size=256)
-        model = LlamaForCausalLM(config).eval()
+        model = LlamaForCausalLM(config).to(args.device, getattr(torch, args.dtype)).eval()
         windows = torch.randint(0, 256, (args.num_samples, args.seq_len))
         return model, windows
     from llamaprune.data import calibration_windows, load_rows

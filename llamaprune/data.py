@@ -87,16 +87,7 @@ def _read_local(path: Path) -> list[str]:
     if path.suffix == ".raw":
         return _raw_rows(path)
     if path.suffix == ".jsonl":
-        rows = []
-        with path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                record = json.loads(line)
-                if "text" not in record:
-                    raise ValueError(f"{path}:{number} has no 'text' field; each JSON line needs one")
-                rows.append(record["text"])
-        return rows
+        return [record["text"] for record in jsonl_records(path, ("text",))]
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -105,6 +96,27 @@ def _read_local(path: Path) -> list[str]:
             raise ValueError(f"{path} has no 'text' column (columns: {', '.join(table.column_names)})")
         return table.column("text").to_pylist()
     return path.read_text(encoding="utf-8").splitlines()
+
+
+def jsonl_records(path: Path, required: tuple[str, ...]) -> list[dict]:
+    """The records of a JSON-lines file (blank lines skipped); each must have every ``required`` field."""
+    records = []
+    with Path(path).open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number} is not valid JSON ({err.msg})") from None
+            missing = [field for field in required if not isinstance(record, dict) or field not in record]
+            if missing:
+                raise ValueError(
+                    f"{path}:{number} has no {', '.join(map(repr, missing))} field; every line needs "
+                    f"{', '.join(map(repr, required))}"
+                )
+            records.append(record)
+    return records
 
 
 def _hub_rows(source: str, split: str) -> list[str]:

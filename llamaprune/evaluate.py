@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 
 from llamaprune.data import evaluation_windows, load_rows
 
+EVAL_FILE = "eval.json"  # where apply, finetune and prune write perplexity before/after
+
 
 @dataclass(frozen=True)
 class PerplexityResult:
@@ -101,3 +103,32 @@ def evaluate_dataset(
     rows = options.test_rows() if rows is None else rows
     windows = evaluation_windows(tokenizer, rows, options.seq_len, options.max_windows)
     return perplexity(model, windows, batch_size=options.batch_size, progress=progress)
+
+
+# The seed toolkit's result keys: a hub dataset's name with the hub dataset it stands for.
+SEED_LABELS = {"wikitext2": "wikitext2 (wikitext-2-raw-v1)", "ptb": "ptb (ptb_text_only)", "c4": "c4 (allenai/c4)"}
+
+
+def PPLMetric(  # noqa: N802 - the seed toolkit's name, kept so its scripts run unchanged
+    model,
+    tokenizer,
+    datasets=("wikitext2",),
+    seq_len: int = 128,
+    batch_size: int = 4,
+    device=None,
+    max_windows: int | None = None,
+    data_dir: str | None = None,
+) -> dict[str, float]:
+    """The seed's evaluation call: ``{'wikitext2 (wikitext-2-raw-v1)': ppl, ...}`` over the test splits.
+
+    The model is moved to ``device`` when one is given; a local file's key is its path.
+    """
+    if device is not None:
+        from llamaprune.model import resolve_device
+
+        model.to(resolve_device(device))
+    results = {}
+    for dataset in datasets:
+        options = EvalOptions(dataset, seq_len, max_windows, batch_size, data_dir)
+        results[SEED_LABELS.get(dataset, dataset)] = evaluate_dataset(model, tokenizer, options).ppl
+    return results

@@ -159,6 +159,8 @@ def model_shape(config) -> ModelShape:
     if head_dim is None:
         head_dim = hidden // layers[0].num_attention_heads
     model_type = getattr(config, "model_type", "llama")
+    if model_type == "llamaprune":  # a pruned model keeps the bias layout of its source architecture
+        model_type = getattr(config, "base_model_type", "llama")
     # Qwen2 has q/k/v biases but an o_proj without one; Llama's attention_bias covers all four.
     qkv_bias = bool(getattr(config, "attention_bias", False)) or model_type == "qwen2"
     o_bias = bool(getattr(config, "attention_bias", False)) and model_type != "qwen2"

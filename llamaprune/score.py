@@ -38,7 +38,7 @@ from llamaprune.importance.magnitude import magnitude_score
 from llamaprune.importance.random import random_scores
 from llamaprune.importance.taylor import GradientState, first_order, fold_gradient, new_state
 from llamaprune.importance.wanda import accumulate_sq_norm, wanda_bias_score, wanda_score
-from llamaprune.model import DType, Device, config_fingerprint
+from llamaprune.model import Device, DType, config_fingerprint
 from llamaprune.table import (
     CRITERIA,
     GROUPS_FILE,
@@ -128,7 +128,8 @@ def param_specs(model, shape: ModelShape) -> list[ParamSpec]:
         parts = []
         if layer_shape.kv_groups:
             attn = block.self_attn
-            parts += [(f"self_attn.{n}", getattr(attn, n), ATTN, ROWS, "attn_in") for n in ("q_proj", "k_proj", "v_proj")]
+            qkv = ("q_proj", "k_proj", "v_proj")
+            parts += [(f"self_attn.{n}", getattr(attn, n), ATTN, ROWS, "attn_in") for n in qkv]
             parts.append(("self_attn.o_proj", attn.o_proj, ATTN, COLS, "o_in"))
         if layer_shape.mlp_channels:
             mlp = block.mlp
@@ -388,9 +389,48 @@ def write_run(out: Path, result: ScoreResult, manifest: dict) -> None:
     atomic_write_json(out / "manifest.json", manifest)
 
 
+def score_into(out: Path, options: ScoreOptions, loaded, rows: list[str], load_seconds: float,
+               progress: bool = True) -> ScoreResult:
+    """Score an already loaded model on calibration windows drawn from ``rows``; write the run into ``out``."""
+    from llamaprune.data import batches, calibration_windows
+
+    windows = calibration_windows(loaded.tokenizer, rows, options.num_samples, options.seq_len, options.seed)
+    calibration = {
+        "source": options.dataset,
+        "n_samples": options.num_samples,
+        "seq_len": options.seq_len,
+        "seed": options.seed,
+        "batch_size": options.batch_size,
+    }
+    log.info("scoring %s with %s on %d x %d tokens", options.model, ",".join(options.criteria),
+             options.num_samples, options.seq_len)
+    result = score(loaded.model, batches(windows, options.batch_size), options.criteria, options.seed, calibration,
+                   progress)
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "llamaprune_version": __version__,
+        "created": now_iso(),
+        "model": {
+            "source": options.model,
+            "path": loaded.source.path,
+            "gguf_file": loaded.source.gguf_file,
+            "fingerprint": result.meta["fingerprint"],
+        },
+        "params": result.meta["params"],
+        "calibration": calibration,
+        "criteria": list(options.criteria),
+        "options": {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(options).items()},
+        "timings": {"load_seconds": load_seconds, "score_seconds": result.seconds},
+        "peak_memory_bytes": result.peak_memory_bytes,
+        "history": [{"at": now_iso(), "phase": "score", "seconds": result.seconds}],
+    }
+    write_run(out, result, manifest)
+    return result
+
+
 def score_run(options: ScoreOptions, out: Path, overwrite: bool = False) -> ScoreResult:
     """The ``llamaprune score`` command: load, sample calibration windows, score, write ``out`` atomically."""
-    from llamaprune.data import batches, calibration_windows, load_rows
+    from llamaprune.data import load_rows
     from llamaprune.model import load_config, load_model, resolve_device, resolve_source
 
     # Cheap checks first: a bad device, model, dataset or --out fails before any weights load.
@@ -403,40 +443,7 @@ def score_run(options: ScoreOptions, out: Path, overwrite: bool = False) -> Scor
         try:
             t0 = time.perf_counter()
             loaded = load_model(options.model, options.dtype, options.device)
-            load_seconds = time.perf_counter() - t0
-            windows = calibration_windows(loaded.tokenizer, rows, options.num_samples, options.seq_len, options.seed)
-            calibration = {
-                "source": options.dataset,
-                "n_samples": options.num_samples,
-                "seq_len": options.seq_len,
-                "seed": options.seed,
-                "batch_size": options.batch_size,
-            }
-            log.info("scoring %s with %s on %d x %d tokens", options.model, ",".join(options.criteria),
-                     options.num_samples, options.seq_len)
-            result = score(loaded.model, batches(windows, options.batch_size), options.criteria, options.seed,
-                           calibration)
-            manifest = {
-                "schema_version": SCHEMA_VERSION,
-                "llamaprune_version": __version__,
-                "created": now_iso(),
-                "model": {
-                    "source": options.model,
-                    "path": loaded.source.path,
-                    "gguf_file": loaded.source.gguf_file,
-                    "fingerprint": result.meta["fingerprint"],
-                },
-                "params": result.meta["params"],
-                "calibration": calibration,
-                "criteria": list(options.criteria),
-                "options": {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(options).items()},
-                "timings": {"load_seconds": load_seconds, "score_seconds": result.seconds},
-                "peak_memory_bytes": result.peak_memory_bytes,
-                "history": [{"at": now_iso(), "phase": "score", "seconds": result.seconds}],
-            }
-            log.info("scored %d groups in %.1f s (peak memory %.0f MiB)", result.groups.num_rows, result.seconds,
-                     result.peak_memory_bytes / 2**20)
-            write_run(tmp, result, manifest)
+            result = score_into(tmp, options, loaded, rows, time.perf_counter() - t0)
         finally:
             stop_log(handler)
     return result

@@ -2,7 +2,8 @@
 
 ``groups.parquet`` has one row per prunable group, ``layers.parquet`` one row per decoder layer; both
 carry the same key-value metadata under ``llamaprune``: schema_version, fingerprint, params (total,
-prunable, fixed), hidden_size, head_dim, criteria, calibration. No torch here: planning reads these tables on machines without it.
+prunable, fixed), hidden_size, head_dim, criteria, calibration. No torch here: planning reads these
+tables on machines without it.
 
     >>> meta = read_table_meta("artifacts/run1/groups.parquet")        # doctest: +SKIP
     >>> meta["fingerprint"]["architecture"]                             # doctest: +SKIP

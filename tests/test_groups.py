@@ -70,3 +70,13 @@ def test_per_layer_config_is_read_per_layer():
     ]
     # A skipped attention also drops its norm: 2*4*... nothing of it is counted.
     assert shape.layer_params(1) == 24 * 3 * 32 + 32
+
+
+def test_a_pruned_qwen2_config_keeps_its_qkv_biases():
+    from llamaprune.apply import apply_plan, plan_from_kept
+
+    config = tiny_config(heads=6, kv_heads=2, layers=2, intermediate=12, model_type="qwen2")
+    plan = plan_from_kept(config, [([1], [0, 3, 5]), ([0, 1], [2])])
+    pruned = apply_plan(tiny_model(config), plan)
+    assert pruned.config.model_type == "llamaprune"
+    assert model_shape(pruned.config).counts().total == pruned.num_parameters() == plan.params_after

@@ -1,0 +1,261 @@
+"""Phase 3: apply a saved plan to a checkpoint, giving a smaller checkpoint that ``from_pretrained`` loads.
+
+Safetensors checkpoints (a directory, or the embedded default) are sliced tensor by tensor without loading
+the model; other sources (GGUF, hub ids) are loaded, pruned in memory with ``apply_plan`` and saved.
+
+    >>> apply(ApplyOptions(plan=Path("artifacts/run1/plans/global-taylor-0.20.json"),
+    ...                    model="smollm2-135m", out=Path("artifacts/run1/model")))   # doctest: +SKIP
+    >>> pruned = apply_plan(load_model("smollm2-135m").model, read_plan(plan_path))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Collection, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from llamaprune.artifacts import (
+    MANIFEST,
+    SCHEMA_VERSION,
+    append_history,
+    atomic_dir,
+    atomic_write_json,
+    now_iso,
+    read_manifest,
+    refuse_existing,
+)
+from llamaprune.checkpoint import (
+    PLAN_FILE,
+    check_params,
+    pruned_config,
+    register,
+    safetensors_files,
+    save_pruned,
+    stream_checkpoint,
+    write_config,
+    write_tokenizer_files,
+)
+from llamaprune.data import evaluation_windows
+from llamaprune.evaluate import EVAL_FILE, EvalOptions, perplexity
+from llamaprune.groups import LayerShape, model_shape
+from llamaprune.model import (
+    Device,
+    DType,
+    Source,
+    config_fingerprint,
+    load_config,
+    load_model,
+    resolve_device,
+    resolve_source,
+)
+from llamaprune.plan import LayerPlan, Plan, read_plan
+from llamaprune.table import check_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ApplyOptions:
+    """What ``llamaprune apply`` does; ``dtype`` None keeps the checkpoint's dtype when streaming."""
+
+    plan: Path
+    model: str
+    out: Path
+    dtype: DType | None = None
+    device: Device = Device.cpu
+    max_shard_size: str = "2GB"
+    overwrite: bool = False
+    eval: EvalOptions | None = None
+
+    def __post_init__(self) -> None:
+        _ = self.shard_bytes  # a bad size fails before any work
+
+    @property
+    def load_dtype(self) -> DType:
+        return self.dtype or DType.float32
+
+    @property
+    def shard_bytes(self) -> int:
+        from transformers.utils.hub import convert_file_size_to_int
+
+        try:
+            size = convert_file_size_to_int(self.max_shard_size)
+        except ValueError:
+            size = 0
+        if size <= 0:
+            raise ValueError(f"--max-shard-size {self.max_shard_size!r} is not a size; use e.g. 2GB, 500MB or 1GiB")
+        return size
+
+
+def check_plan(plan: Plan, config, what: str = "plan") -> None:
+    """Refuse a plan made for another model, naming both fingerprints."""
+    check_fingerprint({"fingerprint": plan.fingerprint}, config_fingerprint(config), what)
+
+
+KeptIndices = Sequence[tuple[Sequence[int], Sequence[int]]]
+
+
+def plan_from_kept(config, kept: KeptIndices, removed: Collection[int] = (), name: str = "manual") -> Plan:
+    """A plan from the (KV heads, MLP channels) kept in each original layer, an empty list skipping that
+    block: for hand-made plans in notebooks, tests and benchmarks (``llamaprune plan`` makes scored ones)."""
+    shape = model_shape(config)
+    if len(kept) != shape.num_hidden_layers:
+        raise ValueError(f"kept lists {len(kept)} layers, the model has {shape.num_hidden_layers}")
+    layers, shapes = [], []
+    for i, ((attn, mlp), original) in enumerate(zip(kept, shape.layers, strict=True)):
+        skip = tuple(block for block, keep in (("attention", attn), ("mlp", mlp)) if not keep)
+        widths = (original.num_attention_heads, original.num_key_value_heads, original.intermediate_size)
+        lp = LayerPlan(i, *widths, tuple(sorted(attn)), tuple(sorted(mlp)), skip, i in removed)
+        layers.append(lp)
+        if not lp.removed:
+            shapes.append(LayerShape(lp.heads_kept, len(attn), len(mlp), skip))
+    before, after = shape.counts(), replace(shape, layers=tuple(shapes)).counts()
+    plan = Plan(
+        name=name,
+        fingerprint=config_fingerprint(config),
+        source_table_sha256="",
+        criterion="manual",
+        strategy="manual",
+        options={},
+        target_ratio=1 - after.total / before.total,
+        achieved_ratio=1 - after.total / before.total,
+        achieved_prunable_ratio=1 - after.prunable / before.prunable,
+        params_before=before.total,
+        params_after=after.total,
+        prunable_before=before.prunable,
+        prunable_after=after.prunable,
+        head_dim=shape.head_dim,
+        layers=tuple(layers),
+    )
+    plan.validate()
+    return plan
+
+
+def apply_plan(model, plan: Plan):
+    """Prune ``model`` by ``plan`` in memory: its weights are sliced in place and reused, not copied."""
+    from torch import nn
+
+    from llamaprune.slicing import slice_layer
+
+    check_plan(plan, model.config, f"plan {plan.name!r}")
+    config = pruned_config(model.config, plan)
+    layers = model.model.layers
+    model.model.layers = nn.ModuleList(
+        [slice_layer(layers[lp.layer], lp, plan.head_dim) for lp in plan.layers if not lp.removed]
+    )
+    pruned = rehouse(model, config)
+    check_params(pruned.num_parameters(), plan)
+    return pruned
+
+
+def rehouse(model, config):
+    """Move ``model``'s (already sliced) weights into the model class of ``config``, without copying them."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    register()
+    with torch.device("meta"):
+        target = AutoModelForCausalLM.from_config(
+            config, dtype=model.dtype, attn_implementation=model.config._attn_implementation
+        )
+    target.load_state_dict(model.state_dict(), strict=True, assign=True)
+    buffers = dict(model.named_buffers())
+    for name, buffer in list(target.named_buffers()):
+        if buffer.is_meta:  # non-persistent buffers (rotary inv_freq) are not in the state dict
+            module, _, attr = name.rpartition(".")
+            setattr(target.get_submodule(module), attr, buffers[name])
+    target.tie_weights()
+    target.generation_config = model.generation_config
+    return target.eval()
+
+
+def run_dir_of(plan_path: Path) -> Path | None:
+    """The run directory a plan was made in (``RUN/plans/NAME.json``), when it has a manifest."""
+    run_dir = Path(plan_path).resolve().parent.parent
+    return run_dir if (run_dir / MANIFEST).is_file() else None
+
+
+def apply(options: ApplyOptions) -> dict:
+    """Write the pruned checkpoint to ``options.out`` atomically; returns the summary put in the manifest."""
+    start = time.perf_counter()
+    plan = read_plan(options.plan)
+    refuse_existing(options.out, options.overwrite)
+    resolve_device(options.device)
+    source = resolve_source(options.model)
+    config = load_config(source)
+    check_plan(plan, config, f"plan {options.plan}")
+    rows = options.eval.test_rows() if options.eval else None  # a bad dataset fails before any work
+    files = safetensors_files(Path(source.path)) if source.kind == "dir" else None
+    summary = {"command": "apply", "plan": str(options.plan), "model": options.model, "out": str(options.out)}
+    with atomic_dir(options.out, options.overwrite) as tmp:
+        before = _evaluate(options.model, options, rows) if options.eval else None
+        if files is not None:
+            log.info("streaming %d safetensors file(s) of %s", len(files), options.model)
+            target = pruned_config(config, plan)
+            if options.dtype is not None:
+                target.dtype = DType(options.dtype).value
+            tied = bool(getattr(config, "tie_word_embeddings", False))
+            stream_checkpoint(files, plan, tmp, options.shard_bytes, options.dtype, tied)
+            write_config(target, tmp)
+            write_tokenizer_files(source.path, tmp)
+        else:
+            log.info("loading %s to prune it in memory", options.model)
+            loaded = load_model(options.model, options.load_dtype, options.device)
+            save_pruned(apply_plan(loaded.model, plan), tmp, options.shard_bytes)
+            loaded.tokenizer.save_pretrained(tmp)
+        summary.update(streamed=files is not None, params_before=plan.params_before, params_after=plan.params_after)
+        if options.eval:
+            after = _evaluate(str(tmp), options, rows)
+            summary["eval"] = eval_report(before, after, options.eval)
+            atomic_write_json(tmp / EVAL_FILE, summary["eval"])
+        summary["seconds"] = round(time.perf_counter() - start, 3)
+        shutil.copyfile(options.plan, tmp / PLAN_FILE)
+        atomic_write_json(tmp / MANIFEST, manifest_with(options, plan, source, config, summary))
+    run_dir = run_dir_of(options.plan)
+    if run_dir is not None:
+        append_history(run_dir, summary)
+    return summary
+
+
+def _evaluate(model_name: str, options: ApplyOptions, rows: list[str]) -> dict:
+    """Perplexity and forward speed, after a warm-up batch so one-off costs do not skew tokens/s."""
+    register()
+    loaded = load_model(model_name, options.load_dtype, options.device)
+    evaluation = options.eval
+    windows = evaluation_windows(loaded.tokenizer, rows, evaluation.seq_len, evaluation.max_windows)
+    perplexity(loaded.model, windows[: evaluation.batch_size], evaluation.batch_size, progress=False)
+    result = perplexity(loaded.model, windows, evaluation.batch_size)
+    return {**result.to_dict(), "num_parameters": loaded.model.num_parameters()}
+
+
+def eval_report(before: dict, after: dict, options: EvalOptions) -> dict:
+    """Perplexity, parameters and forward speed of the original and the pruned model, with their ratios."""
+    return {
+        "options": asdict(options),
+        "before": before,
+        "after": after,
+        "ppl_ratio": after["ppl"] / before["ppl"],
+        "params_ratio": after["num_parameters"] / before["num_parameters"],
+        "tokens_per_s_ratio": after["tokens_per_s"] / before["tokens_per_s"],
+    }
+
+
+def manifest_with(options: ApplyOptions, plan: Plan, source: Source, config, summary: dict) -> dict:
+    """The run's manifest with this apply appended (or a new one when the plan has no run directory)."""
+    from llamaprune import __version__
+
+    run_dir = run_dir_of(options.plan)
+    if run_dir is not None:
+        manifest = read_manifest(run_dir)
+    else:
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "llamaprune_version": __version__,
+            "model": {"source": source.name, "path": source.path, "fingerprint": config_fingerprint(config)},
+            "plan": plan.name,
+        }
+    manifest.setdefault("history", []).append({"at": now_iso(), **summary})
+    return manifest

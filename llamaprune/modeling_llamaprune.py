@@ -1,0 +1,269 @@
+"""The ``llamaprune`` model type: a LLaMA-family decoder whose layers differ in width or lack sub-blocks.
+
+A pruned checkpoint whose layers do not all keep the same shape carries transformers' ``per_layer_config``
+(``num_attention_heads``, ``num_key_value_heads``, ``intermediate_size``, ``skip``) under this model type.
+The file imports only torch and transformers: it is copied verbatim into every such checkpoint, so that
+``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` loads it where llamaprune is not
+installed. Imported as ``llamaprune.modeling_llamaprune`` (which ``import llamaprune`` arranges as soon as
+transformers is imported), it registers its classes with the Auto classes for a plain ``from_pretrained``.
+
+    >>> config = LlamaPruneConfig(
+    ...     hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_hidden_layers=2,
+    ...     intermediate_size=24, vocab_size=64, allow_global_per_layer_attribute_access=True,
+    ...     per_layer_config={0: {"num_attention_heads": 2, "num_key_value_heads": 1}, 1: {"skip": ["mlp"]}},
+    ... )
+    >>> model = LlamaPruneForCausalLM(config)
+    >>> model.model.layers[1].mlp is None, model.model.layers[0].self_attn.k_proj.out_features
+    (True, 8)
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from huggingface_hub.dataclasses import strict
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, LlamaConfig
+from transformers.cache_utils import Cache, DummyLayer, DynamicCache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaForCausalLM,
+    LlamaMLP,
+    LlamaPreTrainedModel,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+)
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+MODEL_TYPE = "llamaprune"
+
+
+class _OptedInGlobalReads(logging.Filter):
+    """Drop transformers' notice about reading per-layer attributes globally: it is only emitted for configs
+    that set ``allow_global_per_layer_attribute_access`` (as ours do on purpose), whenever transformers
+    validates or saves one, so it would print on every load and save of a pruned model."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Reading global config value for per-layer attribute")
+
+
+logging.getLogger("transformers.integrations.heterogeneity.configuration_utils").addFilter(_OptedInGlobalReads())
+
+
+@strict
+class LlamaPruneConfig(LlamaConfig):
+    """A Llama config with per-layer widths; ``base_model_type`` names the architecture it was pruned from.
+
+    Query heads of a layer need not divide ``hidden_size`` (``head_dim`` is explicit), and ``sliding_window``
+    (Mistral) applies to every layer when set.
+    """
+
+    model_type = MODEL_TYPE
+    base_model_type: str = "llama"
+    sliding_window: int | None = None
+
+    def validate_architecture(self):
+        """Each layer with attention must split its query heads evenly over its KV heads."""
+        layers = self.per_layer_config if self.is_heterogeneous else [self]
+        for index, layer in enumerate(layers):
+            if "attention" in (getattr(layer, "skip", None) or ()):
+                continue
+            heads, kv_heads = layer.num_attention_heads, layer.num_key_value_heads
+            if kv_heads <= 0 or heads % kv_heads:
+                raise ValueError(
+                    f"layer {index}: num_attention_heads ({heads}) must be a positive multiple of "
+                    f"num_key_value_heads ({kv_heads})"
+                )
+
+
+def projection_biases(config) -> tuple[bool, bool]:
+    """(q/k/v bias, o_proj bias): Qwen2 biases q/k/v only, Llama's ``attention_bias`` covers all four."""
+    qwen2 = getattr(config, "base_model_type", None) == "qwen2"
+    return bool(config.attention_bias) or qwen2, bool(config.attention_bias) and not qwen2
+
+
+class LlamaPruneAttention(LlamaAttention):
+    """Llama attention with this layer's head counts and the base architecture's biases."""
+
+    def __init__(self, config: LlamaPruneConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        qkv_bias, o_bias = projection_biases(config)
+        for proj, bias in (
+            (self.q_proj, qkv_bias),
+            (self.k_proj, qkv_bias),
+            (self.v_proj, qkv_bias),
+            (self.o_proj, o_bias),
+        ):
+            if bias != (proj.bias is not None):
+                proj.bias = nn.Parameter(torch.zeros(proj.out_features, dtype=proj.weight.dtype)) if bias else None
+
+
+class LlamaPruneDecoderLayer(GradientCheckpointingLayer):
+    """A Llama decoder layer whose attention and/or MLP block (with its norm) may be absent (``skip``)."""
+
+    def __init__(self, config: LlamaPruneConfig, layer_idx: int):
+        super().__init__()
+        skip = set(getattr(config, "skip", None) or ())
+        self.hidden_size = config.hidden_size
+        self.input_layernorm = self.self_attn = self.post_attention_layernorm = self.mlp = None
+        if "attention" not in skip:
+            self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.self_attn = LlamaPruneAttention(config, layer_idx)
+        if "mlp" not in skip:
+            self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.mlp = LlamaMLP(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        if self.self_attn is not None:
+            attn_output, _ = self.self_attn(
+                hidden_states=self.input_layernorm(hidden_states),
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=use_cache,
+                position_embeddings=position_embeddings,
+                **kwargs,
+            )
+            hidden_states = hidden_states + attn_output
+        if self.mlp is not None:
+            hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states
+
+
+class LlamaPrunePreTrainedModel(LlamaPreTrainedModel):
+    config_class = LlamaPruneConfig
+    config: LlamaPruneConfig
+    _no_split_modules = ["LlamaPruneDecoderLayer"]
+    _can_record_outputs = {"hidden_states": LlamaPruneDecoderLayer, "attentions": LlamaPruneAttention}
+
+
+def mark_attention_free(cache: Cache, layers: list[int], num_layers: int) -> None:
+    """Give layers without attention a DummyLayer cache slot, so the sequence length comes from a real one
+    (a lazily filled cache gets all its slots first)."""
+    if cache.layer_class_to_replicate is not None:
+        while len(cache.layers) < num_layers:
+            cache.layers.append(cache.layer_class_to_replicate())
+    for index in layers:
+        if not isinstance(cache.layers[index], DummyLayer):
+            cache.layers[index] = DummyLayer()
+
+
+class LlamaPruneModel(LlamaPrunePreTrainedModel):
+    def __init__(self, config: LlamaPruneConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [LlamaPruneDecoderLayer(layer, index) for index, layer in enumerate(config.per_layer_config)]
+        )
+        self.attention_free = [i for i, layer in enumerate(self.layers) if layer.self_attn is None]
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @property
+    def has_attention(self) -> bool:
+        return len(self.attention_free) < len(self.layers)
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if not self.has_attention:  # nothing to cache: every step sees the whole sequence
+            cache, use_cache = None, False
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if cache is not None:
+            mark_attention_free(cache, self.attention_free, len(self.layers))
+        if position_ids is None:
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+
+        sliding_window = self.config.sliding_window
+        mask_function = create_causal_mask if sliding_window is None else create_sliding_window_causal_mask
+        causal_mask = mask_function(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+        if sliding_window is not None:
+            kwargs["sliding_window"] = sliding_window
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        for decoder_layer in self.layers:
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+
+
+class LlamaPruneForCausalLM(LlamaPrunePreTrainedModel, GenerationMixin):
+    _tied_weights_keys = LlamaForCausalLM._tied_weights_keys
+    _tp_plan = LlamaForCausalLM._tp_plan
+    _pp_plan = LlamaForCausalLM._pp_plan
+
+    def __init__(self, config: LlamaPruneConfig):
+        super().__init__(config)
+        self.model = LlamaPruneModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    forward = LlamaForCausalLM.forward
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """A model without any attention layer keeps no cache: it recomputes the (position-free) sequence."""
+        if self.model.has_attention:
+            super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+
+def register_auto_classes() -> None:
+    """Make AutoConfig / AutoModel / AutoModelForCausalLM know this model type (idempotent)."""
+    AutoConfig.register(MODEL_TYPE, LlamaPruneConfig, exist_ok=True)
+    AutoModel.register(LlamaPruneConfig, LlamaPruneModel, exist_ok=True)
+    AutoModelForCausalLM.register(LlamaPruneConfig, LlamaPruneForCausalLM, exist_ok=True)
+
+
+if __name__ == "llamaprune.modeling_llamaprune":  # the package's module; a checkpoint's copy is remote code
+    register_auto_classes()
+
+__all__ = ["LlamaPruneConfig", "LlamaPruneModel", "LlamaPruneForCausalLM", "LlamaPrunePreTrainedModel"]

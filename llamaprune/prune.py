@@ -1,0 +1,377 @@
+"""The one-shot ``llamaprune prune``: score -> plan -> apply (-> finetune) -> eval with the model loaded once,
+under the seed toolkit's option names; writes the native run directory and the seed's files side by side.
+
+The model is scored in memory, the plan is made from the tables just written (as ``llamaprune plan`` would),
+the loaded model is sliced in place by ``apply_plan``, optionally finetuned, and saved with ``save_pruned``.
+
+    >>> options = PruneOptions(base_model="smollm2-135m", pruning_ratio=0.2, importance_method="taylor_2nd",
+    ...                        save_ckpt_log_name="global-20", save_model=True, test_after_prune=True)
+    >>> summary = prune(options)                       # doctest: +SKIP
+    >>> print("\\n".join(summary_lines(summary)))       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import shutil
+import time
+from dataclasses import dataclass, fields
+from enum import Enum
+from pathlib import Path
+
+from llamaprune.artifacts import (
+    MANIFEST,
+    append_history,
+    atomic_dir,
+    atomic_write_json,
+    refuse_existing,
+    start_log,
+    stop_log,
+)
+from llamaprune.evaluate import EVAL_FILE, EvalOptions, evaluate_dataset
+from llamaprune.finetune import CURVE_JSON, CURVE_PNG, FinetuneOptions, Method
+from llamaprune.model import Device, DType
+from llamaprune.plan import LayerStrategy, PlanOptions, Strategy, parse_choice
+from llamaprune.score import ScoreOptions
+
+log = logging.getLogger(__name__)
+
+ARTIFACTS = Path("artifacts")
+MODEL_DIR = "model"
+LOG_NAME = "training.log"
+
+
+class ImportanceMethod(str, Enum):
+    """The seed's importance names (``taylor_2nd`` is our ``taylor2``) and the other criteria."""
+
+    taylor = "taylor"
+    taylor_2nd = "taylor_2nd"
+    taylor2 = "taylor2"
+    wanda = "wanda"
+    magnitude = "magnitude"
+    random = "random"
+
+    @property
+    def criterion(self) -> str:
+        return "taylor2" if self is ImportanceMethod.taylor_2nd else self.value
+
+
+class PruneMethod(str, Enum):
+    """The seed's ``--method``: ``global`` (recommended) or layer-wise (``layer`` and ``layerwise`` alike)."""
+
+    global_ = "global"
+    layer = "layer"
+    layerwise = "layerwise"
+
+    @property
+    def strategy(self) -> Strategy:
+        return Strategy.global_ if self is PruneMethod.global_ else Strategy.layerwise
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    """Everything ``llamaprune prune`` does, under the seed's names; ``output_dir`` None means
+    ``artifacts/<save_ckpt_log_name>``, ``finetune_dataset`` None the calibration ``dataset``."""
+
+    base_model: str = "smollm2-135m"
+    save_ckpt_log_name: str = "prune"
+    pruning_ratio: float = 0.2
+    importance_method: ImportanceMethod = ImportanceMethod.taylor
+    method: PruneMethod = PruneMethod.global_
+    pruning_distribution: tuple[int, int] | None = None
+    pruning_strategy: LayerStrategy = LayerStrategy.inverse
+    freeze_top_n_layers: int = 0
+    remove_empty_layers: bool = False
+    dataset: str = "wikitext2"
+    num_samples: int = 128
+    seq_len: int = 128
+    gradient_batch_size: int = 8
+    test_after_prune: bool = False
+    eval_dataset: str = "wikitext2"
+    eval_seq_len: int = 128
+    max_windows: int | None = None
+    save_model: bool = False
+    finetune: bool = False
+    finetune_method: Method = Method.lora
+    finetune_dataset: str | None = None
+    finetune_samples: int = 1000
+    finetune_seq_len: int = 256
+    finetune_lr: float | None = None
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    output_dir: Path | None = None
+    data_dir: str | None = None
+    device: Device = Device.cpu
+    dtype: DType = DType.float32
+    seed: int = 0
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        for name, enum in (
+            ("importance_method", ImportanceMethod),
+            ("method", PruneMethod),
+            ("pruning_strategy", LayerStrategy),
+            ("finetune_method", Method),
+        ):
+            object.__setattr__(self, name, parse_choice(enum, getattr(self, name), f"--{name}"))
+        name = self.save_ckpt_log_name
+        if self.output_dir is None and (not name or name.startswith(".") or any(c in name for c in "/\\\0")):
+            raise ValueError(
+                f"--save_ckpt_log_name {name!r} must be a plain directory name, e.g. llama_prune_20"
+            )
+        # Every phase checks its own options: bad input fails here, before any data or weights load.
+        self.score_options(), self.plan_options(), self.eval_options(), self.finetune_options()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) if self.output_dir is not None else ARTIFACTS / self.save_ckpt_log_name
+
+    def score_options(self) -> ScoreOptions:
+        """Only the one criterion asked for is scored."""
+        return ScoreOptions(
+            self.base_model,
+            self.dataset,
+            self.num_samples,
+            self.seq_len,
+            self.gradient_batch_size,
+            (self.importance_method.criterion,),
+            self.seed,
+            self.dtype,
+            self.device,
+            self.data_dir,
+        )
+
+    def plan_options(self) -> PlanOptions:
+        layerwise = self.method.strategy is Strategy.layerwise
+        return PlanOptions(
+            ratio=self.pruning_ratio,
+            criterion=self.importance_method.criterion,
+            strategy=self.method.strategy,
+            distribution=self.pruning_distribution if layerwise else None,
+            layer_strategy=self.pruning_strategy,
+            freeze_top_n=self.freeze_top_n_layers,
+            remove_empty_layers=self.remove_empty_layers,
+        )
+
+    def eval_options(self) -> EvalOptions:
+        return EvalOptions(self.eval_dataset, self.eval_seq_len, self.max_windows, data_dir=self.data_dir)
+
+    def finetune_options(self) -> FinetuneOptions:
+        return FinetuneOptions(
+            method=self.finetune_method,
+            dataset=self.finetune_dataset or self.dataset,
+            samples=self.finetune_samples,
+            seq_len=self.finetune_seq_len,
+            lr=self.finetune_lr,
+            lora_r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            seed=self.seed,
+            data_dir=self.data_dir,
+        )
+
+    @property
+    def saves_model(self) -> bool:
+        """A finetuned model is always saved: finetuning is only worth its time if its result is kept."""
+        return self.save_model or self.finetune
+
+    def description(self) -> dict:
+        """The configuration for description.txt: every option, then what the seed's names resolved to."""
+        config = {f.name: getattr(self, f.name) for f in fields(self)}
+        config.update(
+            run_dir=self.run_dir,
+            criterion=self.importance_method.criterion,
+            strategy=self.method.strategy.value,
+        )
+        return config
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """The texts, read before any weights load so that bad data fails fast."""
+
+    calibration: list[str]
+    evaluation: list[str] | None
+    training: object | None  # finetune_data.TrainingText
+
+
+def read_inputs(options: PruneOptions) -> _Inputs:
+    from llamaprune.data import load_rows
+    from llamaprune.finetune_data import read_source
+
+    finetune = options.finetune_options()
+    return _Inputs(
+        calibration=load_rows(options.dataset, split="train", data_dir=options.data_dir),
+        evaluation=options.eval_options().test_rows() if options.test_after_prune else None,
+        training=read_source(finetune.dataset, finetune.data_dir) if options.finetune else None,
+    )
+
+
+def prune(options: PruneOptions, progress: bool = True) -> dict:
+    """Run every phase into ``options.run_dir`` (atomically); returns the summary the manifest records."""
+    from llamaprune.model import load_config, resolve_device, resolve_source
+
+    refuse_existing(options.run_dir, options.overwrite)
+    resolve_device(options.device)
+    load_config(resolve_source(options.base_model))
+    inputs = read_inputs(options)
+    with atomic_dir(options.run_dir, options.overwrite) as tmp:
+        handler = start_log(tmp, name=LOG_NAME)
+        try:
+            summary = _run(options, inputs, tmp, progress)
+        finally:
+            stop_log(handler)
+    return summary
+
+
+def _run(options: PruneOptions, inputs: _Inputs, out: Path, progress: bool) -> dict:
+    from llamaprune.apply import apply_plan, eval_report
+    from llamaprune.model import load_model
+
+    start = time.perf_counter()
+    loaded = load_model(options.base_model, options.dtype, options.device)
+    load_seconds = time.perf_counter() - start
+    evaluation = options.eval_options()
+    measure = functools.partial(
+        _measure, tokenizer=loaded.tokenizer, options=evaluation, rows=inputs.evaluation, progress=progress
+    )
+    dense = measure(loaded.model)
+    result = _score(options, loaded, inputs.calibration, out, load_seconds, progress)
+    plan, seed_files = _plan(options, out)
+    t0 = time.perf_counter()
+    model = apply_plan(loaded.model, plan)
+    summary = {
+        "command": "prune",
+        "options": {k: _plain(v) for k, v in options.description().items()},
+        "plan": plan.name,
+        "target_ratio": plan.target_ratio,
+        "achieved_ratio": plan.achieved_ratio,
+        "params_before": plan.params_before,
+        "params_after": plan.params_after,
+        "seconds_score": round(result.seconds, 3),
+        "seconds_apply": round(time.perf_counter() - t0, 3),
+        "seed_files": seed_files,
+    }
+    report = eval_report(dense, measure(model), evaluation) if dense else None
+    curve = None
+    if options.finetune:
+        model, curve, summary["finetune"] = _finetune(
+            model, loaded.tokenizer, options, inputs.training, progress
+        )
+        if report:
+            report.update(_recovery(report, measure(model)))
+    model_dir = out / MODEL_DIR
+    if options.saves_model:
+        _save(model, loaded.tokenizer, model_dir, plan, curve)
+        summary["model_dir"] = str(options.run_dir / MODEL_DIR)
+    if report:
+        summary["eval"] = report
+        atomic_write_json((model_dir if options.saves_model else out) / EVAL_FILE, report)
+    summary["seconds"] = round(time.perf_counter() - start, 3)
+    append_history(out, summary)
+    if options.saves_model:
+        shutil.copyfile(out / MANIFEST, model_dir / MANIFEST)
+    return summary
+
+
+def _plan(options: PruneOptions, out: Path):
+    """Phase 2 from the tables just written, as ``llamaprune plan`` would; then the seed's files."""
+    from llamaprune.plan import load_run, make_plan, write_plans
+    from llamaprune.seed_outputs import write_seed_files
+
+    tables = load_run(out)
+    plan = make_plan(tables, options.plan_options())
+    write_plans(out, [plan])
+    return plan, write_seed_files(out, tables, plan, {**options.description(), "plan": plan.name})
+
+
+def _plain(value):
+    """A JSON value for the manifest: enums by value, paths as text."""
+    if isinstance(value, Enum):
+        return value.value
+    return str(value) if isinstance(value, Path) else value
+
+
+def _measure(model, tokenizer, options: EvalOptions, rows: list[str] | None, progress: bool) -> dict | None:
+    """Perplexity, speed and size of ``model`` (None when no evaluation was asked for)."""
+    if rows is None:
+        return None
+    result = evaluate_dataset(model, tokenizer, options, progress, rows)
+    return {**result.to_dict(), "num_parameters": model.num_parameters()}
+
+
+def _recovery(report: dict, finetuned: dict) -> dict:
+    """The finetuned model's perplexity, and the share of the perplexity lost to pruning that it won back."""
+    dense, pruned = report["before"]["ppl"], report["after"]["ppl"]
+    lost = pruned - dense
+    return {
+        "finetuned": finetuned,
+        "finetuned_ppl_ratio": finetuned["ppl"] / dense,
+        "recovered_fraction": (pruned - finetuned["ppl"]) / lost if lost > 0 else None,
+    }
+
+
+def _score(options: PruneOptions, loaded, rows: list[str], out: Path, load_seconds: float, progress: bool):
+    """Phase 1 on the loaded model; writes groups.parquet, layers.parquet, stats and manifest into ``out``."""
+    from llamaprune.score import score_into
+
+    return score_into(out, options.score_options(), loaded, rows, load_seconds, progress)
+
+
+def _finetune(model, tokenizer, options: PruneOptions, text, progress: bool):
+    """Recovery finetuning in memory; returns the (LoRA-merged) model, its loss curve and a summary."""
+    from llamaprune.finetune import finetune, merge_lora
+    from llamaprune.finetune_data import build_examples
+
+    ft = options.finetune_options()
+    examples = build_examples(tokenizer, text, ft.samples, ft.seq_len, ft.seed)
+    result = finetune(model, tokenizer, ft, examples, progress)
+    summary = {
+        "method": ft.method.value,
+        "learning_rate": ft.learning_rate,
+        "data_kind": text.kind,
+        **result.summary(),
+    }
+    return merge_lora(result.model), result.curve, summary
+
+
+def _save(model, tokenizer, model_dir: Path, plan, curve: dict | None) -> None:
+    """The pruned (and finetuned) checkpoint, with its tokenizer, plan and loss curve."""
+    from llamaprune.checkpoint import PLAN_FILE, save_pruned
+    from llamaprune.finetune import plot_curve
+    from llamaprune.plan import write_plan
+
+    save_pruned(model, model_dir)
+    tokenizer.save_pretrained(model_dir)
+    write_plan(plan, model_dir / PLAN_FILE)
+    if curve is not None:
+        atomic_write_json(model_dir / CURVE_JSON, curve)
+        plot_curve(curve, model_dir / CURVE_PNG)
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """What ``llamaprune prune`` prints at the end: ratio, parameters, perplexities, where things went."""
+    before, after = summary["params_before"], summary["params_after"]
+    lines = [
+        f"plan {summary['plan']}: removed {summary['achieved_ratio']:.2%} of the parameters "
+        f"(target {summary['target_ratio']:.2%}): {before:,} -> {after:,}",
+    ]
+    if "finetune" in summary:
+        ft = summary["finetune"]
+        lines.append(
+            f"finetune {ft['method']}: {ft['steps']} steps over {ft['train_examples']} examples, "
+            f"best validation loss {ft['best_validation_loss']:.4f} at step {ft['best_step']}"
+        )
+    report = summary.get("eval")
+    if report:
+        ppl = f"perplexity dense {report['before']['ppl']:.3f}, pruned {report['after']['ppl']:.3f}"
+        if "finetuned" in report:
+            ppl += f", finetuned {report['finetuned']['ppl']:.3f}"
+        options = report["options"]
+        lines.append(
+            f"{ppl} ({options['dataset']}, {report['after']['windows']} windows of {options['seq_len']})"
+        )
+    if "model_dir" in summary:
+        lines.append(f"model: {summary['model_dir']}")
+    lines.append(f"done in {summary['seconds']:.1f} s")
+    return lines

@@ -1,0 +1,244 @@
+"""The pruned checkpoint: config kinds, save -> from_pretrained, remote code, streaming, registration."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import tiny_config, tiny_model
+from safetensors import safe_open
+from test_slicing import TOL, ids, logits, pruned_and_reference, random_plan, zeroed_reference
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+from llamaprune.apply import apply_plan, plan_from_kept
+from llamaprune.checkpoint import (
+    MODELING_FILE,
+    SAFE_INDEX,
+    load_pruned,
+    pruned_config,
+    safetensors_files,
+    save_pruned,
+    stream_checkpoint,
+    write_config,
+)
+from llamaprune.modeling_llamaprune import LlamaPruneConfig
+
+HETEROGENEOUS = [([0], [1, 4, 9]), ([], [0, 2]), ([0, 1], list(range(20))), ([1], [])]
+
+
+def read_tensors(directory) -> dict[str, torch.Tensor]:
+    out = {}
+    for path in safetensors_files(directory):
+        with safe_open(path, framework="pt") as f:
+            out.update({key: f.get_tensor(key) for key in f.keys()})
+    return out
+
+
+def source_checkpoint(path, config, seed: int = 0, max_shard_size="16KB"):
+    """A multi-shard safetensors checkpoint of a tiny random model."""
+    tiny_model(config, seed).save_pretrained(path, max_shard_size=max_shard_size)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("model_type", "config_class"),
+    [("llama", LlamaConfig), ("mistral", MistralConfig), ("qwen2", Qwen2Config)],
+)
+def test_uniform_plan_gives_a_plain_config_of_the_source_architecture(model_type, config_class):
+    config = tiny_config(heads=6, kv_heads=3, layers=3, model_type=model_type)
+    plan = plan_from_kept(config, [([0, 2], [1, 2, 3])] * 3, removed=(1,))
+    pruned = pruned_config(config, plan)
+    assert type(pruned) is config_class
+    assert (pruned.num_hidden_layers, pruned.num_attention_heads, pruned.num_key_value_heads) == (2, 4, 2)
+    assert (pruned.intermediate_size, pruned.head_dim, pruned.hidden_size) == (3, 8, 48)
+    if model_type == "qwen2":
+        assert pruned.layer_types == ["full_attention"] * 2
+
+
+def test_heterogeneous_plan_gives_our_config_with_per_layer_overrides():
+    config = tiny_config(heads=4, kv_heads=2, layers=4, model_type="qwen2")
+    pruned = pruned_config(config, plan_from_kept(config, HETEROGENEOUS, removed=(2,)))
+    assert isinstance(pruned, LlamaPruneConfig)
+    assert pruned.base_model_type == "qwen2" and pruned.allow_global_per_layer_attribute_access
+    assert pruned.auto_map["AutoModelForCausalLM"] == "modeling_llamaprune.LlamaPruneForCausalLM"
+    layers = [
+        (c.num_attention_heads, c.num_key_value_heads, c.intermediate_size, c.skip) for c in pruned.per_layer_config
+    ]
+    # layer 2 is removed; a skipped block keeps the global width, unused
+    assert layers == [(2, 1, 3, []), (4, 2, 2, ["attention"]), (2, 1, 24, ["mlp"])]
+
+
+def test_llama_heads_that_do_not_divide_hidden_size_use_our_config():
+    config = tiny_config(heads=4, kv_heads=4, layers=2)  # hidden 32: 3 heads do not divide it
+    pruned = pruned_config(config, plan_from_kept(config, [([0, 1, 3], [0, 1])] * 2))
+    assert isinstance(pruned, LlamaPruneConfig) and pruned.num_attention_heads == 3
+
+
+@pytest.mark.parametrize("kept", [[([0, 1], [0, 5, 7])] * 4, HETEROGENEOUS], ids=["uniform", "heterogeneous"])
+def test_save_and_from_pretrained_give_identical_logits(tmp_path, kept):
+    config = tiny_config(heads=4, kv_heads=2, layers=4, bias=True)
+    pruned, _ = pruned_and_reference(config, plan_from_kept(config, kept, removed=(3,)))
+    save_pruned(pruned, tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    x = ids(config.vocab_size)
+    assert torch.equal(logits(reloaded, x), logits(pruned, x))
+    assert torch.equal(logits(load_pruned(tmp_path / "out"), x), logits(pruned, x))
+    assert (tmp_path / "out" / MODELING_FILE.name).exists() == (pruned.config.model_type == "llamaprune")
+
+
+REMOTE_SCRIPT = textwrap.dedent(
+    """
+    import sys
+
+    class NoLlamaprune:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "llamaprune":
+                raise ImportError("llamaprune is not installed here")
+
+    sys.meta_path.insert(0, NoLlamaprune())
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path, ids_file, out_file = sys.argv[1:]
+    try:
+        import llamaprune
+        raise SystemExit("llamaprune must not be importable in this test")
+    except ImportError:
+        pass
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+    x = torch.load(ids_file)
+    with torch.no_grad():
+        logits = model(input_ids=x).logits
+    tokens = model.generate(x[:1], max_new_tokens=6, do_sample=False)
+    torch.save({"logits": logits, "tokens": tokens, "class": type(model).__name__}, out_file)
+    """
+)
+
+
+def test_trust_remote_code_loads_without_llamaprune(tmp_path):
+    config = tiny_config(heads=6, kv_heads=3, layers=4, model_type="qwen2")
+    plan = plan_from_kept(
+        config, [([0], [1, 4, 9]), ([], [0, 2]), ([0, 2], list(range(20))), ([1, 2], [])], removed=(2,)
+    )
+    pruned, reference = pruned_and_reference(config, plan)
+    save_pruned(pruned, tmp_path / "out")
+    x = ids(config.vocab_size)
+    torch.save(x, tmp_path / "ids.pt")
+    (tmp_path / "remote.py").write_text(REMOTE_SCRIPT)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    done = subprocess.run(
+        [sys.executable, "-I", "remote.py", str(tmp_path / "out"), "ids.pt", "result.pt"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = torch.load(tmp_path / "result.pt")
+    assert result["class"] == "LlamaPruneForCausalLM"
+    assert torch.equal(result["logits"], logits(pruned, x))
+    with zeroed_reference(reference, plan):
+        assert torch.allclose(result["logits"], logits(reference, x), atol=TOL, rtol=0)
+        assert torch.equal(result["tokens"], reference.generate(x[:1], max_new_tokens=6, do_sample=False))
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_streaming_equals_in_memory_tensor_for_tensor(tmp_path, tie):
+    config = tiny_config(heads=4, kv_heads=2, layers=4, bias=True, tie=tie)
+    plan = random_plan(config, seed=7)
+    files = safetensors_files(source_checkpoint(tmp_path / "src", config))
+    assert len(files) > 1  # the input is sharded
+    (tmp_path / "streamed").mkdir()
+    written = stream_checkpoint(files, plan, tmp_path / "streamed", max_shard_size="12KB")
+    assert written == plan.params_after
+    save_pruned(apply_plan(tiny_model(config), plan), tmp_path / "memory")
+    streamed, memory = read_tensors(tmp_path / "streamed"), read_tensors(tmp_path / "memory")
+    assert streamed.keys() == memory.keys()
+    for key, tensor in memory.items():
+        assert torch.equal(streamed[key], tensor), key
+    index = json.loads((tmp_path / "streamed" / SAFE_INDEX).read_text())
+    assert set(index["weight_map"]) == set(streamed) and len(set(index["weight_map"].values())) > 1
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in streamed.values())
+
+
+def test_streamed_checkpoint_loads_and_matches_zeroed_original(tmp_path):
+    config = tiny_config(heads=6, kv_heads=2, layers=4, bias=True)
+    plan = plan_from_kept(config, [([1], [0, 3]), ([0, 1], []), ([], [5]), ([0], [1, 2])], removed=(1,))
+    files = safetensors_files(source_checkpoint(tmp_path / "src", config))
+    out = tmp_path / "out"
+    out.mkdir()
+    stream_checkpoint(files, plan, out, dtype="bfloat16")
+    write_config(pruned_config(config, plan), out)
+    assert {t.dtype for t in read_tensors(out).values()} == {torch.bfloat16}
+    model = load_pruned(out)  # float32 again
+    reference = tiny_model(config)
+    with torch.no_grad():  # the reference sees the same bfloat16 rounding
+        for param in reference.parameters():
+            param.copy_(param.to(torch.bfloat16))
+    x = ids(config.vocab_size)
+    with zeroed_reference(reference, plan):
+        assert torch.allclose(logits(model, x), logits(reference, x), atol=TOL, rtol=0)
+
+
+def test_streaming_drops_a_stored_tied_head(tmp_path):
+    from safetensors.torch import save_file
+
+    config = tiny_config(heads=4, kv_heads=2, layers=2, tie=True)
+    tensors = {k: v.clone() for k, v in tiny_model(config).state_dict().items()}
+    assert "lm_head.weight" in tensors  # as some checkpoints store it, tied or not
+    save_file(tensors, tmp_path / "model.safetensors")
+    plan = plan_from_kept(config, [([1], [0, 5])] * 2)
+    (tmp_path / "out").mkdir()
+    written = stream_checkpoint([tmp_path / "model.safetensors"], plan, tmp_path / "out", tied=True)
+    assert written == plan.params_after
+    assert "lm_head.weight" not in read_tensors(tmp_path / "out")
+
+
+def test_streaming_refuses_unknown_layer_tensors_and_wrong_counts(tmp_path):
+    from safetensors.torch import save_file
+
+    config = tiny_config(heads=4, kv_heads=2, layers=2)
+    plan = plan_from_kept(config, [([0], [1])] * 2)
+    odd = tmp_path / "odd.safetensors"
+    save_file({"model.layers.0.self_attn.q_norm.weight": torch.ones(8)}, odd)
+    with pytest.raises(ValueError, match="unexpected tensor model.layers.0.self_attn.q_norm.weight"):
+        stream_checkpoint([odd], plan, tmp_path)
+    files = safetensors_files(source_checkpoint(tmp_path / "src", config))
+    wrong = plan_from_kept(config, [([0], [1, 2])] * 2)
+    with pytest.raises(ValueError, match=rf"would have \d+ parameters but plan 'manual' says {plan.params_after}"):
+        stream_checkpoint(files, dataclasses.replace(wrong, params_after=plan.params_after), tmp_path)
+
+
+def run_python(code: str, cwd) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ),
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip()
+
+
+def test_import_is_light_and_registers_when_transformers_arrives(tmp_path):
+    light = "import sys, llamaprune; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    assert run_python(light, tmp_path) == "False False"
+    later = (
+        "import llamaprune\nfrom transformers import AutoConfig\n"
+        "print(type(AutoConfig.for_model('llamaprune')).__name__)"
+    )
+    assert run_python(later, tmp_path) == "LlamaPruneConfig"
+    earlier = (
+        "import transformers, llamaprune\nfrom transformers import AutoConfig\n"
+        "print(type(AutoConfig.for_model('llamaprune')).__name__)"
+    )
+    assert run_python(earlier, tmp_path) == "LlamaPruneConfig"

@@ -1,0 +1,211 @@
+"""Slicing equals zeroing: a pruned model computes what the original computes with the same groups zeroed.
+
+The reference is the original model with the pruned rows/columns zeroed (conftest.group_slices, written from
+DESIGN.md §2), skipped sub-blocks' outputs zeroed and removed layers bypassed by forward hooks. The helpers
+here (random_plan, zeroed_reference, ...) are shared with test_checkpoint.py and test_apply.py.
+"""
+
+from __future__ import annotations
+
+import random
+from contextlib import contextmanager
+
+import pytest
+import torch
+from conftest import group_slices, tiny_config, tiny_model
+
+from llamaprune.apply import apply_plan, plan_from_kept
+from llamaprune.plan import Plan
+from llamaprune.slicing import attention_rows, keep_columns, keep_rows, slice_tensor, split_layer_key
+
+TOL = 1e-5
+
+
+def random_plan(config, seed: int, skip_p: float = 0.2, remove_p: float = 0.2) -> Plan:
+    """Random kept subsets per layer; some blocks skipped, some layers removed (never all of them)."""
+    rng = random.Random(seed)
+    n = config.num_hidden_layers
+
+    def subset(size: int) -> list[int]:
+        if rng.random() < skip_p:
+            return []
+        return sorted(rng.sample(range(size), rng.randint(1, max(1, size - 1))))
+
+    kept = [(subset(config.num_key_value_heads), subset(config.intermediate_size)) for _ in range(n)]
+    removed = {i for i in range(n) if rng.random() < remove_p}
+    if len(removed) == n:
+        removed.discard(0)
+    return plan_from_kept(config, kept, removed)
+
+
+@contextmanager
+def zeroed_reference(model, plan: Plan):
+    """``model`` with the plan's pruned groups zeroed (in place) and skips/removals done by forward hooks."""
+    handles = []
+    with torch.no_grad():
+        for lp in plan.layers:
+            block = model.model.layers[lp.layer]
+            for g in set(range(lp.num_key_value_heads)) - set(lp.attn_groups):
+                for param, index in group_slices(model, lp.layer, "attn", g):
+                    param[index] = 0
+            for c in set(range(lp.intermediate_size)) - set(lp.mlp_channels):
+                for param, index in group_slices(model, lp.layer, "mlp", c):
+                    param[index] = 0
+            if lp.removed:
+                handles.append(block.register_forward_hook(lambda mod, args, out: args[0]))
+                continue
+            if "attention" in lp.skip:
+                handles.append(block.self_attn.register_forward_hook(lambda mod, args, out: (out[0] * 0, out[1])))
+            if "mlp" in lp.skip:
+                handles.append(block.mlp.register_forward_hook(lambda mod, args, out: out * 0))
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def pruned_and_reference(config, plan: Plan, seed: int = 0):
+    """(pruned model, its zeroed reference): two copies of the same random model."""
+    return apply_plan(tiny_model(config, seed), plan), tiny_model(config, seed)
+
+
+def ids(vocab: int, batch: int = 2, length: int = 12, seed: int = 0):
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_attention_rows_closed_form():
+    q_rows, kv_rows = attention_rows([0, 2], queries_per_kv=3, head_dim=2)
+    assert kv_rows.tolist() == [0, 1, 4, 5]
+    assert q_rows.tolist() == [0, 1, 2, 3, 4, 5, 12, 13, 14, 15, 16, 17]
+
+
+def test_keep_rows_and_columns_select_outputs_and_inputs():
+    torch.manual_seed(0)
+    linear, x = torch.nn.Linear(5, 4), torch.randn(3, 5)
+    full = linear(x)
+    rows = torch.tensor([1, 3])
+    assert torch.equal(keep_rows(linear, rows)(x), full[:, rows])
+    assert linear.weight.shape == (2, 5) and linear.out_features == 2
+    cols = torch.tensor([0, 4])
+    expected = x[:, cols] @ linear.weight[:, cols].T + linear.bias
+    assert torch.allclose(keep_columns(linear, cols)(x[:, cols]), expected)
+    assert linear.in_features == 2
+
+
+def test_slice_tensor_follows_the_layer_rules():
+    indices = {"q": torch.tensor([2, 3]), "kv": torch.tensor([1]), "mlp": torch.tensor([0, 2])}
+    weight = torch.arange(20.0).view(4, 5)
+    assert torch.equal(slice_tensor("self_attn.q_proj.weight", weight, indices), weight[2:4])
+    assert torch.equal(slice_tensor("self_attn.o_proj.weight", weight, indices), weight[:, 2:4])
+    assert torch.equal(slice_tensor("mlp.down_proj.weight", weight, indices), weight[:, [0, 2]])
+    assert slice_tensor("input_layernorm.weight", weight, indices) is weight
+    assert split_layer_key("model.layers.12.mlp.up_proj.weight") == (
+        "model.layers.",
+        12,
+        "mlp.up_proj.weight",
+    )
+    assert split_layer_key("model.embed_tokens.weight") is None
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "bias", "model_type", "seed"),
+    [
+        (4, 4, False, "llama", 1),  # r = 1
+        (4, 2, True, "llama", 2),  # r = 2, all projections biased
+        (6, 2, False, "llama", 3),  # r = 3
+        (8, 2, True, "llama", 4),  # r = 4
+        (6, 3, False, "qwen2", 5),  # q/k/v biases, o_proj without
+        (4, 2, False, "mistral", 6),
+    ],
+)
+def test_pruned_logits_equal_zeroed_original(heads, kv_heads, bias, model_type, seed):
+    config = tiny_config(heads=heads, kv_heads=kv_heads, layers=4, bias=bias, model_type=model_type)
+    plan = random_plan(config, seed)
+    pruned, reference = pruned_and_reference(config, plan)
+    assert pruned.num_parameters() == plan.params_after
+    x = ids(config.vocab_size, seed=seed)
+    with zeroed_reference(reference, plan):
+        expected = logits(reference, x)
+    assert torch.allclose(logits(pruned, x), expected, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("kept", "removed"),
+    [
+        ([([], [1, 5]), ([0, 1], list(range(24))), ([1], [])], ()),  # skipped attention, skipped MLP
+        ([([0], [3]), ([0, 1], [2, 7, 9]), ([1], [0])], (1,)),  # a removed middle layer
+        ([([], [0, 1]), ([], []), ([], [4])], (1,)),  # no attention left anywhere
+    ],
+)
+def test_skips_and_removed_layers_equal_hooked_original(kept, removed):
+    config = tiny_config(heads=4, kv_heads=2, layers=3, bias=True)
+    plan = plan_from_kept(config, kept, removed)
+    pruned, reference = pruned_and_reference(config, plan)
+    assert len(pruned.model.layers) == 3 - len(removed)
+    x = ids(config.vocab_size)
+    with zeroed_reference(reference, plan):
+        expected = logits(reference, x)
+        expected_tokens = reference.generate(x[:1], max_new_tokens=6, do_sample=False)
+    assert torch.allclose(logits(pruned, x), expected, atol=TOL, rtol=0)
+    assert torch.equal(pruned.generate(x[:1], max_new_tokens=6, do_sample=False), expected_tokens)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+def test_greedy_generate_matches_zeroed_original_on_random_plans(model_type):
+    config = tiny_config(heads=6, kv_heads=3, layers=4, model_type=model_type)
+    if model_type == "mistral":
+        config.sliding_window = 5  # shorter than prompt + generation: the window and its cache matter
+    for seed in range(2):
+        plan = random_plan(config, seed, skip_p=0.3, remove_p=0.25)
+        pruned, reference = pruned_and_reference(config, plan, seed)
+        prompt = ids(config.vocab_size, batch=1, length=5, seed=seed)
+        with zeroed_reference(reference, plan):
+            expected = reference.generate(prompt, max_new_tokens=8, do_sample=False)
+        assert torch.equal(pruned.generate(prompt, max_new_tokens=8, do_sample=False), expected)
+        # the cached path agrees with recomputing the whole sequence
+        uncached = pruned.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False)
+        assert torch.equal(uncached, expected)
+
+
+def test_cached_steps_equal_recomputing_with_padding_and_skipped_first_attention():
+    from transformers import DynamicCache
+
+    config = tiny_config(heads=4, kv_heads=2, layers=3, bias=True)
+    plan = plan_from_kept(config, [([], [1, 5]), ([0, 1], list(range(24))), ([1], [])])
+    pruned, _ = pruned_and_reference(config, plan)
+    x = ids(config.vocab_size, batch=2, length=8)
+    mask = torch.ones_like(x)
+    mask[0, :3] = 0  # a left-padded prompt: the mask is materialized and sized from the cache
+    with torch.no_grad():
+        expected = pruned(x, attention_mask=mask).logits[:, -1]
+        for cache in (DynamicCache(config=pruned.config), DynamicCache()):  # as generate() / lazily filled
+            prefix = pruned(x[:, :-1], attention_mask=mask[:, :-1], cache=cache, use_cache=True)
+            assert prefix.cache.get_seq_length() == 7
+            step = pruned(x[:, -1:], attention_mask=mask, cache=prefix.cache, use_cache=True).logits[:, -1]
+            assert torch.allclose(step, expected, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_empty_plan_is_the_identity(tie):
+    config = tiny_config(heads=4, kv_heads=2, layers=2, tie=tie)
+    keep_all = [(list(range(2)), list(range(24)))] * 2
+    plan = plan_from_kept(config, keep_all)
+    assert plan.is_empty
+    pruned, reference = pruned_and_reference(config, plan)
+    x = ids(config.vocab_size)
+    assert torch.equal(logits(pruned, x), logits(reference, x))
+    assert pruned.num_parameters() == reference.num_parameters() == plan.params_after
+    assert pruned.config.model_type == "llama"
+
+
+def test_fingerprint_mismatch_names_both_models():
+    plan = random_plan(tiny_config(heads=4, kv_heads=2, layers=2), seed=0)
+    other = tiny_model(tiny_config(heads=4, kv_heads=2, layers=2, intermediate=32))
+    with pytest.raises(ValueError, match=r"was made for model LlamaForCausalLM/\w+ .* but this model is Llama"):
+        apply_plan(other, plan)
