@@ -90,8 +90,7 @@ def make_plan(checkpoint: Path, out: Path, seed: int = 0) -> dict:
     """A heterogeneous plan removing about 20% of the parameters: random KV heads and channels per layer."""
     from transformers import AutoConfig
 
-    from llamaprune.apply import plan_from_kept
-    from llamaprune.plan import write_plan
+    from llamaprune.pruning_plan import plan_from_kept, write_plan
 
     config, rng = AutoConfig.from_pretrained(checkpoint), random.Random(seed)
     heads, channels = config.num_key_value_heads, config.intermediate_size

@@ -117,7 +117,8 @@ def write_synthetic_run(run_dir: Path, shape: ModelShape, seed: int = 0) -> None
 
 def child(run_dir: str, task: str) -> None:
     """Run one task in this (fresh) process and print its seconds and peak RSS as JSON."""
-    from llamaprune.plan import PlanOptions, iter_plans, load_run, make_plan, plan_json
+    from llamaprune.plan import PlanOptions, iter_plans, load_run, make_plan
+    from llamaprune.pruning_plan import plan_json
 
     start, cpu = time.perf_counter(), time.process_time()
     if task == "sweep":

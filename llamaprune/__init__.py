@@ -40,18 +40,26 @@ def _register() -> None:
 
 
 class _RegisterAfterTransformers(importlib.abc.MetaPathFinder):
-    """Register our model type right after the ``transformers`` package finishes importing, once."""
+    """Register our model type right after the ``transformers`` package finishes importing, once. The finder
+    stays until transformers is really imported: a library may look it up (``importlib.util.find_spec``) first."""
+
+    _looking = False  # our own find_spec call below must not come back here
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != "transformers":
+        if fullname != "transformers" or self._looking:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
+        self._looking = True
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self._looking = False
         if spec is None or spec.loader is None:
             return spec
         exec_module = spec.loader.exec_module
 
         def exec_then_register(module):
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
             exec_module(module)
             _register()
 

@@ -13,8 +13,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Collection, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from llamaprune.artifacts import (
@@ -40,7 +39,6 @@ from llamaprune.checkpoint import (
 )
 from llamaprune.data import evaluation_windows
 from llamaprune.evaluate import EVAL_FILE, EvalOptions, perplexity
-from llamaprune.groups import LayerShape, model_shape
 from llamaprune.model import (
     Device,
     DType,
@@ -51,7 +49,7 @@ from llamaprune.model import (
     resolve_device,
     resolve_source,
 )
-from llamaprune.plan import LayerPlan, Plan, read_plan
+from llamaprune.pruning_plan import Plan, read_plan
 from llamaprune.table import check_fingerprint
 
 log = logging.getLogger(__name__)
@@ -95,43 +93,6 @@ def check_plan(plan: Plan, config, what: str = "plan") -> None:
     check_fingerprint({"fingerprint": plan.fingerprint}, config_fingerprint(config), what)
 
 
-KeptIndices = Sequence[tuple[Sequence[int], Sequence[int]]]
-
-
-def plan_from_kept(config, kept: KeptIndices, removed: Collection[int] = (), name: str = "manual") -> Plan:
-    """A plan from the (KV heads, MLP channels) kept in each original layer, an empty list skipping that
-    block: for hand-made plans in notebooks, tests and benchmarks (``llamaprune plan`` makes scored ones)."""
-    shape = model_shape(config)
-    if len(kept) != shape.num_hidden_layers:
-        raise ValueError(f"kept lists {len(kept)} layers, the model has {shape.num_hidden_layers}")
-    layers, shapes = [], []
-    for i, ((attn, mlp), original) in enumerate(zip(kept, shape.layers, strict=True)):
-        skip = tuple(block for block, keep in (("attention", attn), ("mlp", mlp)) if not keep)
-        widths = (original.num_attention_heads, original.num_key_value_heads, original.intermediate_size)
-        lp = LayerPlan(i, *widths, tuple(sorted(attn)), tuple(sorted(mlp)), skip, i in removed)
-        layers.append(lp)
-        if not lp.removed:
-            shapes.append(LayerShape(lp.heads_kept, len(attn), len(mlp), skip))
-    before, after = shape.counts(), replace(shape, layers=tuple(shapes)).counts()
-    plan = Plan(
-        name=name,
-        fingerprint=config_fingerprint(config),
-        source_table_sha256="",
-        criterion="manual",
-        strategy="manual",
-        options={},
-        target_ratio=1 - after.total / before.total,
-        achieved_ratio=1 - after.total / before.total,
-        achieved_prunable_ratio=1 - after.prunable / before.prunable,
-        params_before=before.total,
-        params_after=after.total,
-        prunable_before=before.prunable,
-        prunable_after=after.prunable,
-        head_dim=shape.head_dim,
-        layers=tuple(layers),
-    )
-    plan.validate()
-    return plan
 
 
 def apply_plan(model, plan: Plan):

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from llamaprune.model import Device, DType, resolve_device, resolve_source, torch_dtype
-from llamaprune.plan import Plan
+from llamaprune.pruning_plan import Plan
 from llamaprune.slicing import (
     LAYER_TENSORS,
     is_skipped,

@@ -34,7 +34,7 @@ DeviceOpt = Annotated[Device, typer.Option("--device", help="cpu, cuda or auto."
 
 
 @app.callback()
-def main(
+def root(
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
 ) -> None:
     """Structured pruning of LLaMA-family models."""
@@ -53,11 +53,38 @@ def one_line_errors(command):
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
         try:
             return command(*args, **kwargs)
-        except (ValueError, FileNotFoundError, FileExistsError) as err:
-            typer.echo(f"error: {err}", err=True)
+        except (ValueError, OSError) as err:  # OSError: missing, unreadable or unwritable paths
+            typer.echo(f"error: {first_line(err)}", err=True)
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def main() -> None:
+    """Console entry point: typer's own usage errors (bad option values) also become one ``error:`` line."""
+    try:
+        from typer._click import exceptions as click_exceptions  # recent typer vendors click
+    except ImportError:
+        from click import exceptions as click_exceptions
+
+    try:
+        code = app(standalone_mode=False)
+    except click_exceptions.NoArgsIsHelpError as err:
+        typer.echo(err.format_message())
+        code = 0
+    except click_exceptions.UsageError as err:
+        command = err.ctx.command_path if err.ctx else "llamaprune"
+        typer.echo(f"error: {first_line(err)} (see `{command} --help`)", err=True)
+        code = 2
+    except typer.Abort:
+        typer.echo("error: aborted", err=True)
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 @app.command("eval")
@@ -176,6 +203,7 @@ def plan_command(
 ) -> None:
     """Turn target ratios into pruning plans (phase 2): RUN_DIR/plans/<name>.json and .png, no torch."""
     import time
+    from dataclasses import replace
 
     from llamaprune.artifacts import append_history, read_manifest
     from llamaprune.plan import (
@@ -211,12 +239,15 @@ def plan_command(
         uniform=uniform,
         remove_empty_layers=remove_empty_layers,
     )
+    for target in targets[1:]:  # every ratio is checked before any plan is written
+        replace(options, ratio=target)
     tables = load_run(run_dir)
     read_manifest(run_dir)  # fail before writing anything if the history cannot be recorded
     rows = []
-    for plan in iter_plans(tables, options, targets, name):  # one plan in memory at a time
+    # One plan in memory at a time, the largest ratio first: an unreachable target fails before any file is written.
+    for plan in iter_plans(tables, options, targets[::-1], name):
         write_plans(run_dir, [plan], png=png)
-        rows += summary_rows([plan])
+        rows[:0] = summary_rows([plan])
     typer.echo("ratios are fractions of the model's total parameters removed (*_prunable: of attention+MLP)")
     typer.echo(format_rows(list(SUMMARY_COLUMNS), rows))
     seconds = time.perf_counter() - start
@@ -263,27 +294,57 @@ def apply_command(
     max_windows: Annotated[int | None, typer.Option(help="Evaluate at most this many windows.")] = None,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
     data_dir: DataDir = None,
+    finetune: Annotated[
+        str | None, typer.Option("--finetune", help="Then recover: lora or full (see `llamaprune finetune`).")
+    ] = None,
+    finetune_dataset: Annotated[str, typer.Option(help="Finetuning text or Alpaca .jsonl.")] = "wikitext2",
+    finetune_samples: Annotated[int, typer.Option(help="Finetuning windows / examples.")] = 1000,
+    finetune_seq_len: Annotated[int, typer.Option(help="Tokens per finetuning window.")] = 256,
+    finetune_lr: Annotated[float | None, typer.Option(help="Default: 1e-4 (lora), 1e-5 (full).")] = None,
+    finetune_epochs: Annotated[int, typer.Option(help="Passes over the finetuning data.")] = 1,
+    lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 16,
+    lora_alpha: Annotated[float, typer.Option(help="LoRA alpha.")] = 32.0,
 ) -> None:
-    """Slice a checkpoint by a plan into a smaller one that from_pretrained loads (phase 3)."""
+    """Slice a checkpoint by a plan into a smaller one that from_pretrained loads (phase 3), then optionally
+    finetune it (--finetune lora|full): the pruned checkpoint is kept beside OUT as OUT-pruned."""
     from llamaprune.apply import ApplyOptions, apply
     from llamaprune.evaluate import EvalOptions
 
     evaluation = None
     if eval_dataset:
         evaluation = EvalOptions(eval_dataset, seq_len, max_windows, batch_size, data_dir)
-    summary = apply(ApplyOptions(plan, model, out, dtype, device, max_shard_size, overwrite, evaluation))
+    recovery = None
+    if finetune:
+        from llamaprune.artifacts import refuse_existing
+        from llamaprune.finetune import FinetuneOptions, FinetuneRun, run_finetune
+        from llamaprune.finetune_data import read_source
+
+        options = FinetuneOptions(method=finetune, dataset=finetune_dataset, samples=finetune_samples,
+                                  seq_len=finetune_seq_len, epochs=finetune_epochs, lr=finetune_lr, lora_r=lora_r,
+                                  lora_alpha=lora_alpha, data_dir=data_dir)
+        pruned_out, out = out.with_name(f"{out.name}-pruned"), out
+        recovery = FinetuneRun(str(pruned_out), out, options, evaluation, dtype=dtype or DType.float32,
+                               device=device, overwrite=overwrite, max_shard_size=max_shard_size)
+        refuse_existing(out, overwrite)
+        read_source(options.dataset, options.data_dir)  # bad finetuning data fails before any work
+        plan_out = pruned_out
+    else:
+        plan_out = out
+    summary = apply(ApplyOptions(plan, model, plan_out, dtype, device, max_shard_size, overwrite, evaluation))
     before, after = summary["params_before"], summary["params_after"]
     how = "streamed" if summary["streamed"] else "pruned in memory"
     seconds = summary["seconds"]
-    typer.echo(f"{how}: {before:,} -> {after:,} parameters ({after / before:.1%}) in {seconds:.1f} s: {out}")
+    typer.echo(f"{how}: {before:,} -> {after:,} parameters ({after / before:.1%}) in {seconds:.1f} s: {plan_out}")
     if evaluation:
         report = summary["eval"]
         old, new = report["before"], report["after"]
         typer.echo(
             f"{eval_dataset}: perplexity {old['ppl']:.3f} -> {new['ppl']:.3f} (x{report['ppl_ratio']:.3f}) "
             f"over {new['windows']} windows of {seq_len} tokens; forward {old['tokens_per_s']:.0f} -> "
-            f"{new['tokens_per_s']:.0f} tokens/s (x{report['tokens_per_s_ratio']:.2f}) -> {out / 'eval.json'}"
+            f"{new['tokens_per_s']:.0f} tokens/s (x{report['tokens_per_s_ratio']:.2f}) -> {plan_out / 'eval.json'}"
         )
+    if recovery is not None:
+        _report_finetune(run_finetune(recovery), recovery.options, evaluation, out)
 
 
 @app.command("finetune")
@@ -339,6 +400,10 @@ def finetune_command(
     )
     evaluation = EvalOptions(eval_dataset, eval_seq_len, max_windows, batch_size, data_dir) if eval_dataset else None
     summary = run_finetune(FinetuneRun(model_dir, out, options, evaluation, save_adapter, dtype, device, overwrite))
+    _report_finetune(summary, options, evaluation, out)
+
+
+def _report_finetune(summary: dict, options, evaluation, out: Path) -> None:
     typer.echo(
         f"{options.method.value}: {summary['steps']} steps over {summary['train_examples']} examples "
         f"({summary['tokens_per_s']:.0f} tokens/s), best validation loss {summary['best_validation_loss']:.4f} "
@@ -347,8 +412,8 @@ def finetune_command(
     if evaluation:
         report = summary["eval"]
         typer.echo(
-            f"{eval_dataset}: perplexity {report['before']['ppl']:.3f} -> {report['after']['ppl']:.3f} "
-            f"(x{report['ppl_ratio']:.3f}) over {report['after']['windows']} windows of {eval_seq_len} tokens "
+            f"{evaluation.dataset}: perplexity {report['before']['ppl']:.3f} -> {report['after']['ppl']:.3f} "
+            f"(x{report['ppl_ratio']:.3f}) over {report['after']['windows']} windows of {evaluation.seq_len} tokens "
             f"-> {out / 'eval.json'}"
         )
 

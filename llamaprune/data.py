@@ -36,7 +36,11 @@ _HUB = {
         "allenai/c4",
         None,
         "text",
-        {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"},
+        {  # C4 has no test split: evaluation reads the first validation shard, as the seed toolkit does
+            "train": "en/c4-train.00000-of-01024.json.gz",
+            "validation": "en/c4-validation.00000-of-00008.json.gz",
+            "test": "en/c4-validation.00000-of-00008.json.gz",
+        },
     ),
 }
 _LOCAL_LAYOUT = {
@@ -79,7 +83,9 @@ def _local_copy(source: str, split: str, data_dir: str | None) -> Path | None:
 
 def _raw_rows(path: Path) -> list[str]:
     """Rebuild the hub's wikitext rows from a ``wiki.*.raw`` file (each text line + "\\n"; blanks -> "")."""
-    lines = path.read_text(encoding="utf-8").split("\n")[:-1]
+    lines = path.read_text(encoding="utf-8").split("\n")
+    if lines and lines[-1] == "":  # the file's final newline ends the last row, it does not start one
+        lines.pop()
     return [line + "\n" if line.strip() else "" for line in lines]
 
 

@@ -55,7 +55,10 @@ def is_instruction_file(path: Path) -> bool:
         return False
     with path.open(encoding="utf-8") as f:
         first = next((line for line in f if line.strip()), "{}")
-    record = json.loads(first)
+    try:
+        record = json.loads(first)
+    except json.JSONDecodeError:
+        return False  # read as text, which names the file and line that is not JSON
     return isinstance(record, dict) and all(field in record for field in INSTRUCTION_FIELDS)
 
 

@@ -23,6 +23,7 @@ import zipfile
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
+from types import SimpleNamespace
 
 from llamaprune.groups import model_shape
 
@@ -102,10 +103,12 @@ def resolve_source(name: str) -> Source:
 def load_config(source: Source):
     from transformers import AutoConfig
 
+    if source.kind == "dir":  # a model type transformers does not know is an unsupported architecture too
+        check_architecture(_raw_config(Path(source.path) / "config.json"))
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
         config = AutoConfig.from_pretrained(source.path, **kwargs)
-    except OSError as err:  # hub id not reachable or unknown, unreadable config.json
+    except (OSError, ValueError) as err:  # hub id not reachable or unknown, unreadable or invalid config
         reason = str(err).splitlines()[0][:200].rstrip(".")
         raise ValueError(
             f"could not load the config of {source.name}: {reason}; give a local checkpoint directory, "
@@ -113,6 +116,15 @@ def load_config(source: Source):
         ) from err
     check_architecture(config)
     return config
+
+
+def _raw_config(path: Path) -> SimpleNamespace:
+    """config.json as plain attributes, before transformers parses (and maybe fails on) it."""
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); give a Hugging Face checkpoint directory") from None
+    return SimpleNamespace(**raw) if isinstance(raw, dict) else SimpleNamespace()
 
 
 def check_architecture(config) -> None:

@@ -1,4 +1,4 @@
-"""Phase 2: turn a scored group table into pruning plans; the Plan document and its validation.
+"""Phase 2: turn a scored group table into pruning plans (the Plan document lives in ``pruning_plan``).
 
 No torch here: a plan is made from ``groups.parquet`` / ``layers.parquet`` alone (DuckDB orders the
 groups, numpy spends the budget) and applied later, possibly on another machine, with only the plan
@@ -15,8 +15,6 @@ file and the checkpoint. ``ratio`` is always the fraction of the model's *total*
 
 from __future__ import annotations
 
-import copy
-import json
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields, replace
@@ -26,85 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from llamaprune.artifacts import SCHEMA_VERSION, atomic_write_bytes
+from llamaprune.pruning_plan import SKIPPABLE, LayerPlan, Plan, plain_value, write_plan
 from llamaprune.table import GROUPS_FILE, LAYERS_FILE, check_fingerprint, file_sha256, read_table_meta
 
-PLAN_KIND = "llamaprune-plan"
 PLANS_DIR = "plans"
-SKIPPABLE = ("attention", "mlp")
 KINDS = ("attn", "mlp")  # column 0 and 1 of every (layers, 2) array below, in the order of SKIPPABLE
 BLOCK_INFLUENCE = "block_influence"
-
-
-@dataclass(frozen=True)
-class LayerPlan:
-    """What one original decoder layer keeps; kept indices are sorted and refer to the original layer."""
-
-    layer: int
-    num_attention_heads: int  # original width
-    num_key_value_heads: int  # original width, for validation
-    intermediate_size: int  # original width, for validation
-    attn_groups: tuple[int, ...]
-    mlp_channels: tuple[int, ...]
-    skip: tuple[str, ...] = ()
-    removed: bool = False
-
-    @property
-    def heads_kept(self) -> int:
-        """Query heads kept: each kept KV group brings num_attention_heads / num_key_value_heads of them."""
-        if not self.num_key_value_heads:
-            return 0
-        return len(self.attn_groups) * self.num_attention_heads // self.num_key_value_heads
-
-
-@dataclass(frozen=True)
-class Plan:
-    """A self-contained pruning plan (DESIGN.md §4); ``layers`` covers every original layer in order."""
-
-    name: str
-    fingerprint: dict
-    source_table_sha256: str
-    criterion: str
-    strategy: str
-    options: dict
-    target_ratio: float
-    achieved_ratio: float
-    achieved_prunable_ratio: float
-    params_before: int
-    params_after: int
-    prunable_before: int
-    prunable_after: int
-    head_dim: int
-    layers: tuple[LayerPlan, ...]
-    schema_version: int = SCHEMA_VERSION
-    created_by: str = field(default="")
-
-    @property
-    def removed_layers(self) -> list[int]:
-        return [lp.layer for lp in self.layers if lp.removed]
-
-    @property
-    def is_empty(self) -> bool:
-        """True when the plan keeps everything (the identity)."""
-        return all(
-            not lp.removed
-            and not lp.skip
-            and len(lp.attn_groups) == lp.num_key_value_heads
-            and len(lp.mlp_channels) == lp.intermediate_size
-            for lp in self.layers
-        )
-
-    def to_dict(self) -> dict:
-        """Plain JSON values, built by hand: ``dataclasses.asdict`` deep-copies every index (1.3 s at 70B)."""
-        doc = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "layers"}
-        doc["layers"] = [{f.name: _plain(getattr(lp, f.name)) for f in fields(LayerPlan)} for lp in self.layers]
-        doc["kind"] = PLAN_KIND
-        doc["removed_layers"] = self.removed_layers
-        return doc
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first inconsistency (indices out of range or repeated, ...)."""
-        _validate(self)
 
 
 # ---------------------------------------------------------------- options
@@ -169,13 +94,7 @@ class PlanOptions:
 
     def to_dict(self) -> dict:
         """Every option as plain JSON values (enums by value, tuples as lists)."""
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
-
-
-def _plain(value):
-    if isinstance(value, Enum):
-        return value.value
-    return list(value) if isinstance(value, tuple) else value
+        return {f.name: plain_value(getattr(self, f.name)) for f in fields(self)}
 
 
 def parse_choice(enum: type[Enum], value, name: str) -> Enum:
@@ -939,90 +858,3 @@ def summary_rows(plans: Iterable[Plan]) -> list[tuple]:
             )
         )
     return rows
-
-
-# ---------------------------------------------------------------- the plan document
-
-
-def plan_from_dict(doc: dict, origin: str = "plan") -> Plan:
-    if not isinstance(doc, dict) or doc.get("kind") != PLAN_KIND:
-        raise ValueError(f'{origin} is not a llamaprune plan (no "kind": "{PLAN_KIND}")')
-    if doc.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(
-            f"{origin} has schema_version {doc.get('schema_version')}, this llamaprune reads "
-            f"{SCHEMA_VERSION}; "
-            f"make the plan again with `llamaprune plan`"
-        )
-    try:
-        layers = tuple(
-            LayerPlan(
-                layer=int(lp["layer"]),
-                num_attention_heads=int(lp["num_attention_heads"]),
-                num_key_value_heads=int(lp["num_key_value_heads"]),
-                intermediate_size=int(lp["intermediate_size"]),
-                attn_groups=tuple(int(i) for i in lp["attn_groups"]),
-                mlp_channels=tuple(int(i) for i in lp["mlp_channels"]),
-                skip=tuple(lp.get("skip", ())),
-                removed=bool(lp.get("removed", False)),
-            )
-            for lp in doc["layers"]
-        )
-        fields = {k: doc[k] for k in Plan.__dataclass_fields__ if k in doc and k != "layers"}
-        plan = Plan(layers=layers, **fields)
-    except (KeyError, TypeError) as err:
-        raise ValueError(f"{origin} is missing or has a malformed field: {err}") from None
-    _validate(plan, origin)
-    return plan
-
-
-def _validate(plan: Plan, origin: str = "plan") -> None:
-    fp = plan.fingerprint
-    if not isinstance(fp, dict) or not {"architecture", "config_hash", "num_parameters"} <= fp.keys():
-        raise ValueError(f"{origin} has no model fingerprint (architecture, config_hash, num_parameters)")
-    if [lp.layer for lp in plan.layers] != list(range(len(plan.layers))):
-        raise ValueError(f"{origin}: layers must list every original layer once, in order 0..n-1")
-    for lp in plan.layers:
-        where = f"{origin}: layer {lp.layer}"
-        for name, kept, width in (
-            ("attn_groups", lp.attn_groups, lp.num_key_value_heads),
-            ("mlp_channels", lp.mlp_channels, lp.intermediate_size),
-        ):
-            if list(kept) != sorted(set(kept)):
-                raise ValueError(f"{where}: {name} must be sorted and unique")
-            if kept and (kept[0] < 0 or kept[-1] >= width):
-                raise ValueError(f"{where}: {name} index out of range [0, {width})")
-        unknown = set(lp.skip) - set(SKIPPABLE)
-        if unknown:
-            raise ValueError(f"{where}: unknown skip {sorted(unknown)}; allowed: {', '.join(SKIPPABLE)}")
-        if ("attention" in lp.skip) != (not lp.attn_groups) and not lp.removed:
-            raise ValueError(f"{where}: attention must be skipped exactly when no attention group is kept")
-        if ("mlp" in lp.skip) != (not lp.mlp_channels) and not lp.removed:
-            raise ValueError(f"{where}: mlp must be skipped exactly when no MLP channel is kept")
-    if all(lp.removed for lp in plan.layers):
-        raise ValueError(f"{origin} removes every layer; choose a smaller ratio")
-    if not 0 <= plan.params_after <= plan.params_before:
-        raise ValueError(f"{origin}: params_after must lie in [0, params_before]")
-
-
-def write_plan(plan: Plan, path: Path) -> None:
-    plan.validate()
-    atomic_write_bytes(Path(path), plan_json(plan).encode())
-
-
-def plan_json(plan: Plan) -> str:
-    """Indented JSON with one line per layer: readable, and small even with 28672-channel lists."""
-    doc = plan.to_dict()
-    layers = doc.pop("layers")
-    body = ",\n".join("    " + json.dumps(lp) for lp in layers)
-    return json.dumps(doc, indent=2)[:-2] + f',\n  "layers": [\n{body}\n  ]\n}}\n'
-
-
-def read_plan(path: Path) -> Plan:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"plan not found: {path}; make one with `llamaprune plan RUN_DIR --ratio R`")
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err})") from None
-    return plan_from_dict(doc, origin=str(path))

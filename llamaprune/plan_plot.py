@@ -13,7 +13,7 @@ import io
 from pathlib import Path
 
 from llamaprune.artifacts import atomic_write_bytes
-from llamaprune.plan import Plan
+from llamaprune.pruning_plan import Plan
 
 
 def plot_plan(plan: Plan, path: Path) -> None:

@@ -339,7 +339,7 @@ def _save(model, tokenizer, model_dir: Path, plan, curve: dict | None) -> None:
     """The pruned (and finetuned) checkpoint, with its tokenizer, plan and loss curve."""
     from llamaprune.checkpoint import PLAN_FILE, save_pruned
     from llamaprune.finetune import plot_curve
-    from llamaprune.plan import write_plan
+    from llamaprune.pruning_plan import write_plan
 
     save_pruned(model, model_dir)
     tokenizer.save_pretrained(model_dir)

@@ -34,7 +34,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from llamaprune.plan import PLANS_DIR, LayerPlan, Plan, read_plan
+from llamaprune.plan import PLANS_DIR
+from llamaprune.pruning_plan import LayerPlan, Plan, read_plan
 from llamaprune.table import GROUPS_FILE, LAYERS_FILE, file_sha256, read_table_meta
 
 
@@ -88,23 +89,21 @@ def run_query(run_dir: Path | str, sql: str) -> tuple[list[str], list[tuple]]:
     import duckdb
 
     run_dir = Path(run_dir)
-    con = duckdb.connect()
-    for view, name in (("groups", GROUPS_FILE), ("layers", LAYERS_FILE)):
-        path = run_dir / name
-        read_table_meta(path)  # a missing or foreign table fails here, naming the file
-        con.execute(f"CREATE VIEW {view} AS SELECT * FROM read_parquet('{_quote(path)}')")
-    if re.search(r"\bplan", sql, flags=re.IGNORECASE):
-        plans, layers = plan_rows(run_dir)
-        con.register("plans", pa.Table.from_pylist(plans, schema=PLANS_SCHEMA))
-        con.register("plan_layers", pa.Table.from_pylist(layers, schema=PLAN_LAYERS_SCHEMA))
-    try:
-        cursor = con.execute(sql)
-        columns = [d[0] for d in cursor.description or ()]
-        return columns, cursor.fetchall() if columns else []
-    except duckdb.Error as err:
-        raise ValueError(f"query failed: {str(err).splitlines()[0]}") from None
-    finally:
-        con.close()
+    for name in (GROUPS_FILE, LAYERS_FILE):
+        read_table_meta(run_dir / name)  # a missing or foreign table fails here, naming the file
+    plans = plan_rows(run_dir) if re.search(r"\bplan", sql, flags=re.IGNORECASE) else None
+    with duckdb.connect() as con:
+        for view, name in (("groups", GROUPS_FILE), ("layers", LAYERS_FILE)):
+            con.execute(f"CREATE VIEW {view} AS SELECT * FROM read_parquet('{_quote(run_dir / name)}')")
+        if plans is not None:
+            con.register("plans", pa.Table.from_pylist(plans[0], schema=PLANS_SCHEMA))
+            con.register("plan_layers", pa.Table.from_pylist(plans[1], schema=PLAN_LAYERS_SCHEMA))
+        try:
+            cursor = con.execute(sql)
+            columns = [d[0] for d in cursor.description or ()]
+            return columns, cursor.fetchall() if columns else []
+        except duckdb.Error as err:
+            raise ValueError(f"query failed: {str(err).splitlines()[0]}") from None
 
 
 def _quote(path: Path) -> str:

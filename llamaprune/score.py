@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import logging
 import resource
+import sys
 import time
+import types
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -422,7 +424,7 @@ def score_into(out: Path, options: ScoreOptions, loaded, rows: list[str], load_s
         "options": {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(options).items()},
         "timings": {"load_seconds": load_seconds, "score_seconds": result.seconds},
         "peak_memory_bytes": result.peak_memory_bytes,
-        "history": [{"at": now_iso(), "phase": "score", "seconds": result.seconds}],
+        "history": [{"at": now_iso(), "command": "score", "seconds": result.seconds}],
     }
     write_run(out, result, manifest)
     return result
@@ -447,3 +449,14 @@ def score_run(options: ScoreOptions, out: Path, overwrite: bool = False) -> Scor
         finally:
             stop_log(handler)
     return result
+
+
+class _CallableModule(types.ModuleType):
+    """``llamaprune.score`` is both this module and the phase function: once the module is imported, the package
+    attribute is the module, so calling it must run ``score`` (``llamaprune.score(model, batches, ...)``)."""
+
+    def __call__(self, *args, **kwargs) -> ScoreResult:
+        return score(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -19,7 +19,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from llamaprune.artifacts import atomic_write_bytes, atomic_write_json
-from llamaprune.plan import KINDS, PLANS_DIR, Plan, RunTables, Strategy
+from llamaprune.plan import KINDS, PLANS_DIR, RunTables, Strategy
+from llamaprune.pruning_plan import Plan
 
 DESCRIPTION = "description.txt"
 GROUP_TABLE = "global_group_table.csv"

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from llamaprune.plan import LayerPlan
+from llamaprune.pruning_plan import LayerPlan
 
 # Sub-modules that belong to each skippable block: dropped together when a plan skips the block.
 BLOCK_MODULES = {"attention": ("input_layernorm", "self_attn"), "mlp": ("post_attention_layernorm", "mlp")}
@@ -60,8 +60,10 @@ def attention_rows(groups: Sequence[int], queries_per_kv: int, head_dim: int) ->
 
 
 def layer_indices(lp: LayerPlan, head_dim: int) -> dict[str, torch.Tensor]:
-    """The kept index of each kind ("q", "kv", "mlp") for one layer of a plan."""
-    q_rows, kv_rows = attention_rows(lp.attn_groups, lp.num_attention_heads // lp.num_key_value_heads, head_dim)
+    """The kept index of each kind ("q", "kv", "mlp") for one layer of a plan (a layer of an already pruned
+    model that skips attention has no KV heads at all)."""
+    queries_per_kv = lp.num_attention_heads // lp.num_key_value_heads if lp.num_key_value_heads else 0
+    q_rows, kv_rows = attention_rows(lp.attn_groups, queries_per_kv, head_dim)
     return {"q": q_rows, "kv": kv_rows, "mlp": torch.tensor(list(lp.mlp_channels), dtype=torch.long)}
 
 

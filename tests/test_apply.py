@@ -16,11 +16,11 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from llamaprune import apply as apply_module
-from llamaprune.apply import ApplyOptions, apply, plan_from_kept
+from llamaprune.apply import ApplyOptions, apply
 from llamaprune.artifacts import atomic_write_json
 from llamaprune.data import evaluation_windows, load_rows
 from llamaprune.evaluate import perplexity
-from llamaprune.plan import write_plan
+from llamaprune.pruning_plan import plan_from_kept, write_plan
 
 runner = CliRunner()
 
@@ -165,3 +165,27 @@ def test_a_plan_outside_a_run_directory_gets_a_manifest_of_its_own(tmp_path, tin
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["model"]["fingerprint"] == plan.fingerprint and manifest["plan"] == plan.name
     assert [entry["command"] for entry in manifest["history"]] == ["apply"]
+
+
+def test_cli_apply_then_finetune_keeps_both_checkpoints(tmp_path, tiny_checkpoint, run_dir):
+    """`apply --finetune lora` writes the pruned checkpoint beside OUT and the finetuned one at OUT."""
+    from conftest import VALID_TXT
+
+    text = tmp_path / "train.txt"
+    text.write_text("\n".join(VALID_TXT.read_text().splitlines()[:300]))
+    config = checkpoint_config(tiny_checkpoint)
+    plan = plan_from_kept(config, [([1], list(range(0, 24, 2))), ([0, 1], list(range(12)))])
+    plan_path = save_plan(run_dir, plan)
+    out = tmp_path / "tuned"
+    args = ["apply", plan_path, "--model", tiny_checkpoint, "--out", out, "--finetune", "lora",
+            "--finetune-dataset", text, "--finetune-samples", "16", "--finetune-seq-len", "16",
+            "--eval", text, "--seq-len", "16", "--max-windows", "4"]
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.output
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "tuned-pruned")
+    tuned = AutoModelForCausalLM.from_pretrained(out)
+    assert tuned.num_parameters() == pruned.num_parameters() == plan.params_after
+    after_pruning = json.loads((tmp_path / "tuned-pruned" / "eval.json").read_text())["after"]["ppl"]
+    assert json.loads((out / "eval.json").read_text())["before"]["ppl"] == pytest.approx(after_pruning, rel=1e-5)
+    bad = run_cli(*args[:6], "--finetune", "lora", "--finetune-dataset", tmp_path / "no.txt", "--overwrite")
+    assert bad.exit_code == 2 and "not found" in bad.output

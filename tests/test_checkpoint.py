@@ -16,7 +16,7 @@ from safetensors import safe_open
 from test_slicing import TOL, ids, logits, pruned_and_reference, random_plan, zeroed_reference
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
-from llamaprune.apply import apply_plan, plan_from_kept
+from llamaprune.apply import apply_plan
 from llamaprune.checkpoint import (
     MODELING_FILE,
     SAFE_INDEX,
@@ -28,6 +28,7 @@ from llamaprune.checkpoint import (
     write_config,
 )
 from llamaprune.modeling_llamaprune import LlamaPruneConfig
+from llamaprune.pruning_plan import plan_from_kept
 
 HETEROGENEOUS = [([0], [1, 4, 9]), ([], [0, 2]), ([0, 1], list(range(20))), ([1], [])]
 
@@ -242,3 +243,34 @@ def test_import_is_light_and_registers_when_transformers_arrives(tmp_path):
         "print(type(AutoConfig.for_model('llamaprune')).__name__)"
     )
     assert run_python(earlier, tmp_path) == "LlamaPruneConfig"
+
+
+def test_a_pruned_checkpoint_with_a_skipped_attention_streams_again(tmp_path):
+    """Re-pruning: the table of a model whose layer 1 has no attention lists it with 0 KV heads and 0 query heads."""
+    from llamaprune.plan import PlanOptions, load_run, make_plan
+    from llamaprune.score import score, write_run
+
+    config = tiny_config(heads=4, kv_heads=2, layers=3)
+    once = plan_from_kept(config, [([0, 1], list(range(24))), ([], list(range(20))), ([0], [1, 2, 3])])
+    pruned = apply_plan(tiny_model(config), once)
+    save_pruned(pruned, tmp_path / "pruned")
+    (tmp_path / "run").mkdir()
+    write_run(tmp_path / "run", score(pruned, [ids(config.vocab_size)], ("magnitude",), progress=False), {})
+    plan = make_plan(load_run(tmp_path / "run"), PlanOptions(ratio=0.05, criterion="magnitude"))
+    assert plan.layers[1].num_key_value_heads == 0 and plan.layers[1].skip == ("attention",)
+    (tmp_path / "streamed").mkdir()
+    written = stream_checkpoint(safetensors_files(tmp_path / "pruned"), plan, tmp_path / "streamed")
+    assert written == plan.params_after
+    save_pruned(apply_plan(pruned, plan), tmp_path / "memory")
+    streamed, memory = read_tensors(tmp_path / "streamed"), read_tensors(tmp_path / "memory")
+    assert streamed.keys() == memory.keys() and all(torch.equal(streamed[k], memory[k]) for k in memory)
+
+
+def test_registration_survives_a_lookup_of_transformers_before_its_import(tmp_path):
+    """Libraries probe ``importlib.util.find_spec("transformers")`` before importing it; that must not use up
+    the hook that registers our model type."""
+    code = (
+        "import importlib.util, llamaprune\nimportlib.util.find_spec('transformers')\n"
+        "from transformers import AutoConfig\nprint(type(AutoConfig.for_model('llamaprune')).__name__)"
+    )
+    assert run_python(code, tmp_path) == "LlamaPruneConfig"

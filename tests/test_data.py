@@ -225,3 +225,20 @@ def test_batches_split_with_a_ragged_last_batch():
 def test_batches_reject_a_non_positive_size():
     with pytest.raises(ValueError, match="--batch-size must be positive, got 0"):
         batches(torch.zeros(2, 3, dtype=torch.long), 0)
+
+
+def test_c4_test_split_reads_the_first_validation_shard(monkeypatch):
+    """C4 has no test split (eval, apply --eval): the validation shard stands in for it."""
+    import datasets
+
+    calls = []
+
+    def fake(*args, **kwargs):
+        calls.append((args, kwargs))
+        return {"text": ["c4 row"]}
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    assert load_rows("c4", split="test") == ["c4 row"]
+    assert calls == [
+        (("allenai/c4",), {"data_files": {"test": "en/c4-validation.00000-of-00008.json.gz"}, "split": "test"})
+    ]

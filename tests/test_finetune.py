@@ -14,7 +14,7 @@ from test_cli_eval import assert_one_error_line
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from llamaprune.apply import apply_plan, plan_from_kept
+from llamaprune.apply import apply_plan
 from llamaprune.checkpoint import MODELING_FILE, save_pruned
 from llamaprune.cli import app
 from llamaprune.data import evaluation_windows, load_rows
@@ -29,6 +29,7 @@ from llamaprune.finetune import (
     token_nll,
 )
 from llamaprune.finetune_data import build_examples, collate, read_source, split_validation
+from llamaprune.pruning_plan import plan_from_kept
 
 LORA = dict(method="lora", lr=3e-2, lora_r=4, lora_alpha=8)
 FULL = dict(method="full", lr=1e-2)
@@ -332,3 +333,10 @@ def test_unknown_lora_targets_fail_after_loading_without_leaving_output(tmp_path
     assert result.exit_code == 2, result.output
     assert result.stderr.strip().splitlines()[-1].startswith("error: --lora-targets wq match no linear layer")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_a_jsonl_that_is_not_json_names_the_file_and_line(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text("{not json\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"broken\.jsonl:1 is not valid JSON"):
+        read_source(str(path))

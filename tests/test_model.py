@@ -150,3 +150,14 @@ def test_resolve_device(monkeypatch):
         resolve_device("cuda")
     with pytest.raises(ValueError, match="tpu"):
         resolve_device("tpu")
+
+
+def test_a_model_type_transformers_does_not_know_is_an_unsupported_architecture(tmp_path):
+    (tmp_path / "foo").mkdir()
+    (tmp_path / "foo" / "config.json").write_text('{"model_type": "foo", "architectures": ["FooForCausalLM"]}')
+    with pytest.raises(ValueError, match="unsupported architecture FooForCausalLM; llamaprune supports Llama") as err:
+        load_model(str(tmp_path / "foo"))
+    assert "\n" not in str(err.value)
+    (tmp_path / "foo" / "config.json").write_text("{broken")
+    with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):
+        load_model(str(tmp_path / "foo"))

@@ -23,9 +23,9 @@ from llamaprune.plan import (
     parse_distribution,
     parse_layers,
     parse_ratios,
-    read_plan,
     write_plans,
 )
+from llamaprune.pruning_plan import read_plan
 from llamaprune.table import file_sha256, groups_schema, layers_schema, with_meta, write_table
 
 ATTN, MLP, ATTN_FIXED, MLP_FIXED = 100, 10, 3, 2

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from llamaprune import query
 from llamaprune.artifacts import read_manifest
 from llamaprune.cli import app
-from llamaprune.plan import read_plan
+from llamaprune.pruning_plan import read_plan
 
 
 @pytest.fixture
@@ -153,3 +153,16 @@ def test_plan_and_sql_do_not_import_torch(run):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--ratio", "0.02", "--ratio", "1.5"], "ratio 1.5 is outside (0, 1)"),  # a bad ratio after a good one
+        (["--ratios", "0.1:0.5:0.1"], "unreachable"),  # 0.1 and 0.2 are reachable, 0.3 and above are not
+    ],
+)
+def test_a_sweep_with_a_bad_ratio_writes_no_plan_at_all(run, args, fragment):
+    assert_one_error_line(invoke("plan", run, *args, "--no-png"), fragment)
+    assert not (run / "plans").exists()
+    assert "history" not in read_manifest(run)

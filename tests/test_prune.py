@@ -23,7 +23,7 @@ from llamaprune.artifacts import read_manifest
 from llamaprune.cli import app
 from llamaprune.data import evaluation_windows, load_rows
 from llamaprune.evaluate import perplexity
-from llamaprune.plan import read_plan
+from llamaprune.pruning_plan import read_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 NATIVE = ("manifest.json", "groups.parquet", "layers.parquet", "stats.safetensors")
@@ -146,7 +146,7 @@ def test_global_run_writes_native_and_seed_files(tiny_checkpoint, tokenizer, tex
     for key, checked in (("before", dense), ("after", model)):  # the saved model is the one evaluated
         assert report[key]["ppl"] == pytest.approx(perplexity(checked, windows, progress=False).ppl, rel=1e-5)
     manifest = read_manifest(out)
-    assert [h.get("phase") or h.get("command") for h in manifest["history"]] == ["score", "prune"]
+    assert [h["command"] for h in manifest["history"]] == ["score", "prune"]
     assert manifest["criteria"] == ["taylor2"] and manifest["calibration"]["n_samples"] == 8
     assert json.loads((out / "model" / "manifest.json").read_text()) == manifest
     assert f"{plan.params_before:,} -> {plan.params_after:,}" in result.stdout

@@ -205,3 +205,14 @@ def test_real_model_table_is_complete_and_finite(real_model):
     assert sum(result.groups.column("params").to_pylist()) == model_shape(config).counts().prunable
     influence = result.layers.column("block_influence").to_pylist()
     assert all(0 <= v <= 2 for v in influence)
+
+
+def test_the_package_level_call_works_after_the_module_is_imported():
+    """``llamaprune.score(model, batches, ...)`` (issue 3), also once ``llamaprune.score`` names the module."""
+    import llamaprune
+    import llamaprune.score  # noqa: F401  (the package attribute is now the module)
+
+    model = tiny_model(tiny_config())
+    expected = score(model, [], criteria=("magnitude",), progress=False).groups
+    for _ in range(2):
+        assert llamaprune.score(model, [], criteria=("magnitude",), progress=False).groups.equals(expected)

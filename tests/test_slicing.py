@@ -14,8 +14,8 @@ import pytest
 import torch
 from conftest import group_slices, tiny_config, tiny_model
 
-from llamaprune.apply import apply_plan, plan_from_kept
-from llamaprune.plan import Plan
+from llamaprune.apply import apply_plan
+from llamaprune.pruning_plan import Plan, plan_from_kept
 from llamaprune.slicing import attention_rows, keep_columns, keep_rows, slice_tensor, split_layer_key
 
 TOL = 1e-5

@@ -1,0 +1,27 @@
+"""The benchmark scripts run end to end on a tiny model, so they cannot rot (figures are not asserted)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_run_tiny_writes_results(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--tiny", "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = (tmp_path / "RESULTS.md").read_text()
+    for section in ("## Quality", "| dense |", "global taylor2 20% + LoRA", "## Scoring cost", "## Planning cost",
+                    "## Apply cost"):
+        assert section in results
+    assert (tmp_path / "ppl_vs_ratio.png").stat().st_size > 1000
+
+
+def test_gpu_script_runs_on_cpu(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path)}
+    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--device", "cpu", "--dtype", "float32", "--tiny"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "bench/quality" in done.stdout and "ratios (goal)" in done.stdout
