@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from llamaprune.artifacts import (
@@ -38,7 +38,7 @@ from llamaprune.checkpoint import (
     write_tokenizer_files,
 )
 from llamaprune.data import evaluation_windows
-from llamaprune.evaluate import EVAL_FILE, EvalOptions, perplexity
+from llamaprune.evaluate import EVAL_FILE, EvalOptions, compare, perplexity
 from llamaprune.model import (
     Device,
     DType,
@@ -170,7 +170,7 @@ def apply(options: ApplyOptions) -> dict:
         summary.update(streamed=files is not None, params_before=plan.params_before, params_after=plan.params_after)
         if options.eval:
             after = _evaluate(str(tmp), options, rows)
-            summary["eval"] = eval_report(before, after, options.eval)
+            summary["eval"] = compare(options.eval, before, after)
             atomic_write_json(tmp / EVAL_FILE, summary["eval"])
         summary["seconds"] = round(time.perf_counter() - start, 3)
         shutil.copyfile(options.plan, tmp / PLAN_FILE)
@@ -190,18 +190,6 @@ def _evaluate(model_name: str, options: ApplyOptions, rows: list[str]) -> dict:
     perplexity(loaded.model, windows[: evaluation.batch_size], evaluation.batch_size, progress=False)
     result = perplexity(loaded.model, windows, evaluation.batch_size)
     return {**result.to_dict(), "num_parameters": loaded.model.num_parameters()}
-
-
-def eval_report(before: dict, after: dict, options: EvalOptions) -> dict:
-    """Perplexity, parameters and forward speed of the original and the pruned model, with their ratios."""
-    return {
-        "options": asdict(options),
-        "before": before,
-        "after": after,
-        "ppl_ratio": after["ppl"] / before["ppl"],
-        "params_ratio": after["num_parameters"] / before["num_parameters"],
-        "tokens_per_s_ratio": after["tokens_per_s"] / before["tokens_per_s"],
-    }
 
 
 def manifest_with(options: ApplyOptions, plan: Plan, source: Source, config, summary: dict) -> dict:

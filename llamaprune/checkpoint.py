@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from llamaprune.groups import source_model_type
 from llamaprune.model import Device, DType, resolve_device, resolve_source, torch_dtype
 from llamaprune.pruning_plan import Plan
 from llamaprune.slicing import (
@@ -86,13 +87,6 @@ def register() -> None:
     importlib.import_module("llamaprune.modeling_llamaprune")
 
 
-def base_model_type(config) -> str:
-    """The architecture a (possibly already pruned) config descends from: llama, mistral or qwen2."""
-    if config.model_type == MODEL_TYPE:
-        return config.base_model_type
-    return config.model_type
-
-
 def kept_layer_overrides(plan: Plan) -> list[dict]:
     """Per kept layer, its widths and skipped blocks in the ``per_layer_config`` schema."""
     overrides = []
@@ -117,7 +111,7 @@ def pruned_config(config, plan: Plan):
     from transformers import AutoConfig
 
     overrides = kept_layer_overrides(plan)
-    base_type = base_model_type(config)
+    base_type = source_model_type(config)
     fields = {k: v for k, v in config.to_dict().items() if k not in LAYOUT_KEYS}
     fields.update(num_hidden_layers=len(overrides), head_dim=plan.head_dim)
     uniform = all(entry == overrides[0] and "skip" not in entry for entry in overrides)

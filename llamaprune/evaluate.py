@@ -96,6 +96,16 @@ class EvalOptions:
         return load_rows(self.dataset, split="test", data_dir=self.data_dir)
 
 
+def compare(options: EvalOptions, before: dict, after: dict) -> dict:
+    """What eval.json holds: both measurements and their ratios (perplexity; parameters and tokens/s when
+    both measurements have them)."""
+    report = {"options": asdict(options), "before": before, "after": after, "ppl_ratio": after["ppl"] / before["ppl"]}
+    for key, ratio in (("num_parameters", "params_ratio"), ("tokens_per_s", "tokens_per_s_ratio")):
+        if key in before and key in after:
+            report[ratio] = after[key] / before[key]
+    return report
+
+
 def evaluate_dataset(
     model, tokenizer, options: EvalOptions, progress: bool = True, rows: list[str] | None = None
 ) -> PerplexityResult:

@@ -36,7 +36,7 @@ from llamaprune.artifacts import (
     stop_log,
 )
 from llamaprune.checkpoint import MODELING_FILE, save_pruned
-from llamaprune.evaluate import EVAL_FILE, EvalOptions, PerplexityResult, evaluate_dataset
+from llamaprune.evaluate import EVAL_FILE, EvalOptions, compare, evaluate_dataset
 from llamaprune.finetune_data import (
     IGNORE_INDEX,
     build_examples,
@@ -476,15 +476,6 @@ def copy_input_files(source: Path, out: Path) -> list[str]:
     return copied
 
 
-def ppl_report(options: EvalOptions, before: PerplexityResult, after: PerplexityResult) -> dict:
-    return {
-        "options": asdict(options),
-        "before": before.to_dict(),
-        "after": after.to_dict(),
-        "ppl_ratio": after.ppl / before.ppl,
-    }
-
-
 def manifest_for(source: Path, name: str, config, summary: dict) -> dict:
     """The input's manifest with this finetune appended (a new one for a plain checkpoint directory)."""
     from llamaprune import __version__
@@ -532,7 +523,7 @@ def run_finetune(run: FinetuneRun, progress: bool = True) -> dict:
             summary.update(data_kind=text.kind, **result.summary())
             if run.eval:
                 after = evaluate_dataset(model, tokenizer, run.eval, progress, eval_rows)
-                summary["eval"] = ppl_report(run.eval, before, after)
+                summary["eval"] = compare(run.eval, before.to_dict(), after.to_dict())
                 atomic_write_json(tmp / EVAL_FILE, summary["eval"])
             save_pruned(model, tmp, run.max_shard_size)
             summary["copied"] = copy_input_files(source, tmp)

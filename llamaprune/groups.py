@@ -139,6 +139,14 @@ def _layer_attr(layer_config, name: str, default=None):
     return default if value is None else value
 
 
+def source_model_type(config) -> str:
+    """The architecture a (possibly already pruned) config descends from: llama, mistral or qwen2."""
+    model_type = getattr(config, "model_type", "llama")
+    if model_type == "llamaprune":  # a pruned model keeps the layout of its source architecture
+        return getattr(config, "base_model_type", "llama")
+    return model_type
+
+
 def model_shape(config) -> ModelShape:
     """Read the dimensions of a Llama/Mistral/Qwen2-style config, uniform or per-layer."""
     hidden = config.hidden_size
@@ -158,9 +166,7 @@ def model_shape(config) -> ModelShape:
     head_dim = getattr(config, "head_dim", None)
     if head_dim is None:
         head_dim = hidden // layers[0].num_attention_heads
-    model_type = getattr(config, "model_type", "llama")
-    if model_type == "llamaprune":  # a pruned model keeps the bias layout of its source architecture
-        model_type = getattr(config, "base_model_type", "llama")
+    model_type = source_model_type(config)
     # Qwen2 has q/k/v biases but an o_proj without one; Llama's attention_bias covers all four.
     qkv_bias = bool(getattr(config, "attention_bias", False)) or model_type == "qwen2"
     o_bias = bool(getattr(config, "attention_bias", False)) and model_type != "qwen2"

@@ -25,7 +25,7 @@ from enum import Enum
 from pathlib import Path
 from types import SimpleNamespace
 
-from llamaprune.groups import model_shape
+from llamaprune.groups import model_shape, source_model_type
 
 log = logging.getLogger(__name__)
 
@@ -182,9 +182,7 @@ def config_fingerprint(config) -> dict:
     """What a plan or table must match: architecture family, a hash of all shapes, parameter count."""
     shape = model_shape(config)
     blob = json.dumps(asdict(shape), sort_keys=True).encode()
-    model_type = config.model_type
-    if model_type == "llamaprune":
-        model_type = getattr(config, "base_model_type", "llama")
+    model_type = source_model_type(config)
     return {
         "architecture": SUPPORTED_MODEL_TYPES.get(model_type, model_type),
         "config_hash": hashlib.sha256(blob).hexdigest()[:16],

@@ -225,7 +225,8 @@ def prune(options: PruneOptions, progress: bool = True) -> dict:
 
 
 def _run(options: PruneOptions, inputs: _Inputs, out: Path, progress: bool) -> dict:
-    from llamaprune.apply import apply_plan, eval_report
+    from llamaprune.apply import apply_plan
+    from llamaprune.evaluate import compare
     from llamaprune.model import load_model
 
     start = time.perf_counter()
@@ -252,7 +253,7 @@ def _run(options: PruneOptions, inputs: _Inputs, out: Path, progress: bool) -> d
         "seconds_apply": round(time.perf_counter() - t0, 3),
         "seed_files": seed_files,
     }
-    report = eval_report(dense, measure(model), evaluation) if dense else None
+    report = compare(evaluation, dense, measure(model)) if dense else None
     curve = None
     if options.finetune:
         model, curve, summary["finetune"] = _finetune(
