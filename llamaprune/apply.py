@@ -37,8 +37,7 @@ from llamaprune.checkpoint import (
     write_config,
     write_tokenizer_files,
 )
-from llamaprune.data import evaluation_windows
-from llamaprune.evaluate import EVAL_FILE, EvalOptions, compare, perplexity
+from llamaprune.evaluate import EVAL_FILE, EvalOptions, compare, measure
 from llamaprune.model import (
     Device,
     DType,
@@ -185,11 +184,7 @@ def _evaluate(model_name: str, options: ApplyOptions, rows: list[str]) -> dict:
     """Perplexity and forward speed, after a warm-up batch so one-off costs do not skew tokens/s."""
     register()
     loaded = load_model(model_name, options.load_dtype, options.device)
-    evaluation = options.eval
-    windows = evaluation_windows(loaded.tokenizer, rows, evaluation.seq_len, evaluation.max_windows)
-    perplexity(loaded.model, windows[: evaluation.batch_size], evaluation.batch_size, progress=False)
-    result = perplexity(loaded.model, windows, evaluation.batch_size)
-    return {**result.to_dict(), "num_parameters": loaded.model.num_parameters()}
+    return measure(loaded.model, loaded.tokenizer, options.eval, rows)
 
 
 def manifest_with(options: ApplyOptions, plan: Plan, source: Source, config, summary: dict) -> dict:

@@ -96,6 +96,15 @@ class EvalOptions:
         return load_rows(self.dataset, split="test", data_dir=self.data_dir)
 
 
+def measure(model, tokenizer, options: EvalOptions, rows: list[str], progress: bool = True) -> dict:
+    """Perplexity, forward speed and size of ``model``; one warm-up batch first so one-off costs do not
+    skew tokens/s."""
+    windows = evaluation_windows(tokenizer, rows, options.seq_len, options.max_windows)
+    perplexity(model, windows[: options.batch_size], options.batch_size, progress=False)
+    result = perplexity(model, windows, options.batch_size, progress=progress)
+    return {**result.to_dict(), "num_parameters": model.num_parameters()}
+
+
 def compare(options: EvalOptions, before: dict, after: dict) -> dict:
     """What eval.json holds: both measurements and their ratios (perplexity; parameters and tokens/s when
     both measurements have them)."""

@@ -29,7 +29,7 @@ from llamaprune.artifacts import (
     start_log,
     stop_log,
 )
-from llamaprune.evaluate import EVAL_FILE, EvalOptions, evaluate_dataset
+from llamaprune.evaluate import EVAL_FILE, EvalOptions, measure
 from llamaprune.finetune import CURVE_JSON, CURVE_PNG, FinetuneOptions, Method
 from llamaprune.model import Device, DType
 from llamaprune.plan import LayerStrategy, PlanOptions, Strategy, parse_choice
@@ -295,10 +295,7 @@ def _plain(value):
 
 def _measure(model, tokenizer, options: EvalOptions, rows: list[str] | None, progress: bool) -> dict | None:
     """Perplexity, speed and size of ``model`` (None when no evaluation was asked for)."""
-    if rows is None:
-        return None
-    result = evaluate_dataset(model, tokenizer, options, progress, rows)
-    return {**result.to_dict(), "num_parameters": model.num_parameters()}
+    return None if rows is None else measure(model, tokenizer, options, rows, progress)
 
 
 def _recovery(report: dict, finetuned: dict) -> dict:
