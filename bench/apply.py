@@ -1,10 +1,10 @@
 """Benchmark of streaming ``llamaprune apply``: peak memory and wall time against a plain read-and-rewrite.
 
 Builds a synthetic multi-shard llama safetensors checkpoint of about 1B parameters (random bfloat16 weights,
-written shard by shard), makes a ~20% heterogeneous plan for it, then measures, each in a fresh subprocess
-(peak RSS from ``resource.getrusage``): (a) reading every shard with safetensors and writing it back, and
-(b) ``llamaprune.apply.apply`` streaming the plan onto the checkpoint. Goals (issue 5): peak <= largest input
-shard + 25%, time <= 2x the read-and-rewrite.
+written shard by shard), makes a ~20% heterogeneous plan for it, then measures (a) reading every shard with
+safetensors and writing it back and (b) ``llamaprune.apply.apply`` streaming the plan onto the checkpoint:
+the peak RSS of each in a fresh subprocess (``resource.getrusage``), and their times alternating in one
+subprocess. Goals (issue 5): peak <= largest input shard + 25%, time <= 2x the read-and-rewrite.
 
     $ .venv/bin/python bench/apply.py            # ~1B parameters, a few GB of disk under $TMPDIR
     $ .venv/bin/python bench/apply.py --small    # a tiny checkpoint: a smoke test of the script itself
@@ -115,42 +115,65 @@ def rss_bytes() -> int:
 
 
 def timed(work) -> dict:
-    """Run ``work`` from a flushed page cache; time it to the page cache and until the data is on disk."""
+    """Run ``work`` after flushing dirty pages; time it to the page cache and until the data is on disk."""
     os.sync()  # earlier runs' dirty pages would otherwise throttle this run's writes
-    imported = rss_bytes()
     start = time.perf_counter()
     work()
     written = time.perf_counter()
     os.sync()
-    return {
-        "seconds": written - start,
-        "seconds_synced": time.perf_counter() - start,
-        "peak_rss": rss_bytes(),
-        "rss_after_imports": imported,
-    }
+    return {"seconds": written - start, "seconds_synced": time.perf_counter() - start}
 
 
-def measure_rewrite(src: Path, out: Path) -> dict:
+def rewrite(src: Path, out: Path) -> None:
     """The reference: read each shard with safetensors and write it back unchanged."""
     from safetensors.torch import load_file, save_file
 
-    def rewrite() -> None:
-        out.mkdir()
-        for shard in sorted(src.glob("*.safetensors")):
-            save_file(load_file(shard), out / shard.name, metadata={"format": "pt"})
-
-    return timed(rewrite)
+    out.mkdir()
+    for shard in sorted(src.glob("*.safetensors")):
+        save_file(load_file(shard), out / shard.name, metadata={"format": "pt"})
 
 
-def measure_apply(src: Path, out: Path, plan: Path) -> dict:
-    """``llamaprune apply`` as the CLI runs it, timed after its imports (transformers and the model type)."""
+def stream_apply(src: Path, out: Path, plan: Path) -> None:
+    """``llamaprune apply`` as the CLI runs it."""
+    from llamaprune.apply import ApplyOptions, apply
+
+    apply(ApplyOptions(plan=plan, model=str(src), out=out))
+
+
+def import_apply() -> None:
+    """What the CLI imports before it applies (transformers and our model type), kept out of the timings."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig  # noqa: F401
 
-    from llamaprune.apply import ApplyOptions, apply
     from llamaprune.checkpoint import register
 
     register()
-    return timed(lambda: apply(ApplyOptions(plan=plan, model=str(src), out=out)))
+
+
+def measure_peak(kind: str, src: Path, out: Path, plan: Path) -> dict:
+    """Peak RSS of one path in this fresh interpreter, and how much of it the imports already took."""
+    if kind == "apply":
+        import_apply()
+    else:
+        import safetensors.torch  # noqa: F401
+    imported = rss_bytes()
+    figures = timed(lambda: stream_apply(src, out, plan) if kind == "apply" else rewrite(src, out))
+    return {**figures, "peak_rss": rss_bytes(), "rss_after_imports": imported}
+
+
+def measure_times(src: Path, out: Path, plan: Path, repeats: int) -> dict:
+    """Both paths in one interpreter, alternating, after one untimed round. The page cache of this virtual
+    machine makes the first large write of a fresh process several times slower than the next ones, so
+    timings from separate processes compare luck rather than code."""
+    import_apply()
+    runs: dict[str, list[dict]] = {"rewrite": [], "apply": []}
+    work = {"rewrite": lambda: rewrite(src, out), "apply": lambda: stream_apply(src, out, plan)}
+    for i in range(repeats + 1):
+        for kind in ("rewrite", "apply") if i % 2 == 0 else ("apply", "rewrite"):
+            figures = timed(work[kind])
+            shutil.rmtree(out)
+            if i > 0:
+                runs[kind].append(figures)
+    return runs
 
 
 def in_subprocess(kind: str, *args) -> dict:
@@ -171,46 +194,46 @@ def build(workdir: Path, small: str) -> dict:
 
 
 def run(size: Size, workdir: Path) -> dict:
-    """Build, then measure each path in a fresh interpreter. This process imports neither torch nor
-    transformers: Linux keeps a process's peak RSS across fork and exec, so a large parent would inflate the
-    children's peaks."""
-    src, plan = workdir / "checkpoint", workdir / "plan.json"
+    """Build, then measure each path's peak in a fresh interpreter and both paths' times in a third. This
+    process imports neither torch nor transformers: Linux keeps a process's peak RSS across fork and exec, so
+    a large parent would inflate the children's peaks."""
+    src, plan, out = workdir / "checkpoint", workdir / "plan.json", workdir / "out"
     planned = in_subprocess("build", workdir, "small" if size is SMALL else "large")
     print(f"built the checkpoint in {planned['build_seconds']:.1f} s", flush=True)
     shards = sorted(src.glob("*.safetensors"))
     largest = max(p.stat().st_size for p in shards)
-    results: dict[str, list[dict]] = {"rewrite": [], "apply": []}
-    for i in range(size.repeats):  # alternate which goes first; each starts with the same files on disk
-        runs = [("rewrite", (src, workdir / "out")), ("apply", (src, workdir / "out", plan))]
-        for kind, args in runs if i % 2 == 0 else runs[::-1]:
-            results[kind].append(in_subprocess(kind, *args))
-            shutil.rmtree(workdir / "out")
-    best = {kind: min(runs, key=lambda r: r["seconds"]) for kind, runs in results.items()}
-    peak = max(r["peak_rss"] for r in results["apply"])
+    peaks = {}
+    for kind in ("rewrite", "apply"):
+        peaks[kind] = in_subprocess(f"peak-{kind}", src, out, plan)
+        shutil.rmtree(out)
+    runs = in_subprocess("times", src, out, plan, size.repeats)
+    best = {kind: min(r["seconds"] for r in kind_runs) for kind, kind_runs in runs.items()}
+    synced = {kind: min(r["seconds_synced"] for r in kind_runs) for kind, kind_runs in runs.items()}
+    apply_peak = peaks["apply"]
     return {
         **planned,
         "shards": len(shards),
         "largest_shard_bytes": largest,
         "input_bytes": sum(p.stat().st_size for p in shards),
-        "best": best,
-        "runs": results,
-        "apply_peak_rss": peak,
-        "peak_over_largest_shard": peak / largest,
-        "peak_above_imports_over_largest_shard": max(r["peak_rss"] - r["rss_after_imports"] for r in results["apply"])
-        / largest,
-        "time_over_rewrite": best["apply"]["seconds"] / best["rewrite"]["seconds"],
-        "synced_time_over_rewrite": min(r["seconds_synced"] for r in results["apply"])
-        / min(r["seconds_synced"] for r in results["rewrite"]),
+        "peaks": peaks,
+        "runs": runs,
+        "best_seconds": best,
+        "best_seconds_synced": synced,
+        "peak_over_largest_shard": apply_peak["peak_rss"] / largest,
+        "peak_above_imports_over_largest_shard": (apply_peak["peak_rss"] - apply_peak["rss_after_imports"]) / largest,
+        "time_over_rewrite": best["apply"] / best["rewrite"],
+        "synced_time_over_rewrite": synced["apply"] / synced["rewrite"],
     }
 
 
 def report(figures: dict) -> str:
     gb = 1e9
 
-    def row(name: str, run: dict) -> str:
+    def row(name: str, kind: str) -> str:
+        peak, times = figures["peaks"][kind], sorted(r["seconds"] for r in figures["runs"][kind])
         return (
-            f"{name:26}{run['seconds']:9.2f}{run['seconds_synced']:10.2f}{run['peak_rss'] / gb:13.2f}"
-            f"{run['rss_after_imports'] / gb:22.2f}"
+            f"{name:26}{times[0]:9.2f}{times[len(times) // 2]:9.2f}{figures['best_seconds_synced'][kind]:10.2f}"
+            f"{peak['seconds']:8.2f}{peak['peak_rss'] / gb:13.2f}{peak['rss_after_imports'] / gb:22.2f}"
         )
 
     def verdict(ratio: float, goal: float) -> str:
@@ -222,9 +245,11 @@ def report(figures: dict) -> str:
             f"{figures['input_bytes'] / gb:.2f} GB; largest {figures['largest_shard_bytes'] / gb:.2f} GB",
             f"plan: {figures['params_before']:,} -> {figures['params_after']:,} parameters "
             f"({figures['achieved_ratio']:.1%} removed, heterogeneous)",
-            f"{'best of each':26}{'seconds':>9}{'+ sync':>10}{'peak RSS GB':>13}{'RSS after imports GB':>22}",
-            row("read-and-rewrite", figures["best"]["rewrite"]),
-            row("llamaprune apply (stream)", figures["best"]["apply"]),
+            f"seconds: best and median of {len(figures['runs']['apply'])} alternating runs in one process, best "
+            "with the final sync, and one run in a fresh process (whose peak RSS is given)",
+            f"{'':26}{'best':>9}{'median':>9}{'+ sync':>10}{'fresh':>8}{'peak RSS GB':>13}{'RSS after imports GB':>22}",
+            row("read-and-rewrite", "rewrite"),
+            row("llamaprune apply (stream)", "apply"),
             f"peak RSS / largest input shard: {verdict(figures['peak_over_largest_shard'], PEAK_GOAL)}; "
             f"above the imports' RSS: {figures['peak_above_imports_over_largest_shard']:.2f}",
             f"apply time / read-and-rewrite time: {verdict(figures['time_over_rewrite'], TIME_GOAL)}; "
@@ -243,10 +268,12 @@ def main() -> None:
     if args.measure:
         kind, *paths = args.measure
         if kind == "build":
-            print(json.dumps(build(Path(paths[0]), paths[1])))
+            figures = build(Path(paths[0]), paths[1])
+        elif kind == "times":
+            figures = measure_times(*map(Path, paths[:3]), int(paths[3]))
         else:
-            measure = measure_rewrite if kind == "rewrite" else measure_apply
-            print(json.dumps(measure(*map(Path, paths))))
+            figures = measure_peak(kind.removeprefix("peak-"), *map(Path, paths))
+        print(json.dumps(figures))
         return
     size = SMALL if args.small else LARGE
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench-apply-") as tmp:
