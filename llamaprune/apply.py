@@ -18,13 +18,13 @@ from pathlib import Path
 
 from llamaprune.artifacts import (
     MANIFEST,
-    SCHEMA_VERSION,
     append_history,
     atomic_dir,
     atomic_write_json,
-    now_iso,
+    new_manifest,
     read_manifest,
     refuse_existing,
+    with_history,
 )
 from llamaprune.checkpoint import (
     PLAN_FILE,
@@ -189,17 +189,8 @@ def _evaluate(model_name: str, options: ApplyOptions, rows: list[str]) -> dict:
 
 def manifest_with(options: ApplyOptions, plan: Plan, source: Source, config, summary: dict) -> dict:
     """The run's manifest with this apply appended (or a new one when the plan has no run directory)."""
-    from llamaprune import __version__
-
     run_dir = run_dir_of(options.plan)
     if run_dir is not None:
-        manifest = read_manifest(run_dir)
-    else:
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "llamaprune_version": __version__,
-            "model": {"source": source.name, "path": source.path, "fingerprint": config_fingerprint(config)},
-            "plan": plan.name,
-        }
-    manifest.setdefault("history", []).append({"at": now_iso(), **summary})
-    return manifest
+        return with_history(read_manifest(run_dir), summary)
+    model = {"source": source.name, "path": source.path, "fingerprint": config_fingerprint(config)}
+    return with_history(new_manifest(model, plan=plan.name), summary)

@@ -92,11 +92,27 @@ def read_manifest(run_dir: Path) -> dict:
     return manifest
 
 
-def append_history(run_dir: Path, entry: dict) -> None:
-    """Record one phase's run (command, options, timings) at the end of the manifest's history."""
-    manifest = read_manifest(run_dir)
+def new_manifest(model: dict, **fields) -> dict:
+    """The head every manifest starts with: the schema and llamaprune version that wrote it, and the model."""
+    from llamaprune import __version__
+
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "llamaprune_version": __version__,
+        "created": now_iso(),
+        "model": model,
+        **fields,
+    }
+
+
+def with_history(manifest: dict, entry: dict) -> dict:
+    """``manifest`` with one phase's run (command, options, timings) appended to its history."""
     manifest.setdefault("history", []).append({"at": now_iso(), **entry})
-    atomic_write_json(Path(run_dir) / MANIFEST, manifest)
+    return manifest
+
+
+def append_history(run_dir: Path, entry: dict) -> None:
+    atomic_write_json(Path(run_dir) / MANIFEST, with_history(read_manifest(run_dir), entry))
 
 
 def now_iso() -> str:

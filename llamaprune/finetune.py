@@ -26,14 +26,14 @@ from pathlib import Path
 
 from llamaprune.artifacts import (
     MANIFEST,
-    SCHEMA_VERSION,
     atomic_dir,
     atomic_write_json,
-    now_iso,
+    new_manifest,
     read_manifest,
     refuse_existing,
     start_log,
     stop_log,
+    with_history,
 )
 from llamaprune.checkpoint import MODELING_FILE, save_pruned
 from llamaprune.evaluate import EVAL_FILE, EvalOptions, compare, evaluate_dataset
@@ -478,18 +478,9 @@ def copy_input_files(source: Path, out: Path) -> list[str]:
 
 def manifest_for(source: Path, name: str, config, summary: dict) -> dict:
     """The input's manifest with this finetune appended (a new one for a plain checkpoint directory)."""
-    from llamaprune import __version__
-
     if (source / MANIFEST).is_file():
-        manifest = read_manifest(source)
-    else:
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "llamaprune_version": __version__,
-            "model": {"source": name, "fingerprint": config_fingerprint(config)},
-        }
-    manifest.setdefault("history", []).append({"at": now_iso(), **summary})
-    return manifest
+        return with_history(read_manifest(source), summary)
+    return with_history(new_manifest({"source": name, "fingerprint": config_fingerprint(config)}), summary)
 
 
 def run_finetune(run: FinetuneRun, progress: bool = True) -> dict:

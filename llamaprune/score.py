@@ -28,10 +28,11 @@ from llamaprune.artifacts import (
     SCHEMA_VERSION,
     atomic_dir,
     atomic_write_json,
-    now_iso,
+    new_manifest,
     refuse_existing,
     start_log,
     stop_log,
+    with_history,
 )
 from llamaprune.groups import ATTN, MLP, ModelShape, group_id, iter_groups, model_shape
 from llamaprune.importance import COLS, ROWS, group_sum
@@ -408,25 +409,22 @@ def score_into(out: Path, options: ScoreOptions, loaded, rows: list[str], load_s
              options.num_samples, options.seq_len)
     result = score(loaded.model, batches(windows, options.batch_size), options.criteria, options.seed, calibration,
                    progress)
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "llamaprune_version": __version__,
-        "created": now_iso(),
-        "model": {
-            "source": options.model,
-            "path": loaded.source.path,
-            "gguf_file": loaded.source.gguf_file,
-            "fingerprint": result.meta["fingerprint"],
-        },
-        "params": result.meta["params"],
-        "calibration": calibration,
-        "criteria": list(options.criteria),
-        "options": {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(options).items()},
-        "timings": {"load_seconds": load_seconds, "score_seconds": result.seconds},
-        "peak_memory_bytes": result.peak_memory_bytes,
-        "history": [{"at": now_iso(), "command": "score", "seconds": result.seconds}],
+    model = {
+        "source": options.model,
+        "path": loaded.source.path,
+        "gguf_file": loaded.source.gguf_file,
+        "fingerprint": result.meta["fingerprint"],
     }
-    write_run(out, result, manifest)
+    manifest = new_manifest(
+        model,
+        params=result.meta["params"],
+        calibration=calibration,
+        criteria=list(options.criteria),
+        options={k: (v.value if hasattr(v, "value") else v) for k, v in asdict(options).items()},
+        timings={"load_seconds": load_seconds, "score_seconds": result.seconds},
+        peak_memory_bytes=result.peak_memory_bytes,
+    )
+    write_run(out, result, with_history(manifest, {"command": "score", "seconds": result.seconds}))
     return result
 
 
