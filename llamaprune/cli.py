@@ -266,7 +266,7 @@ def sql_command(
 ) -> None:
     """Query a run directory with DuckDB. Views: groups (one row per group), layers (one per layer), plans
     (one per plan file) and plan_layers (one per plan and layer)."""
-    from llamaprune.plan import parse_choice
+    from llamaprune.choices import parse_choice
     from llamaprune.query import OutputFormat, format_rows, run_query
 
     fmt = parse_choice(OutputFormat, output, "--format")

@@ -36,6 +36,7 @@ from llamaprune.artifacts import (
     with_history,
 )
 from llamaprune.checkpoint import MODELING_FILE, save_pruned
+from llamaprune.choices import parse_choice
 from llamaprune.evaluate import EVAL_FILE, EvalOptions, compare, evaluate_dataset
 from llamaprune.finetune_data import (
     IGNORE_INDEX,
@@ -54,7 +55,6 @@ from llamaprune.model import (
     resolve_device,
     resolve_source,
 )
-from llamaprune.plan import parse_choice
 
 log = logging.getLogger(__name__)
 

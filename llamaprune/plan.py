@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llamaprune.choices import parse_choice
 from llamaprune.pruning_plan import SKIPPABLE, LayerPlan, Plan, plain_value, write_plan
 from llamaprune.table import GROUPS_FILE, LAYERS_FILE, check_fingerprint, file_sha256, read_table_meta
 
@@ -95,15 +96,6 @@ class PlanOptions:
     def to_dict(self) -> dict:
         """Every option as plain JSON values (enums by value, tuples as lists)."""
         return {f.name: plain_value(getattr(self, f.name)) for f in fields(self)}
-
-
-def parse_choice(enum: type[Enum], value, name: str) -> Enum:
-    """``enum(value)``, or a ValueError that lists the allowed values."""
-    try:
-        return enum(value)
-    except ValueError:
-        allowed = ", ".join(member.value for member in enum)
-        raise ValueError(f"{name} {value!r} is not one of: {allowed}") from None
 
 
 def _check_options(options: PlanOptions) -> None:

@@ -29,10 +29,11 @@ from llamaprune.artifacts import (
     start_log,
     stop_log,
 )
+from llamaprune.choices import parse_choice
 from llamaprune.evaluate import EVAL_FILE, EvalOptions, measure
 from llamaprune.finetune import CURVE_JSON, CURVE_PNG, FinetuneOptions, Method
 from llamaprune.model import Device, DType
-from llamaprune.plan import LayerStrategy, PlanOptions, Strategy, parse_choice
+from llamaprune.plan import LayerStrategy, PlanOptions, Strategy
 from llamaprune.score import ScoreOptions
 
 log = logging.getLogger(__name__)
