@@ -90,7 +90,7 @@ def main() -> None:
 @app.command("eval")
 @one_line_errors
 def eval_command(
-    model: Annotated[str, typer.Argument(help="Checkpoint dir, .gguf file, hub id, or smollm2-135m.")],
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="Checkpoint dir, .gguf file, hub id, or smollm2-135m.")],
     dataset: Annotated[str, typer.Option(help="wikitext2, ptb, c4, or a local .txt/.jsonl/.parquet.")] = "wikitext2",
     seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 128,
     max_windows: Annotated[int | None, typer.Option(help="Evaluate at most this many windows.")] = None,
@@ -125,7 +125,7 @@ def eval_command(
 @app.command("score")
 @one_line_errors
 def score_command(
-    model: Annotated[str, typer.Argument(help="Checkpoint dir, .gguf file, hub id, or smollm2-135m.")],
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="Checkpoint dir, .gguf file, hub id, or smollm2-135m.")],
     out: Annotated[Path, typer.Option(help="Run directory to create (groups.parquet, layers.parquet, ...).")],
     dataset: Annotated[str, typer.Option(help="Calibration text: wikitext2, ptb, c4, or a local file.")] = "wikitext2",
     num_samples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
@@ -155,7 +155,7 @@ def score_command(
 @app.command("plan")
 @one_line_errors
 def plan_command(
-    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `llamaprune score`.")],
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="Run directory written by `llamaprune score`.")],
     ratio: Annotated[
         list[float] | None,
         typer.Option(help="Fraction of the model's TOTAL parameters to remove, 0 < R < 1; repeatable."),
@@ -260,8 +260,8 @@ def plan_command(
 @app.command("sql")
 @one_line_errors
 def sql_command(
-    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `llamaprune score`.")],
-    query: Annotated[str, typer.Argument(help="One SQL statement over groups, layers, plans, plan_layers.")],
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="Run directory written by `llamaprune score`.")],
+    query: Annotated[str, typer.Argument(metavar="QUERY", help="One SQL statement over groups, layers, plans, plan_layers.")],
     output: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
 ) -> None:
     """Query a run directory with DuckDB. Views: groups (one row per group), layers (one per layer), plans
@@ -277,7 +277,7 @@ def sql_command(
 @app.command("apply")
 @one_line_errors
 def apply_command(
-    plan: Annotated[Path, typer.Argument(help="Plan JSON written by `llamaprune plan`.")],
+    plan: Annotated[Path, typer.Argument(metavar="PLAN", help="Plan JSON written by `llamaprune plan`.")],
     model: Annotated[str, typer.Option(help="Checkpoint the plan is for: dir, .gguf, hub id, smollm2-135m.")],
     out: Annotated[Path, typer.Option(help="Directory of the pruned checkpoint to create.")],
     dtype: Annotated[
@@ -350,7 +350,7 @@ def apply_command(
 @app.command("finetune")
 @one_line_errors
 def finetune_command(
-    model_dir: Annotated[str, typer.Argument(help="Checkpoint directory to finetune (e.g. the output of apply).")],
+    model_dir: Annotated[str, typer.Argument(metavar="MODEL_DIR", help="Checkpoint directory to finetune (e.g. the output of apply).")],
     out: Annotated[Path, typer.Option(help="Directory to write the finetuned checkpoint to.")],
     method: Annotated[str, typer.Option(help="lora (adapters, merged back) or full (every weight).")] = "lora",
     dataset: Annotated[
