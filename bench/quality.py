@@ -57,6 +57,7 @@ def cases() -> list[Case]:
              PlanOptions(ratio=0.3, criterion="taylor2", remove_empty_layers=True, min_kv_heads=0,
                          min_mlp_channels=0)),
         Case("global taylor2 20% --uniform", PlanOptions(ratio=0.2, criterion="taylor2", uniform=True)),
+        Case("global wanda 20% --normalize mean", PlanOptions(ratio=0.2, criterion="wanda", normalize="mean")),
         Case("global taylor2 20% + LoRA", PlanOptions(ratio=0.2, criterion="taylor2"), lora=True),
     ]
     return out

@@ -173,7 +173,7 @@ def plan_command(
         str | None, typer.Option(help="Plan name (default STRATEGY-CRITERION-RATIO[-tags]), -RATIO added.")
     ] = None,
     normalize: Annotated[
-        str, typer.Option(help="global: none, or mean (importance / its mean per layer and kind).")
+        str, typer.Option(help="global: none, or mean (score = importance / mean importance of its layer and kind).")
     ] = "none",
     distribution: Annotated[
         str | None, typer.Option(help="layerwise: attention:MLP budget split, e.g. 2:8 (default: size).")
@@ -261,7 +261,10 @@ def plan_command(
 @one_line_errors
 def sql_command(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="Run directory written by `llamaprune score`.")],
-    query: Annotated[str, typer.Argument(metavar="QUERY", help="One SQL statement over groups, layers, plans, plan_layers.")],
+    query: Annotated[
+        str,
+        typer.Argument(metavar="QUERY", help="One SQL statement over groups, layers, plans, plan_layers."),
+    ],
     output: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
 ) -> None:
     """Query a run directory with DuckDB. Views: groups (one row per group), layers (one per layer), plans
@@ -350,7 +353,10 @@ def apply_command(
 @app.command("finetune")
 @one_line_errors
 def finetune_command(
-    model_dir: Annotated[str, typer.Argument(metavar="MODEL_DIR", help="Checkpoint directory to finetune (e.g. the output of apply).")],
+    model_dir: Annotated[
+        str,
+        typer.Argument(metavar="MODEL_DIR", help="Checkpoint directory to finetune (e.g. the output of apply)."),
+    ],
     out: Annotated[Path, typer.Option(help="Directory to write the finetuned checkpoint to.")],
     method: Annotated[str, typer.Option(help="lora (adapters, merged back) or full (every weight).")] = "lora",
     dataset: Annotated[

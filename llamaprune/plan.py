@@ -51,7 +51,10 @@ class LayerStrategy(str, Enum):
 
 
 class Normalize(str, Enum):
-    """Global only: divide importance by its mean within (layer, kind); attention and MLP scales differ."""
+    """Global only. ``mean``: a group's score is its importance over the mean importance of its layer and kind,
+    so an average group scores 1 in every layer and kind: for criteria whose scale drifts with depth (wanda's
+    activation norms grow along the residual stream). Dividing that by params as well would remove every attention
+    group (hundreds of times an MLP channel's cost) before any MLP channel."""
 
     none = "none"
     mean = "mean"
@@ -246,7 +249,8 @@ def _query_order(tables: RunTables, criterion: str, normalize: Normalize) -> _Or
     col = f"coalesce(\"{criterion}\", 'NaN'::DOUBLE)"  # a null score must not pass unnoticed
     imp = col
     if normalize is Normalize.mean:
-        imp = f"coalesce({col} / nullif(avg({col}) OVER (PARTITION BY layer, kind), 0), 0)"
+        # importance in units of its partition's mean, times params: the score below is the relative importance
+        imp = f"coalesce({col} / nullif(avg({col}) OVER (PARTITION BY layer, kind), 0), 0) * params"
     sql = (
         "SELECT layer, CASE kind WHEN 'attn' THEN 0 WHEN 'mlp' THEN 1 ELSE 2 END AS k, \"index\", params, "
         f'imp, imp / params AS score FROM (SELECT layer, kind, "index", params, {imp} AS imp '

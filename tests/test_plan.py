@@ -232,6 +232,16 @@ def test_normalize_mean_compares_attention_and_mlp_on_their_own_scale(tmp_path):
     assert removed_ids(plan) == {"layers.0.attn.0"}
 
 
+def test_normalize_mean_ranks_by_relative_importance_whatever_a_group_costs(tmp_path):
+    # relative to their (layer, kind) means: l0.mlp.0 0.1, l0.attn.0 0.5, everything else 1 or more
+    scores = [([50.0, 150.0], [0.1, 1.3, 1.3, 1.3]), ([100.0, 100.0], [1.0, 1.0, 1.0, 1.0])]
+    run = write_run(tmp_path, {"taylor": scores})
+    # a budget of one attention group: the channel goes first, then l0.attn.0 would overshoot (0.5 / 100 params
+    # per parameter would have taken l0.attn.0 alone)
+    removed = removed_ids(make_plan(run, PlanOptions(ratio=0.1, normalize="mean")))
+    assert "layers.0.mlp.0" in removed and "layers.0.attn.0" not in removed
+
+
 # ---------------------------------------------------------------- layerwise
 
 
