@@ -1,6 +1,6 @@
 """Run every benchmark and write ``bench/RESULTS.md``: quality (bench/quality.py) and cost (score, plan, apply).
 
-    python bench/run.py --quick      # under 15 minutes on 2 CPU cores (make bench)
+    python bench/run.py --quick      # about 16 minutes on 2 CPU cores (make bench)
     python bench/run.py              # full: every test window, seq_len 128 and 512, larger cost runs
     python bench/run.py --tiny       # tiny random model and small checkpoints (CI smoke test)
 
