@@ -319,8 +319,9 @@ def apply_command(
     recovery = None
     if finetune:
         from llamaprune.artifacts import refuse_existing
-        from llamaprune.finetune import FinetuneOptions, FinetuneRun, run_finetune
+        from llamaprune.finetune import FinetuneOptions
         from llamaprune.finetune_data import read_source
+        from llamaprune.finetune_run import FinetuneRun, run_finetune
 
         options = FinetuneOptions(method=finetune, dataset=finetune_dataset, samples=finetune_samples,
                                   seq_len=finetune_seq_len, epochs=finetune_epochs, lr=finetune_lr, lora_r=lora_r,
@@ -396,7 +397,8 @@ def finetune_command(
 ) -> None:
     """Recover quality after pruning: LoRA or full finetuning, saved in the same checkpoint format."""
     from llamaprune.evaluate import EvalOptions
-    from llamaprune.finetune import FinetuneOptions, FinetuneRun, parse_targets, run_finetune
+    from llamaprune.finetune import FinetuneOptions, parse_targets
+    from llamaprune.finetune_run import FinetuneRun, run_finetune
 
     options = FinetuneOptions(
         method=method, dataset=dataset, samples=samples, seq_len=seq_len, epochs=epochs, lr=lr,

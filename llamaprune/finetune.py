@@ -1,14 +1,12 @@
 """Recovery finetuning of a (pruned) model: LoRA through peft, or all weights, with the best weights kept.
 
 ``finetune`` trains a loaded model in memory on text windows or Alpaca-style instructions
-(``llamaprune.finetune_data``), checked against a held-out split. ``run_finetune`` is ``llamaprune finetune``:
-it loads a checkpoint directory, trains, merges LoRA into the weights and writes the result in the same
-checkpoint format (our ``llamaprune`` type with its modeling file, or a plain config), plus the loss curve,
-eval.json and the manifest.
+(``llamaprune.finetune_data``), checked against a held-out split; ``merge_lora`` folds the adapters back
+into the weights. The ``llamaprune finetune`` command around it is ``llamaprune.finetune_run``.
 
     >>> options = FinetuneOptions(method="lora", dataset="wikitext2", samples=1000, seq_len=256)
-    >>> run_finetune(FinetuneRun(model="artifacts/run1/model", out=Path("artifacts/run1/model-lora"),
-    ...                          options=options, eval=EvalOptions("wikitext2")))     # doctest: +SKIP
+    >>> result = finetune(model, tokenizer, options)                                   # doctest: +SKIP
+    >>> model = merge_lora(result.model)                                               # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -16,28 +14,14 @@ from __future__ import annotations
 import logging
 import math
 import random
-import shutil
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from llamaprune.artifacts import (
-    MANIFEST,
-    atomic_dir,
-    atomic_write_json,
-    new_manifest,
-    read_manifest,
-    refuse_existing,
-    start_log,
-    stop_log,
-    with_history,
-)
-from llamaprune.checkpoint import MODELING_FILE, save_pruned
 from llamaprune.choices import parse_choice
-from llamaprune.evaluate import EVAL_FILE, EvalOptions, compare, evaluate_dataset
 from llamaprune.finetune_data import (
     IGNORE_INDEX,
     build_examples,
@@ -46,15 +30,6 @@ from llamaprune.finetune_data import (
     read_source,
     split_validation,
 )
-from llamaprune.model import (
-    Device,
-    DType,
-    config_fingerprint,
-    load_config,
-    load_model,
-    resolve_device,
-    resolve_source,
-)
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +37,6 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 MAX_GRAD_NORM = 1.0
 CURVE_JSON = "loss_curve.json"
 CURVE_PNG = "loss_curve.png"
-ADAPTER_DIR = "adapter"
-LOG_NAME = "training.log"
-# Files of the input directory that the output gets from elsewhere: the save, or this run's own reports.
-NOT_COPIED = {"config.json", MODELING_FILE.name, EVAL_FILE, CURVE_JSON, CURVE_PNG, MANIFEST}
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
 
 
 class Method(str, Enum):
@@ -433,95 +403,3 @@ def plot_curve(curve: dict, path: Path) -> None:
     ax.set_ylabel("next-token loss")
     ax.legend()
     fig.savefig(path, format="png", dpi=100)
-
-
-@dataclass(frozen=True)
-class FinetuneRun:
-    """``llamaprune finetune``: the checkpoint directory to train, where to write it, and how."""
-
-    model: str
-    out: Path
-    options: FinetuneOptions = FinetuneOptions()
-    eval: EvalOptions | None = None
-    save_adapter: bool = False
-    dtype: DType = DType.float32
-    device: Device = Device.cpu
-    overwrite: bool = False
-    max_shard_size: str = "2GB"
-
-    def __post_init__(self) -> None:
-        if self.save_adapter and self.options.method is not Method.lora:
-            raise ValueError("--save-adapter keeps a LoRA adapter; use it with --method lora")
-
-
-def checkpoint_dir(name: str) -> Path:
-    """The input must be a checkpoint directory: its tokenizer, plan and manifest are carried over."""
-    source = resolve_source(name)
-    if source.kind != "dir":
-        raise ValueError(
-            f"{name} is a {source.kind} model; finetune reads a checkpoint directory (give its path)"
-        )
-    load_config(source)
-    return Path(source.path)
-
-
-def copy_input_files(source: Path, out: Path) -> list[str]:
-    """Copy the input's tokenizer files, plan, generation config...: every top-level file but weights and
-    the files this run writes itself."""
-    copied = []
-    for path in sorted(source.iterdir()):
-        if path.is_file() and path.name not in NOT_COPIED and not path.name.endswith(WEIGHT_SUFFIXES):
-            shutil.copyfile(path, out / path.name)
-            copied.append(path.name)
-    return copied
-
-
-def manifest_for(source: Path, name: str, config, summary: dict) -> dict:
-    """The input's manifest with this finetune appended (a new one for a plain checkpoint directory)."""
-    if (source / MANIFEST).is_file():
-        return with_history(read_manifest(source), summary)
-    return with_history(new_manifest({"source": name, "fingerprint": config_fingerprint(config)}), summary)
-
-
-def run_finetune(run: FinetuneRun, progress: bool = True) -> dict:
-    """Finetune a checkpoint directory into ``run.out`` (atomically); returns what the manifest records."""
-    start = time.perf_counter()
-    resolve_device(run.device)
-    source = checkpoint_dir(run.model)
-    refuse_existing(run.out, run.overwrite)
-    text = read_source(run.options.dataset, run.options.data_dir)  # bad data fails before the weights load
-    eval_rows = run.eval.test_rows() if run.eval else None
-    summary = {
-        "command": "finetune",
-        "model": run.model,
-        "out": str(run.out),
-        "options": asdict(run.options),
-        "learning_rate": run.options.learning_rate,
-    }
-    with atomic_dir(run.out, run.overwrite) as tmp:
-        handler = start_log(tmp, LOG_NAME)
-        try:
-            loaded = load_model(run.model, run.dtype, run.device)
-            model, tokenizer = loaded.model, loaded.tokenizer
-            options = run.options
-            examples = build_examples(tokenizer, text, options.samples, options.seq_len, options.seed)
-            if run.eval:
-                before = evaluate_dataset(model, tokenizer, run.eval, progress, eval_rows)
-            result = finetune(model, tokenizer, options, examples, progress)
-            if run.save_adapter:
-                result.model.save_pretrained(tmp / ADAPTER_DIR)
-            model = merge_lora(result.model)
-            summary.update(data_kind=text.kind, **result.summary())
-            if run.eval:
-                after = evaluate_dataset(model, tokenizer, run.eval, progress, eval_rows)
-                summary["eval"] = compare(run.eval, before.to_dict(), after.to_dict())
-                atomic_write_json(tmp / EVAL_FILE, summary["eval"])
-            save_pruned(model, tmp, run.max_shard_size)
-            summary["copied"] = copy_input_files(source, tmp)
-            atomic_write_json(tmp / CURVE_JSON, result.curve)
-            plot_curve(result.curve, tmp / CURVE_PNG)
-            summary["seconds_total"] = round(time.perf_counter() - start, 3)
-            atomic_write_json(tmp / MANIFEST, manifest_for(source, run.model, model.config, summary))
-        finally:
-            stop_log(handler)
-    return summary
