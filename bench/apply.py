@@ -144,7 +144,7 @@ def import_apply() -> None:
     """What the CLI imports before it applies (transformers and our model type), kept out of the timings."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig  # noqa: F401
 
-    from llamaprune.checkpoint import register
+    from llamaprune.model import register
 
     register()
 

@@ -29,7 +29,7 @@ from llamaprune.apply import apply_plan  # noqa: E402
 from llamaprune.data import calibration_windows, evaluation_windows, load_rows  # noqa: E402
 from llamaprune.evaluate import perplexity  # noqa: E402
 from llamaprune.plan import PlanOptions, load_run, make_plan  # noqa: E402
-from llamaprune.score import score, write_run  # noqa: E402
+from llamaprune.scoring import score, write_run  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 CRITERIA = ("taylor", "taylor2", "wanda", "magnitude", "random")

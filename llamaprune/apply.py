@@ -30,13 +30,13 @@ from llamaprune.checkpoint import (
     PLAN_FILE,
     check_params,
     pruned_config,
-    register,
     safetensors_files,
     save_pruned,
     stream_checkpoint,
     write_config,
     write_tokenizer_files,
 )
+from llamaprune.errors import UsageError
 from llamaprune.evaluate import EVAL_FILE, EvalOptions, compare, measure
 from llamaprune.model import (
     Device,
@@ -45,6 +45,7 @@ from llamaprune.model import (
     config_fingerprint,
     load_config,
     load_model,
+    register,
     resolve_device,
     resolve_source,
 )
@@ -83,7 +84,7 @@ class ApplyOptions:
         except ValueError:
             size = 0
         if size <= 0:
-            raise ValueError(f"--max-shard-size {self.max_shard_size!r} is not a size; use e.g. 2GB, 500MB or 1GiB")
+            raise UsageError(f"--max-shard-size {self.max_shard_size!r} is not a size; use e.g. 2GB, 500MB or 1GiB")
         return size
 
 

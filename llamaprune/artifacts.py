@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from llamaprune.errors import MissingInput, UsageError
+
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 
@@ -46,7 +48,7 @@ def atomic_write_json(path: Path, obj) -> None:
 
 def refuse_existing(path: Path, overwrite: bool) -> None:
     if Path(path).exists() and not overwrite:
-        raise ValueError(f"{path} already exists; pass --overwrite to replace it or choose another --out")
+        raise UsageError(f"{path} already exists; pass --overwrite to replace it or choose another --out")
 
 
 @contextmanager
@@ -74,18 +76,18 @@ def atomic_dir(path: Path, overwrite: bool = False) -> Iterator[Path]:
 def read_manifest(run_dir: Path) -> dict:
     path = Path(run_dir) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingInput(
             f"no {MANIFEST} in {run_dir}; create the run directory with `llamaprune score MODEL --out {run_dir}`"
         )
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(
+        raise UsageError(
             f"{path} is not valid JSON ({err}); re-run `llamaprune score` to rebuild it"
         ) from err
     version = manifest.get("schema_version") if isinstance(manifest, dict) else None
     if version != SCHEMA_VERSION:
-        raise ValueError(
+        raise UsageError(
             f"{path} has schema_version {version}, this llamaprune reads {SCHEMA_VERSION}; "
             f"re-run `llamaprune score` to rebuild the run directory"
         )

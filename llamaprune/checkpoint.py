@@ -14,7 +14,6 @@ with transformers' ``per_layer_config``, an ``auto_map`` and a copy of ``modelin
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import math
@@ -25,8 +24,9 @@ from pathlib import Path
 
 import torch
 
+from llamaprune.errors import UsageError
 from llamaprune.groups import source_model_type
-from llamaprune.model import Device, DType, resolve_device, resolve_source, torch_dtype
+from llamaprune.model import Device, DType, register, resolve_device, resolve_source, torch_dtype
 from llamaprune.pruning_plan import Plan
 from llamaprune.slicing import (
     LAYER_TENSORS,
@@ -82,11 +82,6 @@ LAYOUT_KEYS = (
 QWEN2_WINDOW_KEYS = ("use_sliding_window", "max_window_layers")
 
 
-def register() -> None:
-    """Make the Auto classes know our model type: importing the package's modeling module does it."""
-    importlib.import_module("llamaprune.modeling_llamaprune")
-
-
 def kept_layer_overrides(plan: Plan) -> list[dict]:
     """Per kept layer, its widths and skipped blocks in the ``per_layer_config`` schema."""
     overrides = []
@@ -134,7 +129,7 @@ def _llamaprune_config(config, fields: dict, base_type: str, **per_layer):
 
     windows = set(getattr(config, "layer_types", None) or ["full_attention"])
     if windows != {"full_attention"}:
-        raise ValueError(
+        raise UsageError(
             f"layer types {sorted(windows)} cannot be pruned into the llamaprune model type (it knows full "
             f"attention and Mistral's global sliding window); use a plan that gives every layer one shape"
         )
@@ -233,7 +228,7 @@ def plan_tensors(
                 info = f.get_slice(key)
                 source_code = info.get_dtype()
                 if source_code not in SAFETENSORS_DTYPES:
-                    raise ValueError(
+                    raise UsageError(
                         f"{path.name}: tensor {key} has dtype {source_code}; llamaprune streams only "
                         f"{', '.join(SAFETENSORS_DTYPES)} (dequantize the checkpoint first)"
                     )
@@ -253,12 +248,12 @@ def _plan_tensor(path, key, codes, shape, plan, new_index, indices) -> TensorSli
         return TensorSlice(path, key, key, *codes, tuple(shape), None)
     prefix, layer, rest = parts
     if layer >= len(plan.layers):
-        raise ValueError(f"{path.name}: tensor {key} is in layer {layer}, but the plan has {len(plan.layers)} layers")
+        raise UsageError(f"{path.name}: tensor {key} is in layer {layer}, but the plan has {len(plan.layers)} layers")
     lp = plan.layers[layer]
     if lp.removed or is_skipped(rest, lp.skip):
         return None
     if rest not in LAYER_TENSORS:
-        raise ValueError(
+        raise UsageError(
             f"{path.name}: unexpected tensor {key}; llamaprune slices Llama/Mistral/Qwen2 layers "
             f"({', '.join(sorted(LAYER_TENSORS))})"
         )
@@ -331,7 +326,7 @@ def write_shard(path: Path, tensors: list[TensorSlice], indices: dict[int, dict]
         for t in tensors:
             tensor = read_sliced(t, indices, scratch)
             if tuple(tensor.shape) != t.shape:
-                raise ValueError(f"{t.key}: sliced to {tuple(tensor.shape)}, expected {t.shape}")
+                raise RuntimeError(f"{t.key}: sliced to {tuple(tensor.shape)}, expected {t.shape}")
             f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
 
 
@@ -363,7 +358,7 @@ def stream_checkpoint(
 def check_params(count: int, plan: Plan) -> None:
     """The pruned model must have exactly the parameters the plan promised."""
     if count != plan.params_after:
-        raise ValueError(
+        raise UsageError(
             f"the pruned model would have {count} parameters but plan {plan.name!r} says "
             f"{plan.params_after}: it does not fit this checkpoint; make it again with `llamaprune plan`"
         )

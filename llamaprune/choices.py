@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from enum import Enum
 
+from llamaprune.errors import UsageError
+
 
 def parse_choice(enum: type[Enum], value, name: str) -> Enum:
     """``enum(value)``, or a ValueError that lists the allowed values."""
@@ -11,4 +13,4 @@ def parse_choice(enum: type[Enum], value, name: str) -> Enum:
         return enum(value)
     except ValueError:
         allowed = ", ".join(member.value for member in enum)
-        raise ValueError(f"{name} {value!r} is not one of: {allowed}") from None
+        raise UsageError(f"{name} {value!r} is not one of: {allowed}") from None

@@ -2,7 +2,8 @@
 
     $ llamaprune eval smollm2-135m --dataset wikitext2 --seq-len 128 --max-windows 200 --out eval.json
 
-Library errors (ValueError, FileNotFoundError) print as one ``error:`` line and exit with code 2.
+Bad input (``UsageError``) and failed file operations (OSError: a path unreadable, unwritable, or a full disk)
+print as one ``error:`` line and exit with code 2; any other exception is a bug: traceback, exit code 1.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Annotated
 
 import typer
 
+from llamaprune.errors import UsageError
 from llamaprune.model import Device, DType
 
 app = typer.Typer(
@@ -46,14 +48,14 @@ def root(
 
 
 def one_line_errors(command):
-    """Turn the library's input errors into one line on stderr and exit code 2."""
+    """Turn bad input and failed file operations into one line on stderr and exit code 2; bugs propagate."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
         try:
             return command(*args, **kwargs)
-        except (ValueError, OSError) as err:  # OSError: missing, unreadable or unwritable paths
+        except (UsageError, OSError) as err:
             typer.echo(f"error: {first_line(err)}", err=True)
             raise typer.Exit(2) from None
 
@@ -141,7 +143,7 @@ def score_command(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
 ) -> None:
     """Measure importance and cost of every attention group and MLP channel (phase 1)."""
-    from llamaprune.score import ScoreOptions, parse_criteria, score_run
+    from llamaprune.scoring import ScoreOptions, parse_criteria, score_run
 
     options = ScoreOptions(model, dataset, num_samples, seq_len, batch_size, parse_criteria(criteria), seed, dtype,
                            device, data_dir)
@@ -222,7 +224,7 @@ def plan_command(
     start = time.perf_counter()
     targets = sorted(set(ratio or []) | set(parse_ratios(ratios) if ratios else []))
     if not targets:
-        raise ValueError("give --ratio R (the fraction of total parameters to remove) or --ratios A:B:STEP")
+        raise UsageError("give --ratio R (the fraction of total parameters to remove) or --ratios A:B:STEP")
     options = PlanOptions(
         ratio=targets[0],
         criterion=criterion,

@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from llamaprune.errors import MissingInput, UsageError
+
 HUB_SOURCES = ("wikitext2", "ptb", "c4")
 LOCAL_SUFFIXES = (".txt", ".raw", ".jsonl", ".parquet")
 
@@ -63,12 +65,12 @@ def load_rows(source: str, split: str = "test", data_dir: str | None = None) -> 
         return _hub_rows(source, split)
     path = Path(source).expanduser()
     if path.suffix not in LOCAL_SUFFIXES:
-        raise ValueError(
+        raise UsageError(
             f"unknown dataset {source!r}; use one of {', '.join(HUB_SOURCES)} or a local "
             f"{'/'.join(LOCAL_SUFFIXES)} file"
         )
     if not path.is_file():
-        raise FileNotFoundError(f"dataset file not found: {source}; give an existing text file")
+        raise MissingInput(f"dataset file not found: {source}; give an existing text file")
     return _read_local(path)
 
 
@@ -76,7 +78,7 @@ def _local_copy(source: str, split: str, data_dir: str | None) -> Path | None:
     if data_dir is None or source not in _LOCAL_LAYOUT:
         return None
     if not Path(data_dir).is_dir():
-        raise FileNotFoundError(f"data directory not found: {data_dir}; fix --data-dir or LLAMAPRUNE_DATA_DIR")
+        raise MissingInput(f"data directory not found: {data_dir}; fix --data-dir or LLAMAPRUNE_DATA_DIR")
     path = Path(data_dir) / _LOCAL_LAYOUT[source].format(split=_SPLIT_FILE.get(split, split))
     return path if path.is_file() else None
 
@@ -99,7 +101,7 @@ def _read_local(path: Path) -> list[str]:
 
         table = pq.read_table(path)
         if "text" not in table.column_names:
-            raise ValueError(f"{path} has no 'text' column (columns: {', '.join(table.column_names)})")
+            raise UsageError(f"{path} has no 'text' column (columns: {', '.join(table.column_names)})")
         return table.column("text").to_pylist()
     return path.read_text(encoding="utf-8").splitlines()
 
@@ -114,10 +116,10 @@ def jsonl_records(path: Path, required: tuple[str, ...]) -> list[dict]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number} is not valid JSON ({err.msg})") from None
+                raise UsageError(f"{path}:{number} is not valid JSON ({err.msg})") from None
             missing = [field for field in required if not isinstance(record, dict) or field not in record]
             if missing:
-                raise ValueError(
+                raise UsageError(
                     f"{path}:{number} has no {', '.join(map(repr, missing))} field; every line needs "
                     f"{', '.join(map(repr, required))}"
                 )
@@ -136,7 +138,7 @@ def _hub_rows(source: str, split: str) -> list[str]:
         else:
             data = datasets.load_dataset(spec.path, spec.name, split=hub_split)
     except Exception as err:  # network, missing split, hub errors: all mean "no such data here"
-        raise ValueError(
+        raise UsageError(
             f"could not load {source} ({hub_split}) from the Hugging Face hub: {str(err).splitlines()[0][:200]}; "
             f"point --data-dir / LLAMAPRUNE_DATA_DIR at a local copy or give a local text file"
         ) from err
@@ -156,7 +158,7 @@ def evaluation_windows(tokenizer, rows: list[str], seq_len: int, max_windows: in
     ids = tokenize_rows(tokenizer, rows)
     count = ids.numel() // seq_len
     if count == 0:
-        raise ValueError(f"the text has {ids.numel()} tokens, fewer than --seq-len {seq_len}; use a shorter seq_len")
+        raise UsageError(f"the text has {ids.numel()} tokens, fewer than --seq-len {seq_len}; use a shorter seq_len")
     if max_windows is not None:
         count = min(count, max_windows)
     return ids[: count * seq_len].view(count, seq_len)
@@ -169,7 +171,7 @@ def calibration_windows(tokenizer, rows: list[str], num_samples: int, seq_len: i
     ids = tokenize_rows(tokenizer, rows)
     room = ids.numel() - seq_len
     if room <= 0:
-        raise ValueError(
+        raise UsageError(
             f"the calibration text has {ids.numel()} tokens, too few for --seq-len {seq_len}; "
             f"use more text or a shorter seq_len"
         )
@@ -181,5 +183,5 @@ def calibration_windows(tokenizer, rows: list[str], num_samples: int, seq_len: i
 def batches(windows, batch_size: int):
     """Split (n, L) windows into a list of (batch_size, L) batches, the last one possibly smaller."""
     if batch_size <= 0:
-        raise ValueError(f"--batch-size must be positive, got {batch_size}")
+        raise UsageError(f"--batch-size must be positive, got {batch_size}")
     return list(windows.split(batch_size))

@@ -11,6 +11,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from llamaprune.data import evaluation_windows, load_rows
+from llamaprune.errors import UsageError
 
 EVAL_FILE = "eval.json"  # where apply, finetune and prune write perplexity before/after
 
@@ -45,7 +46,7 @@ def perplexity(model, windows, batch_size: int = 8, progress: bool = True) -> Pe
     from tqdm.auto import tqdm
 
     if batch_size <= 0:
-        raise ValueError(f"--batch-size must be positive, got {batch_size}")
+        raise UsageError(f"--batch-size must be positive, got {batch_size}")
     device = next(model.parameters()).device
     n, seq_len = windows.shape
     total = torch.zeros((), dtype=torch.float64)
@@ -85,11 +86,11 @@ class EvalOptions:
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
-            raise ValueError(f"--seq-len must be at least 2, got {self.seq_len}")
+            raise UsageError(f"--seq-len must be at least 2, got {self.seq_len}")
         if self.max_windows is not None and self.max_windows <= 0:
-            raise ValueError(f"--max-windows must be positive, got {self.max_windows}")
+            raise UsageError(f"--max-windows must be positive, got {self.max_windows}")
         if self.batch_size <= 0:
-            raise ValueError(f"--batch-size must be positive, got {self.batch_size}")
+            raise UsageError(f"--batch-size must be positive, got {self.batch_size}")
 
     def test_rows(self) -> list[str]:
         """The rows evaluated; read them before loading a model so that a bad dataset fails fast."""

@@ -22,6 +22,7 @@ from enum import Enum
 from pathlib import Path
 
 from llamaprune.choices import parse_choice
+from llamaprune.errors import UsageError
 from llamaprune.finetune_data import (
     IGNORE_INDEX,
     build_examples,
@@ -98,17 +99,17 @@ def _check_options(o: FinetuneOptions) -> None:
     }
     for name, value in positive.items():
         if not value > 0:
-            raise ValueError(f"{name} must be positive, got {value}")
+            raise UsageError(f"{name} must be positive, got {value}")
     if o.seq_len < 2:
-        raise ValueError(f"--seq-len must be at least 2 (one token predicts the next), got {o.seq_len}")
+        raise UsageError(f"--seq-len must be at least 2 (one token predicts the next), got {o.seq_len}")
     if not 0 <= o.lora_dropout < 1:
-        raise ValueError(f"--lora-dropout must be in [0, 1), got {o.lora_dropout}")
+        raise UsageError(f"--lora-dropout must be in [0, 1), got {o.lora_dropout}")
     if not 0 < o.val_fraction < 1:
-        raise ValueError(f"the validation fraction must be in (0, 1), got {o.val_fraction}")
+        raise UsageError(f"the validation fraction must be in (0, 1), got {o.val_fraction}")
     if not 0 <= o.warmup_ratio < 1:
-        raise ValueError(f"the warmup ratio must be in [0, 1), got {o.warmup_ratio}")
+        raise UsageError(f"the warmup ratio must be in [0, 1), got {o.warmup_ratio}")
     if o.method is Method.lora and not o.lora_targets:
-        raise ValueError(
+        raise UsageError(
             f"--lora-targets is empty; name the linear layers to adapt, e.g. {','.join(LORA_TARGETS)}"
         )
 
@@ -171,7 +172,7 @@ def check_targets(model, targets: tuple[str, ...]) -> None:
     }
     unknown = [t for t in targets if t not in present]
     if unknown:
-        raise ValueError(
+        raise UsageError(
             f"--lora-targets {','.join(unknown)} match no linear layer of this model; "
             f"choose from {','.join(sorted(present))}"
         )

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llamaprune.data import evaluation_windows, jsonl_records, load_rows
+from llamaprune.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ def split_validation(examples: list, fraction: float, batch_size: int, seed: int
     """(train, validation): a seeded ``fraction`` of the examples, at least one batch, held out."""
     count = max(math.ceil(fraction * len(examples)), min(batch_size, len(examples)))
     if len(examples) - count < 1:
-        raise ValueError(
+        raise UsageError(
             f"{len(examples)} example(s) leave none for training after holding out {count} for validation; "
             f"use more --samples (or more text) or a smaller --batch-size"
         )

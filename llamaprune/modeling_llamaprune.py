@@ -4,8 +4,8 @@ A pruned checkpoint whose layers do not all keep the same shape carries transfor
 (``num_attention_heads``, ``num_key_value_heads``, ``intermediate_size``, ``skip``) under this model type.
 The file imports only torch and transformers: it is copied verbatim into every such checkpoint, so that
 ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` loads it where llamaprune is not
-installed. Imported as ``llamaprune.modeling_llamaprune`` (which ``import llamaprune`` arranges as soon as
-transformers is imported), it registers its classes with the Auto classes for a plain ``from_pretrained``.
+installed. ``register_auto_classes`` (``llamaprune.register()``) makes the Auto classes know it for a plain
+``from_pretrained``.
 
     >>> config = LlamaPruneConfig(
     ...     hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_hidden_layers=2,
@@ -261,9 +261,5 @@ def register_auto_classes() -> None:
     AutoConfig.register(MODEL_TYPE, LlamaPruneConfig, exist_ok=True)
     AutoModel.register(LlamaPruneConfig, LlamaPruneModel, exist_ok=True)
     AutoModelForCausalLM.register(LlamaPruneConfig, LlamaPruneForCausalLM, exist_ok=True)
-
-
-if __name__ == "llamaprune.modeling_llamaprune":  # the package's module; a checkpoint's copy is remote code
-    register_auto_classes()
 
 __all__ = ["LlamaPruneConfig", "LlamaPruneModel", "LlamaPruneForCausalLM", "LlamaPrunePreTrainedModel"]

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from llamaprune.choices import parse_choice
+from llamaprune.errors import UsageError
 from llamaprune.pruning_plan import SKIPPABLE, LayerPlan, Plan, plain_value, write_plan
 from llamaprune.table import GROUPS_FILE, LAYERS_FILE, check_fingerprint, file_sha256, read_table_meta
 
@@ -103,20 +104,20 @@ class PlanOptions:
 
 def _check_options(options: PlanOptions) -> None:
     if not 0 < options.ratio < 1:
-        raise ValueError(
+        raise UsageError(
             f"ratio {options.ratio} is outside (0, 1): it is the fraction of the model's total parameters to "
             f"remove, e.g. --ratio 0.2"
         )
     for name in ("freeze_top_n", "min_kv_heads", "min_mlp_channels"):
         if getattr(options, name) < 0:
-            raise ValueError(f"{name} {getattr(options, name)} is negative; use 0 or more")
+            raise UsageError(f"{name} {getattr(options, name)} is negative; use 0 or more")
     if options.round_to < 1:
-        raise ValueError(f"round_to {options.round_to} must be 1 or more (1 keeps any MLP width)")
+        raise UsageError(f"round_to {options.round_to} must be 1 or more (1 keeps any MLP width)")
     dist = options.distribution
     if dist is not None and (len(dist) != 2 or min(dist) < 0 or sum(dist) == 0):
-        raise ValueError(f"distribution {dist} must be two non-negative shares A:M, not both 0, e.g. 2:8")
+        raise UsageError(f"distribution {dist} must be two non-negative shares A:M, not both 0, e.g. 2:8")
     if options.uniform and (options.protect_layers or options.freeze_top_n or options.remove_empty_layers):
-        raise ValueError(
+        raise UsageError(
             "--uniform gives every layer the same shape, so it cannot be combined with --protect-layers, "
             "--freeze-top-n or --remove-empty-layers; drop one of them"
         )
@@ -127,9 +128,9 @@ def parse_ratios(spec: str) -> list[float]:
     try:
         start, stop, step = (float(x) for x in spec.split(":"))
     except ValueError:
-        raise ValueError(f"--ratios {spec!r} is not START:STOP:STEP, e.g. 0.05:0.5:0.05") from None
+        raise UsageError(f"--ratios {spec!r} is not START:STOP:STEP, e.g. 0.05:0.5:0.05") from None
     if not (step > 0 and stop >= start):
-        raise ValueError(f"--ratios {spec!r} needs STEP > 0 and STOP >= START, e.g. 0.05:0.5:0.05")
+        raise UsageError(f"--ratios {spec!r} needs STEP > 0 and STOP >= START, e.g. 0.05:0.5:0.05")
     count = math.floor((stop - start) / step + 1e-9) + 1
     return [round(start + i * step, 10) for i in range(count)]
 
@@ -139,7 +140,7 @@ def parse_layers(spec: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in spec.split(",") if x.strip())
     except ValueError:
-        raise ValueError(
+        raise UsageError(
             f"--protect-layers {spec!r} is not a comma-separated list of layer indices, e.g. 0,-1"
         ) from None
 
@@ -149,7 +150,7 @@ def parse_distribution(spec: str) -> tuple[int, int]:
     try:
         attn, mlp = (int(x) for x in spec.split(":"))
     except ValueError:
-        raise ValueError(f"--distribution {spec!r} is not A:M with integer shares, e.g. 2:8 or 0:10") from None
+        raise UsageError(f"--distribution {spec!r} is not A:M with integer shares, e.g. 2:8 or 0:10") from None
     return attn, mlp
 
 
@@ -194,7 +195,7 @@ def load_run(run_dir: Path | str) -> RunTables:
     table = pq.ParquetFile(layers_path).read()  # read_table and to_numpy would import pandas (+0.3 s)
     cols = {name: np.array(table.column(name).to_pylist(), dtype=float) for name in table.column_names}
     if not np.array_equal(cols["layer"], np.arange(table.num_rows)):  # (a null becomes NaN)
-        raise ValueError(f"{layers_path} must list layers 0..n-1 in order; re-run `llamaprune score`")
+        raise UsageError(f"{layers_path} must list layers 0..n-1 in order; re-run `llamaprune score`")
     criteria = tuple(c for c in meta.get("criteria", ()) if c in cols)
     tables = RunTables(
         groups_path=groups_path,
@@ -209,7 +210,7 @@ def load_run(run_dir: Path | str) -> RunTables:
     )
     prunable = int((tables.width * tables.group_params).sum())
     if prunable != tables.prunable:
-        raise ValueError(
+        raise UsageError(
             f"{layers_path}: its layers hold {prunable} prunable params, the metadata {tables.prunable}; "
             f"re-run `llamaprune score`"
         )
@@ -261,14 +262,14 @@ def _query_order(tables: RunTables, criterion: str, normalize: Normalize) -> _Or
     layer, kind, index, score = cols["layer"], cols["k"], cols["index"], cols["score"]
     partitions = 2 * tables.num_layers
     if len(layer) and (layer.min() < 0 or layer.max() >= tables.num_layers or kind.max() > 1):
-        raise ValueError(
+        raise UsageError(
             f"{tables.groups_path} has layers or kinds that {LAYERS_FILE} lacks; re-run `llamaprune score`"
         )
     part = (layer * 2 + kind).astype(np.min_scalar_type(partitions))
     starts = np.concatenate([[0], np.cumsum(np.bincount(part, minlength=partitions))])
     _check_groups(tables, part, index, cols["params"], starts)
     if np.isnan(score).any():
-        raise ValueError(
+        raise UsageError(
             f"{tables.groups_path} has {int(np.isnan(score).sum())} null or NaN {criterion} scores; re-run "
             f"`llamaprune score` or choose another --criterion"
         )
@@ -320,7 +321,7 @@ def _check_groups(tables: RunTables, part: np.ndarray, index: np.ndarray, params
     bad = (count != width) | (np.bincount(part, weights=wrong, minlength=len(count)) > 0)
     if bad.any():
         p = int(np.flatnonzero(bad)[0])
-        raise ValueError(
+        raise UsageError(
             f"{tables.groups_path} does not match {LAYERS_FILE} in layer {p // 2} {KINDS[p % 2]}: it must "
             f"hold indices 0..{width[p] - 1} once each, at {cost[p]} params per group; "
             "re-run `llamaprune score`"
@@ -352,7 +353,7 @@ def _limits(tables: RunTables, options: PlanOptions) -> _Limits:
 def _protected(indices: tuple[int, ...], num_layers: int) -> list[int]:
     for i in indices:
         if not -num_layers <= i < num_layers:
-            raise ValueError(
+            raise UsageError(
                 f"--protect-layers {i} is out of range for a model with {num_layers} layers; "
                 f"use 0..{num_layers - 1} or -1..-{num_layers}"
             )
@@ -362,20 +363,20 @@ def _protected(indices: tuple[int, ...], num_layers: int) -> list[int]:
 def _most_important(tables: RunTables, options: PlanOptions) -> np.ndarray:
     n = options.freeze_top_n
     if n >= tables.num_layers:
-        raise ValueError(f"--freeze-top-n {n} freezes every one of the {tables.num_layers} layers; use fewer")
+        raise UsageError(f"--freeze-top-n {n} freezes every one of the {tables.num_layers} layers; use fewer")
     importance = _layer_importance(tables, options.layer_importance)
     return np.lexsort((np.arange(tables.num_layers), -importance))[:n]
 
 
 def _layer_importance(tables: RunTables, source: str) -> np.ndarray:
     if source not in tables.layer_scores:
-        raise ValueError(
+        raise UsageError(
             f"layer importance {source!r} is not in {LAYERS_FILE}; choose one of: {', '.join(tables.layer_scores)}"
         )
     values = tables.layer_scores[source]
     missing = np.flatnonzero(np.isnan(values))
     if missing.size:
-        raise ValueError(
+        raise UsageError(
             f"{LAYERS_FILE} has no {source} for layers {missing.tolist()}; choose another --layer-importance "
             f"({', '.join(c for c in tables.layer_scores if c != source)})"
         )
@@ -412,9 +413,9 @@ def _budget(ratio: float, total: int) -> int:
     return budget + 1 if (budget + 1) / total <= ratio else budget
 
 
-def _unreachable(ratio: float, reachable: float, total: int) -> ValueError:
+def _unreachable(ratio: float, reachable: float, total: int) -> UsageError:
     best = math.floor(reachable / total * 1e4) / 1e4
-    return ValueError(
+    return UsageError(
         f"ratio {ratio} is unreachable: with these constraints at most {best:.4f} of the parameters can be "
         f"removed; choose --ratio {best} or less, or relax --protect-layers, --freeze-top-n, --min-kv-heads, "
         f"--min-mlp-channels, --distribution"
@@ -486,7 +487,7 @@ def _group_units(tables: RunTables, order: _Order, limits: _Limits) -> tuple[_Un
 def _slice_units(tables: RunTables, order: _Order, limits: _Limits) -> tuple[_Units, np.ndarray]:
     """--uniform: one unit per removal step taken in every layer at once (the same width everywhere)."""
     if (tables.width != tables.width[0]).any() or (tables.group_params != tables.group_params[0]).any():
-        raise ValueError("--uniform needs every layer to have the same widths and costs; this model's layers differ")
+        raise UsageError("--uniform needs every layer to have the same widths and costs; this model's layers differ")
     parts = []
     for k in range(2):
         most, offset, stride = int(limits.most[0, k]), int(limits.offset[0, k]), int(limits.stride[k])
@@ -687,7 +688,7 @@ def make_plan(source: RunTables | Path | str, options: PlanOptions, name: str | 
     """One plan from a run directory (or tables already loaded with ``load_run``)."""
     tables = source if isinstance(source, RunTables) else load_run(source)
     if options.criterion not in tables.criteria:
-        raise ValueError(
+        raise UsageError(
             f"criterion {options.criterion!r} is not in {tables.groups_path}; it has: "
             f"{', '.join(tables.criteria)} "
             f"(add it with `llamaprune score ... --criteria {options.criterion}`)"
@@ -752,11 +753,11 @@ def _ratio_text(ratio: float) -> str:
 
 def _assemble(tables: RunTables, order: _Order, removal: np.ndarray, options: PlanOptions, name: str) -> Plan:
     if not name or name.startswith(".") or any(c in name for c in "/\\\0"):
-        raise ValueError(f"plan name {name!r} must be a plain file name (no '/', not starting with '.')")
+        raise UsageError(f"plan name {name!r} must be a plain file name (no '/', not starting with '.')")
     kept = tables.width - removal
     gone = (kept == 0).all(axis=1)
     if gone.all():
-        raise ValueError(
+        raise UsageError(
             f"ratio {options.ratio} would remove every layer; choose a smaller --ratio or keep layers with "
             f"--protect-layers, --min-kv-heads, --min-mlp-channels"
         )

@@ -30,11 +30,12 @@ from llamaprune.artifacts import (
     stop_log,
 )
 from llamaprune.choices import parse_choice
+from llamaprune.errors import UsageError
 from llamaprune.evaluate import EVAL_FILE, EvalOptions, measure
 from llamaprune.finetune import CURVE_JSON, CURVE_PNG, FinetuneOptions, Method
 from llamaprune.model import Device, DType
 from llamaprune.plan import LayerStrategy, PlanOptions, Strategy
-from llamaprune.score import ScoreOptions
+from llamaprune.scoring import ScoreOptions
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ class PruneOptions:
             object.__setattr__(self, name, parse_choice(enum, getattr(self, name), f"--{name}"))
         name = self.save_ckpt_log_name
         if self.output_dir is None and (not name or name.startswith(".") or any(c in name for c in "/\\\0")):
-            raise ValueError(
+            raise UsageError(
                 f"--save_ckpt_log_name {name!r} must be a plain directory name, e.g. llama_prune_20"
             )
         # Every phase checks its own options: bad input fails here, before any data or weights load.
@@ -312,7 +313,7 @@ def _recovery(report: dict, finetuned: dict) -> dict:
 
 def _score(options: PruneOptions, loaded, rows: list[str], out: Path, load_seconds: float, progress: bool):
     """Phase 1 on the loaded model; writes groups.parquet, layers.parquet, stats and manifest into ``out``."""
-    from llamaprune.score import score_into
+    from llamaprune.scoring import score_into
 
     return score_into(out, options.score_options(), loaded, rows, load_seconds, progress)
 

@@ -19,6 +19,7 @@ from enum import Enum
 from pathlib import Path
 
 from llamaprune.artifacts import SCHEMA_VERSION, atomic_write_bytes
+from llamaprune.errors import MissingInput, UsageError
 from llamaprune.groups import LayerShape, model_shape
 from llamaprune.model import config_fingerprint
 
@@ -106,9 +107,9 @@ def plain_value(value):
 
 def plan_from_dict(doc: dict, origin: str = "plan") -> Plan:
     if not isinstance(doc, dict) or doc.get("kind") != PLAN_KIND:
-        raise ValueError(f'{origin} is not a llamaprune plan (no "kind": "{PLAN_KIND}")')
+        raise UsageError(f'{origin} is not a llamaprune plan (no "kind": "{PLAN_KIND}")')
     if doc.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(
+        raise UsageError(
             f"{origin} has schema_version {doc.get('schema_version')}, this llamaprune reads "
             f"{SCHEMA_VERSION}; "
             f"make the plan again with `llamaprune plan`"
@@ -130,7 +131,7 @@ def plan_from_dict(doc: dict, origin: str = "plan") -> Plan:
         fields = {k: doc[k] for k in Plan.__dataclass_fields__ if k in doc and k != "layers"}
         plan = Plan(layers=layers, **fields)
     except (KeyError, TypeError) as err:
-        raise ValueError(f"{origin} is missing or has a malformed field: {err}") from None
+        raise UsageError(f"{origin} is missing or has a malformed field: {err}") from None
     _validate(plan, origin)
     return plan
 
@@ -138,9 +139,9 @@ def plan_from_dict(doc: dict, origin: str = "plan") -> Plan:
 def _validate(plan: Plan, origin: str = "plan") -> None:
     fp = plan.fingerprint
     if not isinstance(fp, dict) or not {"architecture", "config_hash", "num_parameters"} <= fp.keys():
-        raise ValueError(f"{origin} has no model fingerprint (architecture, config_hash, num_parameters)")
+        raise UsageError(f"{origin} has no model fingerprint (architecture, config_hash, num_parameters)")
     if [lp.layer for lp in plan.layers] != list(range(len(plan.layers))):
-        raise ValueError(f"{origin}: layers must list every original layer once, in order 0..n-1")
+        raise UsageError(f"{origin}: layers must list every original layer once, in order 0..n-1")
     for lp in plan.layers:
         where = f"{origin}: layer {lp.layer}"
         for name, kept, width in (
@@ -148,20 +149,20 @@ def _validate(plan: Plan, origin: str = "plan") -> None:
             ("mlp_channels", lp.mlp_channels, lp.intermediate_size),
         ):
             if list(kept) != sorted(set(kept)):
-                raise ValueError(f"{where}: {name} must be sorted and unique")
+                raise UsageError(f"{where}: {name} must be sorted and unique")
             if kept and (kept[0] < 0 or kept[-1] >= width):
-                raise ValueError(f"{where}: {name} index out of range [0, {width})")
+                raise UsageError(f"{where}: {name} index out of range [0, {width})")
         unknown = set(lp.skip) - set(SKIPPABLE)
         if unknown:
-            raise ValueError(f"{where}: unknown skip {sorted(unknown)}; allowed: {', '.join(SKIPPABLE)}")
+            raise UsageError(f"{where}: unknown skip {sorted(unknown)}; allowed: {', '.join(SKIPPABLE)}")
         if ("attention" in lp.skip) != (not lp.attn_groups) and not lp.removed:
-            raise ValueError(f"{where}: attention must be skipped exactly when no attention group is kept")
+            raise UsageError(f"{where}: attention must be skipped exactly when no attention group is kept")
         if ("mlp" in lp.skip) != (not lp.mlp_channels) and not lp.removed:
-            raise ValueError(f"{where}: mlp must be skipped exactly when no MLP channel is kept")
+            raise UsageError(f"{where}: mlp must be skipped exactly when no MLP channel is kept")
     if all(lp.removed for lp in plan.layers):
-        raise ValueError(f"{origin} removes every layer; choose a smaller ratio")
+        raise UsageError(f"{origin} removes every layer; choose a smaller ratio")
     if not 0 <= plan.params_after <= plan.params_before:
-        raise ValueError(f"{origin}: params_after must lie in [0, params_before]")
+        raise UsageError(f"{origin}: params_after must lie in [0, params_before]")
 
 
 def write_plan(plan: Plan, path: Path) -> None:
@@ -180,11 +181,11 @@ def plan_json(plan: Plan) -> str:
 def read_plan(path: Path) -> Plan:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"plan not found: {path}; make one with `llamaprune plan RUN_DIR --ratio R`")
+        raise MissingInput(f"plan not found: {path}; make one with `llamaprune plan RUN_DIR --ratio R`")
     try:
         doc = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err})") from None
+        raise UsageError(f"{path} is not valid JSON ({err})") from None
     return plan_from_dict(doc, origin=str(path))
 
 
@@ -196,7 +197,7 @@ def plan_from_kept(config, kept: KeptIndices, removed: Collection[int] = (), nam
     block: for hand-made plans in notebooks, tests and benchmarks (``llamaprune plan`` makes scored ones)."""
     shape = model_shape(config)
     if len(kept) != shape.num_hidden_layers:
-        raise ValueError(f"kept lists {len(kept)} layers, the model has {shape.num_hidden_layers}")
+        raise UsageError(f"kept lists {len(kept)} layers, the model has {shape.num_hidden_layers}")
     layers, shapes = [], []
     for i, ((attn, mlp), original) in enumerate(zip(kept, shape.layers, strict=True)):
         skip = tuple(block for block, keep in (("attention", attn), ("mlp", mlp)) if not keep)

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from llamaprune.errors import UsageError
 from llamaprune.plan import PLANS_DIR
 from llamaprune.pruning_plan import LayerPlan, Plan, read_plan
 from llamaprune.table import GROUPS_FILE, LAYERS_FILE, file_sha256, read_table_meta
@@ -103,7 +104,7 @@ def run_query(run_dir: Path | str, sql: str) -> tuple[list[str], list[tuple]]:
             columns = [d[0] for d in cursor.description or ()]
             return columns, cursor.fetchall() if columns else []
         except duckdb.Error as err:
-            raise ValueError(f"query failed: {str(err).splitlines()[0]}") from None
+            raise UsageError(f"query failed: {str(err).splitlines()[0]}") from None
 
 
 def _quote(path: Path) -> str:

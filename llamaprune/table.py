@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from llamaprune.artifacts import SCHEMA_VERSION, atomic_write_bytes
+from llamaprune.errors import MissingInput, UsageError
 
 CRITERIA = ("taylor", "taylor2", "wanda", "magnitude", "random")
 GROUPS_FILE = "groups.parquet"
@@ -61,7 +62,7 @@ def layers_schema(criteria: tuple[str, ...]) -> pa.Schema:
 def _with_criteria(base: pa.Schema, criteria: tuple[str, ...]) -> pa.Schema:
     unknown = [c for c in criteria if c not in CRITERIA]
     if unknown:
-        raise ValueError(f"unknown criterion {', '.join(unknown)}; choose from {', '.join(CRITERIA)}")
+        raise UsageError(f"unknown criterion {', '.join(unknown)}; choose from {', '.join(CRITERIA)}")
     return pa.schema(list(base) + [(c, pa.float64()) for c in criteria])
 
 
@@ -83,21 +84,21 @@ def read_table_meta(path: Path) -> dict:
     """The ``llamaprune`` metadata of a table, after checking the file and its schema version."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; create it with `llamaprune score MODEL --out {path.parent}`")
+        raise MissingInput(f"{path} not found; create it with `llamaprune score MODEL --out {path.parent}`")
     schema = pq.read_schema(path)
     raw = (schema.metadata or {}).get(META_KEY)
     if raw is None:
-        raise ValueError(f"{path} has no llamaprune metadata; it was not written by `llamaprune score`")
+        raise UsageError(f"{path} has no llamaprune metadata; it was not written by `llamaprune score`")
     meta = json.loads(raw)
     if meta.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(
+        raise UsageError(
             f"{path} has schema_version {meta.get('schema_version')}, this llamaprune reads {SCHEMA_VERSION}; "
             f"re-run `llamaprune score` to rebuild it"
         )
     base = GROUP_COLUMNS if path.name == GROUPS_FILE else LAYER_COLUMNS
     expected = _with_criteria(base, criteria_of(schema))
     if not schema.remove_metadata().equals(expected):
-        raise ValueError(f"{path} does not have the expected columns ({', '.join(expected.names)})")
+        raise UsageError(f"{path} does not have the expected columns ({', '.join(expected.names)})")
     return meta
 
 
@@ -109,7 +110,7 @@ def read_table(path: Path) -> pa.Table:
 def check_fingerprint(meta: dict, fingerprint: dict, what: str) -> None:
     """Refuse a table or plan made for another model, naming both fingerprints."""
     if meta.get("fingerprint") != fingerprint:
-        raise ValueError(
+        raise UsageError(
             f"{what} was made for model {_describe(meta.get('fingerprint'))}, but this model is "
             f"{_describe(fingerprint)}; score this model first with `llamaprune score`"
         )

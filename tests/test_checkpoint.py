@@ -230,25 +230,33 @@ def run_python(code: str, cwd) -> str:
     return done.stdout.strip()
 
 
-def test_import_is_light_and_registers_when_transformers_arrives(tmp_path):
+def test_import_is_light_and_register_is_explicit(tmp_path):
     light = "import sys, llamaprune; print('torch' in sys.modules, 'transformers' in sys.modules)"
     assert run_python(light, tmp_path) == "False False"
-    later = (
+    unknown = (
         "import llamaprune\nfrom transformers import AutoConfig\n"
+        "try:\n    AutoConfig.for_model('llamaprune')\nexcept ValueError:\n    print('unknown')"
+    )
+    assert run_python(unknown, tmp_path) == "unknown"
+    registered = (
+        "import llamaprune\nllamaprune.register()\nfrom transformers import AutoConfig\n"
         "print(type(AutoConfig.for_model('llamaprune')).__name__)"
     )
-    assert run_python(later, tmp_path) == "LlamaPruneConfig"
-    earlier = (
-        "import transformers, llamaprune\nfrom transformers import AutoConfig\n"
-        "print(type(AutoConfig.for_model('llamaprune')).__name__)"
-    )
-    assert run_python(earlier, tmp_path) == "LlamaPruneConfig"
+    assert run_python(registered, tmp_path) == "LlamaPruneConfig"
+
+
+def test_load_pruned_registers_the_model_type_itself(tmp_path):
+    config = tiny_config(heads=4, kv_heads=2, layers=2)
+    plan = plan_from_kept(config, [([0], list(range(24))), ([0, 1], list(range(10)))])
+    save_pruned(apply_plan(tiny_model(config), plan), tmp_path / "pruned")
+    code = f"import llamaprune\nprint(type(llamaprune.load_pruned({str(tmp_path / 'pruned')!r})).__name__)"
+    assert run_python(code, tmp_path) == "LlamaPruneForCausalLM"
 
 
 def test_a_pruned_checkpoint_with_a_skipped_attention_streams_again(tmp_path):
     """Re-pruning: the table of a model whose layer 1 has no attention lists it with 0 KV heads and 0 query heads."""
     from llamaprune.plan import PlanOptions, load_run, make_plan
-    from llamaprune.score import score, write_run
+    from llamaprune.scoring import score, write_run
 
     config = tiny_config(heads=4, kv_heads=2, layers=3)
     once = plan_from_kept(config, [([0, 1], list(range(24))), ([], list(range(20))), ([0], [1, 2, 3])])
@@ -264,13 +272,3 @@ def test_a_pruned_checkpoint_with_a_skipped_attention_streams_again(tmp_path):
     save_pruned(apply_plan(pruned, plan), tmp_path / "memory")
     streamed, memory = read_tensors(tmp_path / "streamed"), read_tensors(tmp_path / "memory")
     assert streamed.keys() == memory.keys() and all(torch.equal(streamed[k], memory[k]) for k in memory)
-
-
-def test_registration_survives_a_lookup_of_transformers_before_its_import(tmp_path):
-    """Libraries probe ``importlib.util.find_spec("transformers")`` before importing it; that must not use up
-    the hook that registers our model type."""
-    code = (
-        "import importlib.util, llamaprune\nimportlib.util.find_spec('transformers')\n"
-        "from transformers import AutoConfig\nprint(type(AutoConfig.for_model('llamaprune')).__name__)"
-    )
-    assert run_python(code, tmp_path) == "LlamaPruneConfig"

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from llamaprune.cli import app
 from llamaprune.groups import iter_groups, model_shape
 from llamaprune.model import config_fingerprint
-from llamaprune.score import STATS_FILE, parse_criteria, score
+from llamaprune.scoring import STATS_FILE, parse_criteria, score
 from llamaprune.table import check_fingerprint, read_table, read_table_meta
 
 GQA = [dict(heads=4, kv_heads=4), dict(heads=4, kv_heads=2, bias=True), dict(heads=6, kv_heads=2),
@@ -207,12 +207,11 @@ def test_real_model_table_is_complete_and_finite(real_model):
     assert all(0 <= v <= 2 for v in influence)
 
 
-def test_the_package_level_call_works_after_the_module_is_imported():
-    """``llamaprune.score(model, batches, ...)`` (issue 3), also once ``llamaprune.score`` names the module."""
+def test_the_package_level_call_scores():
+    """``llamaprune.score(model, batches, ...)`` is the phase function, also once its module is imported."""
     import llamaprune
-    import llamaprune.score  # noqa: F401  (the package attribute is now the module)
+    import llamaprune.scoring  # noqa: F401
 
     model = tiny_model(tiny_config())
     expected = score(model, [], criteria=("magnitude",), progress=False).groups
-    for _ in range(2):
-        assert llamaprune.score(model, [], criteria=("magnitude",), progress=False).groups.equals(expected)
+    assert llamaprune.score(model, [], criteria=("magnitude",), progress=False).groups.equals(expected)

@@ -90,7 +90,8 @@ def test_keep_rows_and_columns_select_outputs_and_inputs():
     linear, x = torch.nn.Linear(5, 4), torch.randn(3, 5)
     full = linear(x)
     rows = torch.tensor([1, 3])
-    assert torch.equal(keep_rows(linear, rows)(x), full[:, rows])
+    # a narrower matmul may take another kernel: equal up to float rounding
+    torch.testing.assert_close(keep_rows(linear, rows)(x), full[:, rows], rtol=0, atol=1e-6)
     assert linear.weight.shape == (2, 5) and linear.out_features == 2
     cols = torch.tensor([0, 4])
     expected = x[:, cols] @ linear.weight[:, cols].T + linear.bias

@@ -1,7 +1,7 @@
 """Importance criteria: one module per criterion, pure tensor math that tests check against closed forms.
 
 Every criterion produces an elementwise score over a weight (or bias) and is reduced to one number per
-group with :func:`group_sum`; hooks in ``llamaprune.score`` only route tensors here.
+group with :func:`group_sum`; hooks in ``llamaprune.scoring`` only route tensors here.
 
     >>> import torch
     >>> group_sum(torch.ones(4, 3), axis=ROWS, num_groups=2)

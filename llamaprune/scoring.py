@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import logging
 import resource
-import sys
 import time
-import types
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from llamaprune.artifacts import (
     stop_log,
     with_history,
 )
+from llamaprune.errors import UsageError
 from llamaprune.groups import ATTN, MLP, ModelShape, group_id, iter_groups, model_shape
 from llamaprune.importance import COLS, ROWS, group_sum
 from llamaprune.importance.influence import accumulate_cosine, block_influence
@@ -108,9 +107,9 @@ class ScoreOptions:
         parse_criteria(",".join(self.criteria))
         for name in ("num_samples", "seq_len", "batch_size"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+                raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.seq_len < 2:
-            raise ValueError(f"--seq-len must be at least 2, got {self.seq_len}")
+            raise UsageError(f"--seq-len must be at least 2, got {self.seq_len}")
 
 
 def parse_criteria(text: str) -> tuple[str, ...]:
@@ -118,7 +117,7 @@ def parse_criteria(text: str) -> tuple[str, ...]:
     names = [c.strip() for c in text.split(",") if c.strip()]
     unknown = [c for c in names if c not in CRITERIA]
     if unknown or not names:
-        raise ValueError(f"unknown criterion {', '.join(unknown) or '(none)'}; choose from {', '.join(CRITERIA)}")
+        raise UsageError(f"unknown criterion {', '.join(unknown) or '(none)'}; choose from {', '.join(CRITERIA)}")
     return tuple(c for c in CRITERIA if c in names)
 
 
@@ -230,7 +229,7 @@ def score(
             if need_grad:
                 loss = model(input_ids=batch, labels=batch, use_cache=False).loss
                 if not torch.isfinite(loss):
-                    raise ValueError(
+                    raise UsageError(
                         f"calibration loss is {loss.item()} at batch {step}; score in float32 "
                         f"(--dtype float32) or with a smaller --batch-size"
                     )
@@ -311,7 +310,7 @@ def _group_scores(specs, shape, acc: _Accumulators, criteria, seed) -> dict[tupl
                 offset += count
     for (layer, kind, criterion), value in scores.items():
         if not torch.isfinite(value).all():
-            raise ValueError(
+            raise UsageError(
                 f"non-finite {criterion} importance in layer {layer} ({kind}); score in float32 "
                 f"(--dtype float32) or with a smaller --batch-size"
             )
@@ -447,14 +446,3 @@ def score_run(options: ScoreOptions, out: Path, overwrite: bool = False) -> Scor
         finally:
             stop_log(handler)
     return result
-
-
-class _CallableModule(types.ModuleType):
-    """``llamaprune.score`` is both this module and the phase function: once the module is imported, the package
-    attribute is the module, so calling it must run ``score`` (``llamaprune.score(model, batches, ...)``)."""
-
-    def __call__(self, *args, **kwargs) -> ScoreResult:
-        return score(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
