@@ -90,7 +90,7 @@ class ApplyOptions:
 
 def check_plan(plan: Plan, config, what: str = "plan") -> None:
     """Refuse a plan made for another model, naming both fingerprints."""
-    check_fingerprint({"fingerprint": plan.fingerprint}, config_fingerprint(config), what)
+    check_fingerprint(plan.fingerprint, config_fingerprint(config), what)
 
 
 

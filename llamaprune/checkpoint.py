@@ -1,4 +1,4 @@
-"""The pruned checkpoint format (DESIGN.md §5): config, registration, streaming slicing, save and load.
+"""The pruned checkpoint format (docs/ARTIFACTS.md, "Pruned checkpoint"): config, streaming slicing, save, load.
 
 A plan whose kept layers all have the same shape gives a plain config of the source architecture (llama,
 mistral, qwen2) with new widths and an explicit ``head_dim``; any other plan gives a ``llamaprune`` config

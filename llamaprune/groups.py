@@ -1,4 +1,4 @@
-"""Prunable groups of a LLaMA-family config and their parameter costs (DESIGN.md §2).
+"""Prunable groups of a LLaMA-family config and their parameter costs (docs/ARTIFACTS.md, "Groups").
 
 Works from the config alone (no weights, no torch), so a checkpoint can be fingerprinted and planned
 for without loading it. A config may be uniform or already pruned per layer (``per_layer_config``).

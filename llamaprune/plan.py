@@ -191,7 +191,7 @@ def load_run(run_dir: Path | str) -> RunTables:
     run_dir = Path(run_dir)
     groups_path, layers_path = run_dir / GROUPS_FILE, run_dir / LAYERS_FILE
     meta = read_table_meta(groups_path)
-    check_fingerprint(read_table_meta(layers_path), meta.get("fingerprint"), str(layers_path))
+    check_fingerprint(read_table_meta(layers_path).get("fingerprint"), meta.get("fingerprint"), str(layers_path))
     table = pq.ParquetFile(layers_path).read()  # read_table and to_numpy would import pandas (+0.3 s)
     cols = {name: np.array(table.column(name).to_pylist(), dtype=float) for name in table.column_names}
     if not np.array_equal(cols["layer"], np.arange(table.num_rows)):  # (a null becomes NaN)

@@ -50,7 +50,7 @@ class LayerPlan:
 
 @dataclass(frozen=True)
 class Plan:
-    """A self-contained pruning plan (DESIGN.md §4); ``layers`` covers every original layer in order."""
+    """A self-contained pruning plan (docs/ARTIFACTS.md); ``layers`` covers every original layer in order."""
 
     name: str
     fingerprint: dict

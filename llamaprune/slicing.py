@@ -1,6 +1,6 @@
 """Tensor surgery: which rows and columns a plan keeps, and small in-place functions per module kind.
 
-Index rules (DESIGN.md §2): KV head ``g`` owns rows ``[g*d, (g+1)*d)`` of k_proj/v_proj and rows
+Index rules (docs/ARTIFACTS.md, "Groups"): KV head ``g`` owns rows ``[g*d, (g+1)*d)`` of k_proj/v_proj and rows
 ``[g*r*d, (g+1)*r*d)`` of q_proj (the same columns of o_proj); MLP channel ``c`` is row ``c`` of gate_proj
 and up_proj and column ``c`` of down_proj. The same rules slice a module in memory (``slice_attention``,
 ``slice_mlp``) and a named checkpoint tensor while streaming (``slice_tensor``).

@@ -1,4 +1,4 @@
-"""The Parquet schemas of a run directory (DESIGN.md §4): build, write, read and validate.
+"""The Parquet schemas of a run directory (docs/ARTIFACTS.md): build, write, read and validate.
 
 ``groups.parquet`` has one row per prunable group, ``layers.parquet`` one row per decoder layer; both
 carry the same key-value metadata under ``llamaprune``: schema_version, fingerprint, params (total,
@@ -107,11 +107,11 @@ def read_table(path: Path) -> pa.Table:
     return pq.read_table(path)
 
 
-def check_fingerprint(meta: dict, fingerprint: dict, what: str) -> None:
-    """Refuse a table or plan made for another model, naming both fingerprints."""
-    if meta.get("fingerprint") != fingerprint:
+def check_fingerprint(made_for: dict | None, fingerprint: dict, what: str) -> None:
+    """Refuse a table or plan ``what``, made for the model ``made_for``, on a model of another fingerprint."""
+    if made_for != fingerprint:
         raise UsageError(
-            f"{what} was made for model {_describe(meta.get('fingerprint'))}, but this model is "
+            f"{what} was made for model {_describe(made_for)}, but this model is "
             f"{_describe(fingerprint)}; score this model first with `llamaprune score`"
         )
 

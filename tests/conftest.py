@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import os
+import random
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import torch
+from safetensors import safe_open
+
+from llamaprune.apply import apply_plan
+from llamaprune.artifacts import atomic_write_json
+from llamaprune.checkpoint import safetensors_files
+from llamaprune.pruning_plan import Plan, plan_from_kept
+from llamaprune.table import groups_schema, layers_schema, with_meta, write_table
 
 # Hypothesis keeps an example cache; tests write nowhere but temporary directories.
 os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", tempfile.mkdtemp(prefix="llamaprune-hypothesis-"))
@@ -116,7 +126,7 @@ def _offline(monkeypatch):
 
 
 def group_slices(model, layer: int, kind: str, index: int):
-    """(parameter, index) pairs covering one group, written from DESIGN.md §2 independently of llamaprune."""
+    """(parameter, index) pairs covering one group, written from docs/ARTIFACTS.md ("Groups"), not from llamaprune."""
     cfg = model.config
     block = model.model.layers[layer]
     d = cfg.head_dim
@@ -139,3 +149,164 @@ def group_slices(model, layer: int, kind: str, index: int):
                 out.append((proj.bias, (slice(index, index + 1),)))
         out.append((block.mlp.down_proj.weight, (slice(None), slice(index, index + 1))))
     return out
+
+
+# ---------------------------------------------------------------- pruned models against zeroed originals
+
+TOL = 1e-5
+
+
+def random_plan(config, seed: int, skip_p: float = 0.2, remove_p: float = 0.2) -> Plan:
+    """Random kept subsets per layer; some blocks skipped, some layers removed (never all of them)."""
+    rng = random.Random(seed)
+    n = config.num_hidden_layers
+
+    def subset(size: int) -> list[int]:
+        if rng.random() < skip_p:
+            return []
+        return sorted(rng.sample(range(size), rng.randint(1, max(1, size - 1))))
+
+    kept = [(subset(config.num_key_value_heads), subset(config.intermediate_size)) for _ in range(n)]
+    removed = {i for i in range(n) if rng.random() < remove_p}
+    if len(removed) == n:
+        removed.discard(0)
+    return plan_from_kept(config, kept, removed)
+
+
+@contextmanager
+def zeroed_reference(model, plan: Plan):
+    """``model`` with the plan's pruned groups zeroed (in place) and skips/removals done by forward hooks."""
+    handles = []
+    with torch.no_grad():
+        for lp in plan.layers:
+            block = model.model.layers[lp.layer]
+            for g in set(range(lp.num_key_value_heads)) - set(lp.attn_groups):
+                for param, index in group_slices(model, lp.layer, "attn", g):
+                    param[index] = 0
+            for c in set(range(lp.intermediate_size)) - set(lp.mlp_channels):
+                for param, index in group_slices(model, lp.layer, "mlp", c):
+                    param[index] = 0
+            if lp.removed:
+                handles.append(block.register_forward_hook(lambda mod, args, out: args[0]))
+                continue
+            if "attention" in lp.skip:
+                handles.append(block.self_attn.register_forward_hook(lambda mod, args, out: (out[0] * 0, out[1])))
+            if "mlp" in lp.skip:
+                handles.append(block.mlp.register_forward_hook(lambda mod, args, out: out * 0))
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def pruned_and_reference(config, plan: Plan, seed: int = 0):
+    """(pruned model, its zeroed reference): two copies of the same random model."""
+    return apply_plan(tiny_model(config, seed), plan), tiny_model(config, seed)
+
+
+def ids(vocab: int, batch: int = 2, length: int = 12, seed: int = 0):
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def read_tensors(directory) -> dict[str, torch.Tensor]:
+    out = {}
+    for path in safetensors_files(directory):
+        with safe_open(path, framework="pt") as f:
+            out.update({key: f.get_tensor(key) for key in f.keys()})
+    return out
+
+
+# ---------------------------------------------------------------- hand-built run directories
+
+ATTN, MLP, ATTN_FIXED, MLP_FIXED = 100, 10, 3, 2
+FINGERPRINT = {"architecture": "LlamaForCausalLM", "config_hash": "cafe", "num_parameters": 0}
+
+
+def write_run(
+    run_dir,
+    scores,
+    *,
+    kv=2,
+    inter=4,
+    heads=4,
+    attn=ATTN,
+    mlp=MLP,
+    attn_fixed=ATTN_FIXED,
+    mlp_fixed=MLP_FIXED,
+    embed=None,
+    influence=None,
+):
+    """A run directory from per-layer scores: ``scores[criterion][layer] = (attention scores, MLP scores)``.
+
+    Every layer has ``kv`` groups of ``attn`` params and ``inter`` channels of ``mlp`` params; by default the
+    embeddings make the total exactly 1000 for two layers, so ratio r means a budget of 1000 * r params."""
+    run_dir = Path(run_dir)
+    criteria = tuple(scores)
+    n_layers = len(scores[criteria[0]])
+    prunable = n_layers * (kv * attn + inter * mlp)
+    embed = 1000 - prunable - n_layers * (attn_fixed + mlp_fixed) if embed is None else embed
+    group_rows, layer_rows = [], []
+    for layer in range(n_layers):
+        for k, (kind, width, cost) in enumerate((("attn", kv, attn), ("mlp", inter, mlp))):
+            group_rows += [
+                {"group_id": f"layers.{layer}.{kind}.{i}", "layer": layer, "kind": kind, "index": i, "params": cost}
+                | {c: float(scores[c][layer][k][i]) for c in criteria}
+                for i in range(width)
+            ]
+        layer_rows.append(
+            dict(
+                layer=layer,
+                num_attention_heads=heads,
+                attn_groups=kv,
+                mlp_channels=inter,
+                attn_group_params=attn,
+                mlp_group_params=mlp,
+                attn_fixed_params=attn_fixed,
+                mlp_fixed_params=mlp_fixed,
+                block_influence=None if influence is None else influence[layer],
+                **{c: float(sum(scores[c][layer][0]) + sum(scores[c][layer][1])) for c in criteria},
+            )
+        )
+    fixed = embed + n_layers * (attn_fixed + mlp_fixed)
+    meta = {
+        "schema_version": 1,
+        "fingerprint": {**FINGERPRINT, "num_parameters": prunable + fixed},
+        "params": {"total": prunable + fixed, "prunable": prunable, "fixed": fixed},
+        "hidden_size": 16,
+        "head_dim": 4,
+        "criteria": list(criteria),
+        "calibration": None,
+    }
+    write_table(
+        with_meta(pa.Table.from_pylist(group_rows, schema=groups_schema(criteria)), meta),
+        run_dir / "groups.parquet",
+    )
+    write_table(
+        with_meta(pa.Table.from_pylist(layer_rows, schema=layers_schema(criteria)), meta),
+        run_dir / "layers.parquet",
+    )
+    atomic_write_json(run_dir / "manifest.json", {"schema_version": 1})
+    return run_dir
+
+
+# Importance per parameter (attn costs 100, mlp 10): layer 0 is cheap to prune, layer 1 dear.
+# Global order: l0.mlp.0 .1 .2 (.3) | l0.attn.1 (0.5) | l1.mlp.0 .1 .2 (.3) | l0.attn.0 (5) | l1.attn.0 ...
+TAYLOR = [([500.0, 50.0], [1.0, 2.0, 3.0, 4.0]), ([800.0, 900.0], [10.0, 20.0, 30.0, 40.0])]
+
+
+# ---------------------------------------------------------------- the CLI
+
+
+def assert_one_error_line(result, *fragments):
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0]

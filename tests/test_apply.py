@@ -9,9 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TEST_RAW, tiny_config
-from test_checkpoint import read_tensors
-from test_slicing import TOL, ids, logits, random_plan, zeroed_reference
+from conftest import TEST_RAW, TOL, ids, logits, random_plan, read_tensors, tiny_config, zeroed_reference
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 

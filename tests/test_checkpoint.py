@@ -11,9 +11,17 @@ import textwrap
 
 import pytest
 import torch
-from conftest import tiny_config, tiny_model
-from safetensors import safe_open
-from test_slicing import TOL, ids, logits, pruned_and_reference, random_plan, zeroed_reference
+from conftest import (
+    TOL,
+    ids,
+    logits,
+    pruned_and_reference,
+    random_plan,
+    read_tensors,
+    tiny_config,
+    tiny_model,
+    zeroed_reference,
+)
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
 from llamaprune.apply import apply_plan
@@ -31,14 +39,6 @@ from llamaprune.modeling_llamaprune import LlamaPruneConfig
 from llamaprune.pruning_plan import plan_from_kept
 
 HETEROGENEOUS = [([0], [1, 4, 9]), ([], [0, 2]), ([0, 1], list(range(20))), ([1], [])]
-
-
-def read_tensors(directory) -> dict[str, torch.Tensor]:
-    out = {}
-    for path in safetensors_files(directory):
-        with safe_open(path, framework="pt") as f:
-            out.update({key: f.get_tensor(key) for key in f.keys()})
-    return out
 
 
 def source_checkpoint(path, config, seed: int = 0, max_shard_size="16KB"):

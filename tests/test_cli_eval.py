@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import TEST_RAW
+from conftest import TEST_RAW, assert_one_error_line
 from typer.testing import CliRunner
 
 from llamaprune.cli import app
@@ -49,15 +49,6 @@ def test_eval_without_out_prints_the_json(tiny_checkpoint, text_file):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report[str(text_file)]["windows"] == 2
-
-
-def assert_one_error_line(result, *fragments):
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0]
 
 
 def test_missing_model_path(tmp_path, text_file):

@@ -9,8 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import SHARED_DATA, VALID_TXT, tiny_config, tiny_model
-from test_cli_eval import assert_one_error_line
+from conftest import SHARED_DATA, VALID_TXT, assert_one_error_line, tiny_config, tiny_model
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 

@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from conftest import ATTN, ATTN_FIXED, MLP, MLP_FIXED, TAYLOR, write_run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llamaprune.artifacts import atomic_write_json
 from llamaprune.plan import (
     PlanOptions,
     default_plan_name,
@@ -26,82 +26,7 @@ from llamaprune.plan import (
     write_plans,
 )
 from llamaprune.pruning_plan import read_plan
-from llamaprune.table import file_sha256, groups_schema, layers_schema, with_meta, write_table
-
-ATTN, MLP, ATTN_FIXED, MLP_FIXED = 100, 10, 3, 2
-FINGERPRINT = {"architecture": "LlamaForCausalLM", "config_hash": "cafe", "num_parameters": 0}
-
-
-def write_run(
-    run_dir,
-    scores,
-    *,
-    kv=2,
-    inter=4,
-    heads=4,
-    attn=ATTN,
-    mlp=MLP,
-    attn_fixed=ATTN_FIXED,
-    mlp_fixed=MLP_FIXED,
-    embed=None,
-    influence=None,
-):
-    """A run directory from per-layer scores: ``scores[criterion][layer] = (attention scores, MLP scores)``.
-
-    Every layer has ``kv`` groups of ``attn`` params and ``inter`` channels of ``mlp`` params; by default the
-    embeddings make the total exactly 1000 for two layers, so ratio r means a budget of 1000 * r params."""
-    run_dir = Path(run_dir)
-    criteria = tuple(scores)
-    n_layers = len(scores[criteria[0]])
-    prunable = n_layers * (kv * attn + inter * mlp)
-    embed = 1000 - prunable - n_layers * (attn_fixed + mlp_fixed) if embed is None else embed
-    group_rows, layer_rows = [], []
-    for layer in range(n_layers):
-        for k, (kind, width, cost) in enumerate((("attn", kv, attn), ("mlp", inter, mlp))):
-            group_rows += [
-                {"group_id": f"layers.{layer}.{kind}.{i}", "layer": layer, "kind": kind, "index": i, "params": cost}
-                | {c: float(scores[c][layer][k][i]) for c in criteria}
-                for i in range(width)
-            ]
-        layer_rows.append(
-            dict(
-                layer=layer,
-                num_attention_heads=heads,
-                attn_groups=kv,
-                mlp_channels=inter,
-                attn_group_params=attn,
-                mlp_group_params=mlp,
-                attn_fixed_params=attn_fixed,
-                mlp_fixed_params=mlp_fixed,
-                block_influence=None if influence is None else influence[layer],
-                **{c: float(sum(scores[c][layer][0]) + sum(scores[c][layer][1])) for c in criteria},
-            )
-        )
-    fixed = embed + n_layers * (attn_fixed + mlp_fixed)
-    meta = {
-        "schema_version": 1,
-        "fingerprint": {**FINGERPRINT, "num_parameters": prunable + fixed},
-        "params": {"total": prunable + fixed, "prunable": prunable, "fixed": fixed},
-        "hidden_size": 16,
-        "head_dim": 4,
-        "criteria": list(criteria),
-        "calibration": None,
-    }
-    write_table(
-        with_meta(pa.Table.from_pylist(group_rows, schema=groups_schema(criteria)), meta),
-        run_dir / "groups.parquet",
-    )
-    write_table(
-        with_meta(pa.Table.from_pylist(layer_rows, schema=layers_schema(criteria)), meta),
-        run_dir / "layers.parquet",
-    )
-    atomic_write_json(run_dir / "manifest.json", {"schema_version": 1})
-    return run_dir
-
-
-# Importance per parameter (attn costs 100, mlp 10): layer 0 is cheap to prune, layer 1 dear.
-# Global order: l0.mlp.0 .1 .2 (.3) | l0.attn.1 (0.5) | l1.mlp.0 .1 .2 (.3) | l0.attn.0 (5) | l1.attn.0 ...
-TAYLOR = [([500.0, 50.0], [1.0, 2.0, 3.0, 4.0]), ([800.0, 900.0], [10.0, 20.0, 30.0, 40.0])]
+from llamaprune.table import file_sha256, write_table
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from test_plan import TAYLOR, write_run
+from conftest import TAYLOR, assert_one_error_line, write_run
 from typer.testing import CliRunner
 
 from llamaprune import query
@@ -23,14 +23,6 @@ def run(tmp_path):
 
 def invoke(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def assert_one_error_line(result, *fragments):
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
 
 
 def test_plan_writes_json_and_png_per_ratio_prints_a_summary_and_records_history(run):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_plan import write_run
+from conftest import write_run
 
 from llamaprune.plan import PlanOptions, make_plan
 from llamaprune.pruning_plan import plan_json

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import VALID_TXT
-from test_plan_cli import assert_one_error_line
+from conftest import VALID_TXT, assert_one_error_line
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 

@@ -179,7 +179,7 @@ def test_table_from_another_model_is_rejected(tmp_path):
     meta = score(model, [], criteria=("magnitude",), progress=False).meta
     other = config_fingerprint(tiny_config(intermediate=32))
     with pytest.raises(ValueError, match=f"{meta['fingerprint']['config_hash']}.*{other['config_hash']}"):
-        check_fingerprint(meta, other, "groups.parquet")
+        check_fingerprint(meta["fingerprint"], other, "groups.parquet")
 
 
 def test_cli_score_bad_input(tmp_path, tiny_checkpoint):

@@ -1,82 +1,18 @@
 """Slicing equals zeroing: a pruned model computes what the original computes with the same groups zeroed.
 
 The reference is the original model with the pruned rows/columns zeroed (conftest.group_slices, written from
-DESIGN.md §2), skipped sub-blocks' outputs zeroed and removed layers bypassed by forward hooks. The helpers
-here (random_plan, zeroed_reference, ...) are shared with test_checkpoint.py and test_apply.py.
+docs/ARTIFACTS.md, "Groups"), skipped sub-blocks' outputs zeroed and removed layers bypassed by forward hooks.
 """
 
 from __future__ import annotations
 
-import random
-from contextlib import contextmanager
-
 import pytest
 import torch
-from conftest import group_slices, tiny_config, tiny_model
+from conftest import TOL, ids, logits, pruned_and_reference, random_plan, tiny_config, tiny_model, zeroed_reference
 
 from llamaprune.apply import apply_plan
-from llamaprune.pruning_plan import Plan, plan_from_kept
+from llamaprune.pruning_plan import plan_from_kept
 from llamaprune.slicing import attention_rows, keep_columns, keep_rows, slice_tensor, split_layer_key
-
-TOL = 1e-5
-
-
-def random_plan(config, seed: int, skip_p: float = 0.2, remove_p: float = 0.2) -> Plan:
-    """Random kept subsets per layer; some blocks skipped, some layers removed (never all of them)."""
-    rng = random.Random(seed)
-    n = config.num_hidden_layers
-
-    def subset(size: int) -> list[int]:
-        if rng.random() < skip_p:
-            return []
-        return sorted(rng.sample(range(size), rng.randint(1, max(1, size - 1))))
-
-    kept = [(subset(config.num_key_value_heads), subset(config.intermediate_size)) for _ in range(n)]
-    removed = {i for i in range(n) if rng.random() < remove_p}
-    if len(removed) == n:
-        removed.discard(0)
-    return plan_from_kept(config, kept, removed)
-
-
-@contextmanager
-def zeroed_reference(model, plan: Plan):
-    """``model`` with the plan's pruned groups zeroed (in place) and skips/removals done by forward hooks."""
-    handles = []
-    with torch.no_grad():
-        for lp in plan.layers:
-            block = model.model.layers[lp.layer]
-            for g in set(range(lp.num_key_value_heads)) - set(lp.attn_groups):
-                for param, index in group_slices(model, lp.layer, "attn", g):
-                    param[index] = 0
-            for c in set(range(lp.intermediate_size)) - set(lp.mlp_channels):
-                for param, index in group_slices(model, lp.layer, "mlp", c):
-                    param[index] = 0
-            if lp.removed:
-                handles.append(block.register_forward_hook(lambda mod, args, out: args[0]))
-                continue
-            if "attention" in lp.skip:
-                handles.append(block.self_attn.register_forward_hook(lambda mod, args, out: (out[0] * 0, out[1])))
-            if "mlp" in lp.skip:
-                handles.append(block.mlp.register_forward_hook(lambda mod, args, out: out * 0))
-    try:
-        yield model
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
-def pruned_and_reference(config, plan: Plan, seed: int = 0):
-    """(pruned model, its zeroed reference): two copies of the same random model."""
-    return apply_plan(tiny_model(config, seed), plan), tiny_model(config, seed)
-
-
-def ids(vocab: int, batch: int = 2, length: int = 12, seed: int = 0):
-    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def test_attention_rows_closed_form():
