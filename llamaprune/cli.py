@@ -265,7 +265,7 @@ def sql_command(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="Run directory written by `llamaprune score`.")],
     query: Annotated[
         str,
-        typer.Argument(metavar="QUERY", help="One SQL statement over groups, layers, plans, plan_layers."),
+        typer.Argument(metavar="QUERY", help="One read-only SELECT (WITH, EXPLAIN, DESCRIBE, SUMMARIZE too)."),
     ],
     output: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
 ) -> None:

@@ -85,30 +85,58 @@ PLAN_LAYERS_SCHEMA = pa.schema(
 )
 
 
+# Statements a query may be: SELECT (with WITH, DESCRIBE, SUMMARIZE, SHOW, FROM-first forms) and EXPLAIN.
+READ_ONLY_STATEMENTS = ("SELECT", "EXPLAIN")
+
+
 def run_query(run_dir: Path | str, sql: str) -> tuple[list[str], list[tuple]]:
-    """Run one statement; returns column names and rows. Plan files are read only if the query names them."""
+    """Run one read-only statement; returns column names and rows. Plan files are read only if the query names
+    them. The tables are registered before DuckDB's file access is switched off and its configuration locked, so
+    a query can read the run's tables and nothing else, and write nowhere."""
     import duckdb
+    import pyarrow.dataset as ds
 
     run_dir = Path(run_dir)
     for name in (GROUPS_FILE, LAYERS_FILE):
         read_table_meta(run_dir / name)  # a missing or foreign table fails here, naming the file
+    statement = _one_statement(sql)
     plans = plan_rows(run_dir) if re.search(r"\bplan", sql, flags=re.IGNORECASE) else None
     with duckdb.connect() as con:
         for view, name in (("groups", GROUPS_FILE), ("layers", LAYERS_FILE)):
-            con.execute(f"CREATE VIEW {view} AS SELECT * FROM read_parquet('{_quote(run_dir / name)}')")
+            con.register(view, ds.dataset(run_dir / name, format="parquet"))
         if plans is not None:
             con.register("plans", pa.Table.from_pylist(plans[0], schema=PLANS_SCHEMA))
             con.register("plan_layers", pa.Table.from_pylist(plans[1], schema=PLAN_LAYERS_SCHEMA))
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
         try:
-            cursor = con.execute(sql)
+            cursor = con.execute(statement)
             columns = [d[0] for d in cursor.description or ()]
             return columns, cursor.fetchall() if columns else []
         except duckdb.Error as err:
             raise UsageError(f"query failed: {str(err).splitlines()[0]}") from None
 
 
-def _quote(path: Path) -> str:
-    return str(path).replace("'", "''")
+def _one_statement(sql: str) -> str:
+    """The query's single read-only statement, or a UsageError saying what is wrong with it."""
+    import duckdb
+
+    example = 'e.g. "SELECT kind, count(*) FROM groups GROUP BY kind"'
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as err:
+        raise UsageError(f"query failed: {str(err).splitlines()[0]}") from None
+    if not statements:
+        raise UsageError(f"the query is empty; give one SELECT statement, {example}")
+    if len(statements) > 1:
+        raise UsageError(f"the query holds {len(statements)} statements; give exactly one SELECT, {example}")
+    kind = statements[0].type.name
+    if kind not in READ_ONLY_STATEMENTS:
+        raise UsageError(
+            f"{kind} statements are not allowed: `llamaprune sql` only reads (SELECT, WITH ... SELECT, EXPLAIN, "
+            f"DESCRIBE, SUMMARIZE), {example}"
+        )
+    return statements[0].query
 
 
 def plan_rows(run_dir: Path) -> tuple[list[dict], list[dict]]:
