@@ -29,7 +29,8 @@ from llamaprune.apply import apply_plan  # noqa: E402
 from llamaprune.data import calibration_windows, evaluation_windows, load_rows  # noqa: E402
 from llamaprune.evaluate import perplexity  # noqa: E402
 from llamaprune.plan import PlanOptions, load_run, make_plan  # noqa: E402
-from llamaprune.scoring import score, write_run  # noqa: E402
+from llamaprune.scoring import score  # noqa: E402
+from llamaprune.scoring_run import write_tables  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 CRITERIA = ("taylor", "taylor2", "wanda", "magnitude", "random")
@@ -190,7 +191,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
         run.mkdir()
-        write_run(run, result, {"schema_version": 1})
+        write_tables(run, result)
         tables = load_run(run)
         for case in cases():
             start = time.perf_counter()

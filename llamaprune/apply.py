@@ -12,20 +12,10 @@ from __future__ import annotations
 
 import logging
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from llamaprune.artifacts import (
-    MANIFEST,
-    append_history,
-    atomic_dir,
-    atomic_write_json,
-    new_manifest,
-    read_manifest,
-    refuse_existing,
-    with_history,
-)
+from llamaprune.artifacts import MANIFEST, atomic_write_json, manifest_in, new_manifest
 from llamaprune.checkpoint import (
     PLAN_FILE,
     check_params,
@@ -38,18 +28,9 @@ from llamaprune.checkpoint import (
 )
 from llamaprune.errors import UsageError
 from llamaprune.evaluate import EVAL_FILE, EvalOptions, compare, measure
-from llamaprune.model import (
-    Device,
-    DType,
-    Source,
-    config_fingerprint,
-    load_config,
-    load_model,
-    register,
-    resolve_device,
-    resolve_source,
-)
+from llamaprune.model import Device, DType, config_fingerprint, load_model, register
 from llamaprune.pruning_plan import Plan, read_plan
+from llamaprune.runs import Checked, Phase, run_phase
 from llamaprune.table import check_fingerprint
 
 log = logging.getLogger(__name__)
@@ -141,17 +122,17 @@ def run_dir_of(plan_path: Path) -> Path | None:
 
 def apply(options: ApplyOptions) -> dict:
     """Write the pruned checkpoint to ``options.out`` atomically; returns the summary put in the manifest."""
-    start = time.perf_counter()
     plan = read_plan(options.plan)
-    refuse_existing(options.out, options.overwrite)
-    resolve_device(options.device)
-    source = resolve_source(options.model)
-    config = load_config(source)
-    check_plan(plan, config, f"plan {options.plan}")
-    rows = options.eval.test_rows() if options.eval else None  # a bad dataset fails before any work
-    files = safetensors_files(Path(source.path)) if source.kind == "dir" else None
-    summary = {"command": "apply", "plan": str(options.plan), "model": options.model, "out": str(options.out)}
-    with atomic_dir(options.out, options.overwrite) as tmp:
+
+    def inputs(checked: Checked) -> list[str] | None:
+        check_plan(plan, checked.config, f"plan {options.plan}")
+        return options.eval.test_rows() if options.eval else None  # a bad dataset fails before any work
+
+    phase = Phase("apply", options.out, options.overwrite, options.model, options.device)
+    with run_phase(phase, inputs) as run:
+        source, config, rows, tmp = run.checked.source, run.checked.config, run.inputs, run.dir
+        files = safetensors_files(Path(source.path)) if source.kind == "dir" else None
+        run.summary.update(plan=str(options.plan), model=options.model, out=str(options.out))
         before = _evaluate(options.model, options, rows) if options.eval else None
         if files is not None:
             log.info("streaming %d safetensors file(s) of %s", len(files), options.model)
@@ -167,18 +148,19 @@ def apply(options: ApplyOptions) -> dict:
             loaded = load_model(options.model, options.load_dtype, options.device)
             save_pruned(apply_plan(loaded.model, plan), tmp, options.shard_bytes)
             loaded.tokenizer.save_pretrained(tmp)
-        summary.update(streamed=files is not None, params_before=plan.params_before, params_after=plan.params_after)
+        run.summary.update(streamed=files is not None, params_before=plan.params_before,
+                           params_after=plan.params_after)
         if options.eval:
             after = _evaluate(str(tmp), options, rows)
-            summary["eval"] = compare(options.eval, before, after)
-            atomic_write_json(tmp / EVAL_FILE, summary["eval"])
-        summary["seconds"] = round(time.perf_counter() - start, 3)
+            run.summary["eval"] = compare(options.eval, before, after)
+            atomic_write_json(tmp / EVAL_FILE, run.summary["eval"])
+        run.summary["seconds"] = run.seconds()
         shutil.copyfile(options.plan, tmp / PLAN_FILE)
-        atomic_write_json(tmp / MANIFEST, manifest_with(options, plan, source, config, summary))
-    run_dir = run_dir_of(options.plan)
-    if run_dir is not None:
-        append_history(run_dir, summary)
-    return summary
+        # The run's manifest with this apply appended (a new one when the plan has no run directory).
+        run_dir = run_dir_of(options.plan)
+        model = {"source": source.name, "path": source.path, "fingerprint": config_fingerprint(config)}
+        run.record(manifest_in(run_dir) or new_manifest(model, plan=plan.name), also=run_dir)
+    return run.summary
 
 
 def _evaluate(model_name: str, options: ApplyOptions, rows: list[str]) -> dict:
@@ -186,12 +168,3 @@ def _evaluate(model_name: str, options: ApplyOptions, rows: list[str]) -> dict:
     register()
     loaded = load_model(model_name, options.load_dtype, options.device)
     return measure(loaded.model, loaded.tokenizer, options.eval, rows)
-
-
-def manifest_with(options: ApplyOptions, plan: Plan, source: Source, config, summary: dict) -> dict:
-    """The run's manifest with this apply appended (or a new one when the plan has no run directory)."""
-    run_dir = run_dir_of(options.plan)
-    if run_dir is not None:
-        return with_history(read_manifest(run_dir), summary)
-    model = {"source": source.name, "path": source.path, "fingerprint": config_fingerprint(config)}
-    return with_history(new_manifest(model, plan=plan.name), summary)

@@ -2,24 +2,28 @@
 
     >>> with atomic_dir(Path("artifacts/run1"), overwrite=False) as tmp:   # doctest: +SKIP
     ...     atomic_write_json(tmp / "manifest.json", {"schema_version": 1})
+    >>> plain_value({"out": Path("run"), "ratios": (0.1, 0.2)})
+    {'out': 'run', 'ratios': [0.1, 0.2]}
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
-import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
 
 from llamaprune.errors import MissingInput, UsageError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+_SCALARS = frozenset((str, int, float, bool, type(None)))
 
 
 def _umask() -> int:
@@ -44,6 +48,24 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def plain_value(value):
+    """Options (and anything else a manifest or plan records) as JSON values: enums by value, paths as text,
+    tuples as lists, dataclasses as dicts of their fields."""
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (tuple, list)):
+        if _SCALARS.issuperset(map(type, value)):  # index lists of a 70B plan: 2.3M ints, no call per item
+            return list(value)
+        return [plain_value(item) for item in value]
+    if isinstance(value, dict):
+        return {key: plain_value(item) for key, item in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain_value(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    return value
 
 
 def refuse_existing(path: Path, overwrite: bool) -> None:
@@ -94,6 +116,13 @@ def read_manifest(run_dir: Path) -> dict:
     return manifest
 
 
+def manifest_in(directory: Path | None) -> dict | None:
+    """The manifest an earlier phase left in ``directory`` (a run or checkpoint directory), if it has one."""
+    if directory is None or not (Path(directory) / MANIFEST).is_file():
+        return None
+    return read_manifest(directory)
+
+
 def new_manifest(model: dict, **fields) -> dict:
     """The head every manifest starts with: the schema and llamaprune version that wrote it, and the model."""
     from llamaprune import __version__
@@ -123,19 +152,3 @@ def now_iso() -> str:
 
 def stamp() -> str:
     return _dt.datetime.now().strftime("%Y%m%d_%H%M%S")
-
-
-def start_log(directory: Path, name: str = "run.log") -> logging.Handler:
-    """Send the full log of this command to ``directory/logs/<stamp>/<name>``; returns the handler."""
-    log_dir = Path(directory) / "logs" / stamp()
-    log_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(log_dir / name)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.setLevel(logging.DEBUG)
-    logging.getLogger().addHandler(handler)
-    return handler
-
-
-def stop_log(handler: logging.Handler) -> None:
-    logging.getLogger().removeHandler(handler)
-    handler.close()

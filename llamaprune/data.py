@@ -169,14 +169,14 @@ def calibration_windows(tokenizer, rows: list[str], num_samples: int, seq_len: i
     import torch
 
     ids = tokenize_rows(tokenizer, rows)
-    room = ids.numel() - seq_len
-    if room <= 0:
+    room = ids.numel() - seq_len  # the last window starts here: starts 0..room, all of them drawable
+    if room < 0:
         raise UsageError(
             f"the calibration text has {ids.numel()} tokens, too few for --seq-len {seq_len}; "
             f"use more text or a shorter seq_len"
         )
     generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, room, (num_samples,), generator=generator)
+    starts = torch.randint(0, room + 1, (num_samples,), generator=generator)
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
 
 

@@ -10,6 +10,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 
+from llamaprune.artifacts import plain_value
 from llamaprune.data import evaluation_windows, load_rows
 from llamaprune.errors import UsageError
 
@@ -109,7 +110,8 @@ def measure(model, tokenizer, options: EvalOptions, rows: list[str], progress: b
 def compare(options: EvalOptions, before: dict, after: dict) -> dict:
     """What eval.json holds: both measurements and their ratios (perplexity; parameters and tokens/s when
     both measurements have them)."""
-    report = {"options": asdict(options), "before": before, "after": after, "ppl_ratio": after["ppl"] / before["ppl"]}
+    report = {"options": plain_value(options), "before": before, "after": after}
+    report["ppl_ratio"] = after["ppl"] / before["ppl"]
     for key, ratio in (("num_parameters", "params_ratio"), ("tokens_per_s", "tokens_per_s_ratio")):
         if key in before and key in after:
             report[ratio] = after[key] / before[key]

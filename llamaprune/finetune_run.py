@@ -12,27 +12,17 @@ tokenizer and plan, the loss curve, eval.json and the manifest.
 from __future__ import annotations
 
 import shutil
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-from llamaprune.artifacts import (
-    MANIFEST,
-    atomic_dir,
-    atomic_write_json,
-    new_manifest,
-    read_manifest,
-    refuse_existing,
-    start_log,
-    stop_log,
-    with_history,
-)
+from llamaprune.artifacts import MANIFEST, atomic_write_json, manifest_in, new_manifest, plain_value
 from llamaprune.checkpoint import MODELING_FILE, save_pruned
 from llamaprune.errors import UsageError
-from llamaprune.evaluate import EVAL_FILE, EvalOptions, compare, evaluate_dataset
+from llamaprune.evaluate import EVAL_FILE, EvalOptions, compare, measure
 from llamaprune.finetune import CURVE_JSON, CURVE_PNG, FinetuneOptions, Method, finetune, merge_lora, plot_curve
-from llamaprune.finetune_data import build_examples, read_source
-from llamaprune.model import Device, DType, config_fingerprint, load_config, load_model, resolve_device, resolve_source
+from llamaprune.finetune_data import TrainingText, build_examples, read_source
+from llamaprune.model import Device, DType, config_fingerprint, load_model, resolve_source
+from llamaprune.runs import Phase, run_phase
 
 ADAPTER_DIR = "adapter"
 LOG_NAME = "training.log"
@@ -59,16 +49,29 @@ class FinetuneRun:
         if self.save_adapter and self.options.method is not Method.lora:
             raise UsageError("--save-adapter keeps a LoRA adapter; use it with --method lora")
 
+    def phase(self, model_ready: bool = True) -> Phase:
+        """The run as a phase; ``model_ready`` False checks all but the input model, which an earlier phase of
+        the same command (``apply --finetune``) has yet to write."""
+        return Phase("finetune", self.out, self.overwrite, self.model if model_ready else None, self.device, LOG_NAME)
 
-def checkpoint_dir(name: str) -> Path:
+
+@dataclass(frozen=True)
+class Inputs:
+    """The texts, read before any weights load so that bad data fails fast."""
+
+    training: TrainingText
+    evaluation: list[str] | None
+
+
+def read_inputs(run: FinetuneRun) -> Inputs:
+    return Inputs(read_source(run.options.dataset, run.options.data_dir), run.eval.test_rows() if run.eval else None)
+
+
+def check_checkpoint_dir(name: str) -> None:
     """The input must be a checkpoint directory: its tokenizer, plan and manifest are carried over."""
     source = resolve_source(name)
     if source.kind != "dir":
-        raise UsageError(
-            f"{name} is a {source.kind} model; finetune reads a checkpoint directory (give its path)"
-        )
-    load_config(source)
-    return Path(source.path)
+        raise UsageError(f"{name} is a {source.kind} model; finetune reads a checkpoint directory (give its path)")
 
 
 def copy_input_files(source: Path, out: Path) -> list[str]:
@@ -82,52 +85,35 @@ def copy_input_files(source: Path, out: Path) -> list[str]:
     return copied
 
 
-def manifest_for(source: Path, name: str, config, summary: dict) -> dict:
-    """The input's manifest with this finetune appended (a new one for a plain checkpoint directory)."""
-    if (source / MANIFEST).is_file():
-        return with_history(read_manifest(source), summary)
-    return with_history(new_manifest({"source": name, "fingerprint": config_fingerprint(config)}), summary)
-
-
 def run_finetune(run: FinetuneRun, progress: bool = True) -> dict:
     """Finetune a checkpoint directory into ``run.out`` (atomically); returns what the manifest records."""
-    start = time.perf_counter()
-    resolve_device(run.device)
-    source = checkpoint_dir(run.model)
-    refuse_existing(run.out, run.overwrite)
-    text = read_source(run.options.dataset, run.options.data_dir)  # bad data fails before the weights load
-    eval_rows = run.eval.test_rows() if run.eval else None
-    summary = {
-        "command": "finetune",
-        "model": run.model,
-        "out": str(run.out),
-        "options": asdict(run.options),
-        "learning_rate": run.options.learning_rate,
-    }
-    with atomic_dir(run.out, run.overwrite) as tmp:
-        handler = start_log(tmp, LOG_NAME)
-        try:
-            loaded = load_model(run.model, run.dtype, run.device)
-            model, tokenizer = loaded.model, loaded.tokenizer
-            options = run.options
-            examples = build_examples(tokenizer, text, options.samples, options.seq_len, options.seed)
-            if run.eval:
-                before = evaluate_dataset(model, tokenizer, run.eval, progress, eval_rows)
-            result = finetune(model, tokenizer, options, examples, progress)
-            if run.save_adapter:
-                result.model.save_pretrained(tmp / ADAPTER_DIR)
-            model = merge_lora(result.model)
-            summary.update(data_kind=text.kind, **result.summary())
-            if run.eval:
-                after = evaluate_dataset(model, tokenizer, run.eval, progress, eval_rows)
-                summary["eval"] = compare(run.eval, before.to_dict(), after.to_dict())
-                atomic_write_json(tmp / EVAL_FILE, summary["eval"])
-            save_pruned(model, tmp, run.max_shard_size)
-            summary["copied"] = copy_input_files(source, tmp)
-            atomic_write_json(tmp / CURVE_JSON, result.curve)
-            plot_curve(result.curve, tmp / CURVE_PNG)
-            summary["seconds_total"] = round(time.perf_counter() - start, 3)
-            atomic_write_json(tmp / MANIFEST, manifest_for(source, run.model, model.config, summary))
-        finally:
-            stop_log(handler)
+    check_checkpoint_dir(run.model)
+    with run_phase(run.phase(), lambda _: read_inputs(run)) as phase_run:
+        source, inputs, tmp = Path(phase_run.checked.source.path), phase_run.inputs, phase_run.dir
+        summary = phase_run.summary
+        summary.update(model=run.model, out=str(run.out), options=plain_value(run.options),
+                       learning_rate=run.options.learning_rate)
+        loaded = load_model(run.model, run.dtype, run.device)
+        model, tokenizer = loaded.model, loaded.tokenizer
+        options = run.options
+        examples = build_examples(tokenizer, inputs.training, options.samples, options.seq_len, options.seed)
+        if run.eval:
+            before = measure(model, tokenizer, run.eval, inputs.evaluation, progress)
+        result = finetune(model, tokenizer, options, examples, progress)
+        if run.save_adapter:
+            result.model.save_pretrained(tmp / ADAPTER_DIR)
+        model = merge_lora(result.model)
+        summary.update(data_kind=inputs.training.kind, **result.summary())
+        if run.eval:
+            after = measure(model, tokenizer, run.eval, inputs.evaluation, progress)
+            summary["eval"] = compare(run.eval, before, after)
+            atomic_write_json(tmp / EVAL_FILE, summary["eval"])
+        save_pruned(model, tmp, run.max_shard_size)
+        summary["copied"] = copy_input_files(source, tmp)
+        atomic_write_json(tmp / CURVE_JSON, result.curve)
+        plot_curve(result.curve, tmp / CURVE_PNG)
+        summary["seconds_total"] = phase_run.seconds()
+        # The input's manifest with this finetune appended (a new one for a plain checkpoint directory).
+        fingerprint = config_fingerprint(model.config)
+        phase_run.record(manifest_in(source) or new_manifest({"source": run.model, "fingerprint": fingerprint}))
     return summary

@@ -20,21 +20,14 @@ from dataclasses import dataclass, fields
 from enum import Enum
 from pathlib import Path
 
-from llamaprune.artifacts import (
-    MANIFEST,
-    append_history,
-    atomic_dir,
-    atomic_write_json,
-    refuse_existing,
-    start_log,
-    stop_log,
-)
+from llamaprune.artifacts import MANIFEST, atomic_write_json, plain_value, with_history
 from llamaprune.choices import parse_choice
 from llamaprune.errors import UsageError
 from llamaprune.evaluate import EVAL_FILE, EvalOptions, measure
 from llamaprune.finetune import CURVE_JSON, CURVE_PNG, FinetuneOptions, Method
 from llamaprune.model import Device, DType
 from llamaprune.plan import LayerStrategy, PlanOptions, Strategy
+from llamaprune.runs import Phase, PhaseRun, run_phase
 from llamaprune.scoring import ScoreOptions
 
 log = logging.getLogger(__name__)
@@ -129,6 +122,10 @@ class PruneOptions:
     def run_dir(self) -> Path:
         return Path(self.output_dir) if self.output_dir is not None else ARTIFACTS / self.save_ckpt_log_name
 
+    @property
+    def phase(self) -> Phase:
+        return Phase("prune", self.run_dir, self.overwrite, self.base_model, self.device, LOG_NAME)
+
     def score_options(self) -> ScoreOptions:
         """Only the one criterion asked for is scored."""
         return ScoreOptions(
@@ -211,26 +208,18 @@ def read_inputs(options: PruneOptions) -> _Inputs:
 
 def prune(options: PruneOptions, progress: bool = True) -> dict:
     """Run every phase into ``options.run_dir`` (atomically); returns the summary the manifest records."""
-    from llamaprune.model import load_config, resolve_device, resolve_source
-
-    refuse_existing(options.run_dir, options.overwrite)
-    resolve_device(options.device)
-    load_config(resolve_source(options.base_model))
-    inputs = read_inputs(options)
-    with atomic_dir(options.run_dir, options.overwrite) as tmp:
-        handler = start_log(tmp, name=LOG_NAME)
-        try:
-            summary = _run(options, inputs, tmp, progress)
-        finally:
-            stop_log(handler)
-    return summary
+    with run_phase(options.phase, lambda _: read_inputs(options)) as run:
+        _run(options, run, progress)
+    return run.summary
 
 
-def _run(options: PruneOptions, inputs: _Inputs, out: Path, progress: bool) -> dict:
+def _run(options: PruneOptions, run: PhaseRun[_Inputs], progress: bool) -> None:
     from llamaprune.apply import apply_plan
     from llamaprune.evaluate import compare
     from llamaprune.model import load_model
+    from llamaprune.scoring_run import score_entry, score_into
 
+    inputs, out, summary = run.inputs, run.dir, run.summary
     start = time.perf_counter()
     loaded = load_model(options.base_model, options.dtype, options.device)
     load_seconds = time.perf_counter() - start
@@ -239,22 +228,22 @@ def _run(options: PruneOptions, inputs: _Inputs, out: Path, progress: bool) -> d
         _measure, tokenizer=loaded.tokenizer, options=evaluation, rows=inputs.evaluation, progress=progress
     )
     dense = measure(loaded.model)
-    result = _score(options, loaded, inputs.calibration, out, load_seconds, progress)
+    result, manifest = score_into(out, options.score_options(), loaded, inputs.calibration, load_seconds, progress)
+    manifest = with_history(manifest, score_entry(result))  # the scoring; this prune follows it
     plan, seed_files = _plan(options, out)
     t0 = time.perf_counter()
     model = apply_plan(loaded.model, plan)
-    summary = {
-        "command": "prune",
-        "options": {k: _plain(v) for k, v in options.description().items()},
-        "plan": plan.name,
-        "target_ratio": plan.target_ratio,
-        "achieved_ratio": plan.achieved_ratio,
-        "params_before": plan.params_before,
-        "params_after": plan.params_after,
-        "seconds_score": round(result.seconds, 3),
-        "seconds_apply": round(time.perf_counter() - t0, 3),
-        "seed_files": seed_files,
-    }
+    summary.update(
+        options=plain_value(options.description()),
+        plan=plan.name,
+        target_ratio=plan.target_ratio,
+        achieved_ratio=plan.achieved_ratio,
+        params_before=plan.params_before,
+        params_after=plan.params_after,
+        seconds_score=round(result.seconds, 3),
+        seconds_apply=round(time.perf_counter() - t0, 3),
+        seed_files=seed_files,
+    )
     report = compare(evaluation, dense, measure(model)) if dense else None
     curve = None
     if options.finetune:
@@ -271,10 +260,9 @@ def _run(options: PruneOptions, inputs: _Inputs, out: Path, progress: bool) -> d
         summary["eval"] = report
         atomic_write_json((model_dir if options.saves_model else out) / EVAL_FILE, report)
     summary["seconds"] = round(time.perf_counter() - start, 3)
-    append_history(out, summary)
+    run.record(manifest)
     if options.saves_model:
         shutil.copyfile(out / MANIFEST, model_dir / MANIFEST)
-    return summary
 
 
 def _plan(options: PruneOptions, out: Path):
@@ -286,13 +274,6 @@ def _plan(options: PruneOptions, out: Path):
     plan = make_plan(tables, options.plan_options())
     write_plans(out, [plan])
     return plan, write_seed_files(out, tables, plan, {**options.description(), "plan": plan.name})
-
-
-def _plain(value):
-    """A JSON value for the manifest: enums by value, paths as text."""
-    if isinstance(value, Enum):
-        return value.value
-    return str(value) if isinstance(value, Path) else value
 
 
 def _measure(model, tokenizer, options: EvalOptions, rows: list[str] | None, progress: bool) -> dict | None:
@@ -309,13 +290,6 @@ def _recovery(report: dict, finetuned: dict) -> dict:
         "finetuned_ppl_ratio": finetuned["ppl"] / dense,
         "recovered_fraction": (pruned - finetuned["ppl"]) / lost if lost > 0 else None,
     }
-
-
-def _score(options: PruneOptions, loaded, rows: list[str], out: Path, load_seconds: float, progress: bool):
-    """Phase 1 on the loaded model; writes groups.parquet, layers.parquet, stats and manifest into ``out``."""
-    from llamaprune.scoring import score_into
-
-    return score_into(out, options.score_options(), loaded, rows, load_seconds, progress)
 
 
 def _finetune(model, tokenizer, options: PruneOptions, text, progress: bool):

@@ -15,10 +15,9 @@ import copy
 import json
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, fields, replace
-from enum import Enum
 from pathlib import Path
 
-from llamaprune.artifacts import SCHEMA_VERSION, atomic_write_bytes
+from llamaprune.artifacts import SCHEMA_VERSION, atomic_write_bytes, plain_value
 from llamaprune.errors import MissingInput, UsageError
 from llamaprune.groups import LayerShape, model_shape
 from llamaprune.model import config_fingerprint
@@ -96,13 +95,6 @@ class Plan:
     def validate(self) -> None:
         """Raise ValueError naming the first inconsistency (indices out of range or repeated, ...)."""
         _validate(self)
-
-
-def plain_value(value):
-    """A JSON value: enums by value, tuples as lists."""
-    if isinstance(value, Enum):
-        return value.value
-    return list(value) if isinstance(value, tuple) else value
 
 
 def plan_from_dict(doc: dict, origin: str = "plan") -> Plan:

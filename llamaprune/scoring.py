@@ -12,26 +12,14 @@ frees it at once. Embeddings, norms and lm_head get no gradient at all.
 
 from __future__ import annotations
 
-import logging
-import resource
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import pyarrow as pa
 import torch
 
 from llamaprune import __version__
-from llamaprune.artifacts import (
-    SCHEMA_VERSION,
-    atomic_dir,
-    atomic_write_json,
-    new_manifest,
-    refuse_existing,
-    start_log,
-    stop_log,
-    with_history,
-)
+from llamaprune.artifacts import SCHEMA_VERSION
 from llamaprune.errors import UsageError
 from llamaprune.groups import ATTN, MLP, ModelShape, group_id, iter_groups, model_shape
 from llamaprune.importance import COLS, ROWS, group_sum
@@ -41,17 +29,8 @@ from llamaprune.importance.random import random_scores
 from llamaprune.importance.taylor import GradientState, first_order, fold_gradient, new_state
 from llamaprune.importance.wanda import accumulate_sq_norm, wanda_bias_score, wanda_score
 from llamaprune.model import Device, DType, config_fingerprint
-from llamaprune.table import (
-    CRITERIA,
-    GROUPS_FILE,
-    LAYERS_FILE,
-    groups_schema,
-    layers_schema,
-    with_meta,
-    write_table,
-)
-
-log = logging.getLogger(__name__)
+from llamaprune.peak_memory import PeakMemory
+from llamaprune.table import CRITERIA, groups_schema, layers_schema, with_meta
 
 GRADIENT_CRITERIA = ("taylor", "taylor2")
 STATS_FILE = "stats.safetensors"
@@ -85,6 +64,7 @@ class ScoreResult:
     meta: dict
     seconds: float
     peak_memory_bytes: int
+    peak_memory_scope: str  # "scoring", or "process" where the peak could not be reset (llamaprune.peak_memory)
     tokens: int
 
 
@@ -219,8 +199,7 @@ def score(
     handles = _install_hooks(model, shape, specs, acc, need_grad)
     was_training = model.training
     model.eval()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    peak = PeakMemory(device, "scoring")
     start = time.perf_counter()
     try:
         for step, batch in enumerate(tqdm(batches, desc="score", unit="batch", disable=not progress)):
@@ -245,10 +224,7 @@ def score(
             p.grad = None
         model.train(was_training)
     seconds = time.perf_counter() - start
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak_bytes, peak_scope = peak.read()
     scores = _group_scores(specs, shape, acc, criteria, seed)
     meta = table_meta(model.config, shape, criteria, calibration)
     return ScoreResult(
@@ -257,7 +233,8 @@ def score(
         stats=_stats(scores, acc),
         meta=meta,
         seconds=seconds,
-        peak_memory_bytes=peak,
+        peak_memory_bytes=peak_bytes,
+        peak_memory_scope=peak_scope,
         tokens=acc.tokens,
     )
 
@@ -379,70 +356,3 @@ def _stats(scores, acc: _Accumulators) -> dict[str, torch.Tensor]:
 def _owner(param_name: str) -> tuple[int, str]:
     parts = param_name.split(".")
     return int(parts[1]), ATTN if parts[2] == "self_attn" else MLP
-
-
-def write_run(out: Path, result: ScoreResult, manifest: dict) -> None:
-    """Write the tables, stats and manifest into ``out`` (an already created, empty directory)."""
-    from safetensors.torch import save_file
-
-    write_table(result.groups, out / GROUPS_FILE)
-    write_table(result.layers, out / LAYERS_FILE)
-    save_file(result.stats, str(out / STATS_FILE), metadata={"schema_version": str(SCHEMA_VERSION)})
-    atomic_write_json(out / "manifest.json", manifest)
-
-
-def score_into(out: Path, options: ScoreOptions, loaded, rows: list[str], load_seconds: float,
-               progress: bool = True) -> ScoreResult:
-    """Score an already loaded model on calibration windows drawn from ``rows``; write the run into ``out``."""
-    from llamaprune.data import batches, calibration_windows
-
-    windows = calibration_windows(loaded.tokenizer, rows, options.num_samples, options.seq_len, options.seed)
-    calibration = {
-        "source": options.dataset,
-        "n_samples": options.num_samples,
-        "seq_len": options.seq_len,
-        "seed": options.seed,
-        "batch_size": options.batch_size,
-    }
-    log.info("scoring %s with %s on %d x %d tokens", options.model, ",".join(options.criteria),
-             options.num_samples, options.seq_len)
-    result = score(loaded.model, batches(windows, options.batch_size), options.criteria, options.seed, calibration,
-                   progress)
-    model = {
-        "source": options.model,
-        "path": loaded.source.path,
-        "gguf_file": loaded.source.gguf_file,
-        "fingerprint": result.meta["fingerprint"],
-    }
-    manifest = new_manifest(
-        model,
-        params=result.meta["params"],
-        calibration=calibration,
-        criteria=list(options.criteria),
-        options={k: (v.value if hasattr(v, "value") else v) for k, v in asdict(options).items()},
-        timings={"load_seconds": load_seconds, "score_seconds": result.seconds},
-        peak_memory_bytes=result.peak_memory_bytes,
-    )
-    write_run(out, result, with_history(manifest, {"command": "score", "seconds": result.seconds}))
-    return result
-
-
-def score_run(options: ScoreOptions, out: Path, overwrite: bool = False) -> ScoreResult:
-    """The ``llamaprune score`` command: load, sample calibration windows, score, write ``out`` atomically."""
-    from llamaprune.data import load_rows
-    from llamaprune.model import load_config, load_model, resolve_device, resolve_source
-
-    # Cheap checks first: a bad device, model, dataset or --out fails before any weights load.
-    refuse_existing(Path(out), overwrite)
-    resolve_device(options.device)
-    load_config(resolve_source(options.model))
-    rows = load_rows(options.dataset, split="train", data_dir=options.data_dir)
-    with atomic_dir(Path(out), overwrite=overwrite) as tmp:
-        handler = start_log(tmp)
-        try:
-            t0 = time.perf_counter()
-            loaded = load_model(options.model, options.dtype, options.device)
-            result = score_into(tmp, options, loaded, rows, time.perf_counter() - t0)
-        finally:
-            stop_log(handler)
-    return result

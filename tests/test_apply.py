@@ -57,6 +57,7 @@ def test_cli_apply_writes_a_loadable_checkpoint_with_plan_manifest_and_tokenizer
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "modeling_llamaprune.py", "plan.json", "manifest.json", "tokenizer.json"} <= names
     assert "model.safetensors.index.json" in names
+    assert "streaming" in next(out.glob("logs/*/run.log")).read_text()  # the apply's own log
     assert json.loads((out / "plan.json").read_text()) == json.loads(plan_path.read_text())
     assert json.loads((run_dir / "manifest.json").read_text())["history"][-1]["command"] == "apply"
     assert json.loads((out / "manifest.json").read_text())["history"][-1]["out"] == str(out)

@@ -1,6 +1,9 @@
-"""Atomic directories and files, the manifest and its history."""
+"""Atomic directories and files, the manifest and its history, options as JSON values."""
 
 import json
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +13,8 @@ from llamaprune.artifacts import (
     append_history,
     atomic_dir,
     atomic_write_json,
+    manifest_in,
+    plain_value,
     read_manifest,
 )
 
@@ -111,3 +116,35 @@ def test_read_manifest_not_json(tmp_path):
     (tmp_path / MANIFEST).write_text("{truncated")
     with pytest.raises(ValueError, match=r"manifest.json is not valid JSON .*llamaprune score"):
         read_manifest(tmp_path)
+
+
+def test_manifest_in_is_none_without_a_manifest(tmp_path):
+    assert manifest_in(None) is None and manifest_in(tmp_path) is None
+    atomic_write_json(tmp_path / MANIFEST, {"schema_version": SCHEMA_VERSION})
+    assert manifest_in(tmp_path) == {"schema_version": SCHEMA_VERSION}
+
+
+class Color(str, Enum):
+    red = "red"
+
+
+@dataclass(frozen=True)
+class Inner:
+    color: Color = Color.red
+    path: Path = Path("a/b")
+
+
+@dataclass(frozen=True)
+class Outer:
+    inner: Inner = Inner()
+    pair: tuple[int, int] = (2, 8)
+    colors: tuple[Color, ...] = (Color.red,)
+    none: None = None
+
+
+def test_plain_value_turns_options_into_json_values():
+    expected = {"inner": {"color": "red", "path": "a/b"}, "pair": [2, 8], "colors": ["red"], "none": None}
+    assert plain_value(Outer()) == expected
+    assert json.loads(json.dumps(plain_value(Outer()))) == expected
+    assert plain_value({"out": Path("x"), "ratios": (0.1, 0.2)}) == {"out": "x", "ratios": [0.1, 0.2]}
+    assert type(plain_value(Color.red)) is str

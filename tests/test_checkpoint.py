@@ -256,14 +256,15 @@ def test_load_pruned_registers_the_model_type_itself(tmp_path):
 def test_a_pruned_checkpoint_with_a_skipped_attention_streams_again(tmp_path):
     """Re-pruning: the table of a model whose layer 1 has no attention lists it with 0 KV heads and 0 query heads."""
     from llamaprune.plan import PlanOptions, load_run, make_plan
-    from llamaprune.scoring import score, write_run
+    from llamaprune.scoring import score
+    from llamaprune.scoring_run import write_tables
 
     config = tiny_config(heads=4, kv_heads=2, layers=3)
     once = plan_from_kept(config, [([0, 1], list(range(24))), ([], list(range(20))), ([0], [1, 2, 3])])
     pruned = apply_plan(tiny_model(config), once)
     save_pruned(pruned, tmp_path / "pruned")
     (tmp_path / "run").mkdir()
-    write_run(tmp_path / "run", score(pruned, [ids(config.vocab_size)], ("magnitude",), progress=False), {})
+    write_tables(tmp_path / "run", score(pruned, [ids(config.vocab_size)], ("magnitude",), progress=False))
     plan = make_plan(load_run(tmp_path / "run"), PlanOptions(ratio=0.05, criterion="magnitude"))
     assert plan.layers[1].num_key_value_heads == 0 and plan.layers[1].skip == ("attention",)
     (tmp_path / "streamed").mkdir()

@@ -212,6 +212,20 @@ def test_calibration_windows_text_too_short(tokenizer):
         calibration_windows(tokenizer, ["a few words"], num_samples=2, seq_len=512, seed=0)
 
 
+def test_calibration_windows_draw_every_start_up_to_the_last(tokenizer, text_rows):
+    ids = torch.tensor(_ids(tokenizer, text_rows))
+    seq_len = ids.numel() - 2  # three valid starts: 0, 1 and 2
+    windows = calibration_windows(tokenizer, text_rows, num_samples=60, seq_len=seq_len, seed=0)
+    starts = {next(s for s in range(3) if torch.equal(window, ids[s : s + seq_len])) for window in windows}
+    assert starts == {0, 1, 2}
+
+
+def test_calibration_windows_take_a_text_of_exactly_seq_len_tokens(tokenizer, text_rows):
+    ids = torch.tensor(_ids(tokenizer, text_rows))
+    windows = calibration_windows(tokenizer, text_rows, num_samples=3, seq_len=ids.numel(), seed=0)
+    assert windows.shape == (3, ids.numel()) and all(torch.equal(window, ids) for window in windows)
+
+
 # --- batches ------------------------------------------------------------------------------------
 
 

@@ -303,6 +303,28 @@ def test_finetune_cli_writes_a_checkpoint_that_from_pretrained_loads(
     assert report["after"]["ppl"] != report["before"]["ppl"]
 
 
+def test_finetune_eval_warms_up_like_apply_and_reports_the_params_ratio(
+    tmp_path, tiny_checkpoint, train_txt, eval_txt, monkeypatch
+):
+    """Each measurement starts with one warm-up batch, so one-off costs do not skew the tokens/s ratio."""
+    from llamaprune import evaluate
+
+    calls = []
+
+    def counted(model, windows, batch_size=8, progress=True):
+        calls.append(windows.shape[0])
+        return perplexity(model, windows, batch_size, progress)
+
+    monkeypatch.setattr(evaluate, "perplexity", counted)
+    result = run(tiny_checkpoint, "--out", tmp_path / "out", "--dataset", train_txt, "--samples", 16,
+                 "--seq-len", 16, "--eval", eval_txt, "--eval-seq-len", 16, "--max-windows", 6, "--batch-size", 4)
+    assert result.exit_code == 0, result.output
+    assert calls == [4, 6, 4, 6]  # before and after: a warm-up batch, then every window
+    report = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert report["before"]["num_parameters"] == report["after"]["num_parameters"] > 0
+    assert report["params_ratio"] == 1.0 and report["tokens_per_s_ratio"] > 0
+
+
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [

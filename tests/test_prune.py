@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -72,10 +71,7 @@ def only_plan(run):
     return read_plan(path)
 
 
-def test_global_run_writes_native_and_seed_files(tiny_checkpoint, tokenizer, texts, tmp_path, caplog):
-    caplog.set_level(
-        logging.INFO
-    )  # pytest's handlers keep the CLI's basicConfig from lowering the root level
+def test_global_run_writes_native_and_seed_files(tiny_checkpoint, tokenizer, texts, tmp_path):
     out = tmp_path / "global"
     args = common(
         tiny_checkpoint,

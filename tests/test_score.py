@@ -1,6 +1,8 @@
 """Phase 1: each criterion against an independent brute-force computation, the tables, the run directory."""
 
 import json
+import logging
+import resource
 
 import pyarrow.parquet as pq
 import pytest
@@ -8,6 +10,7 @@ import torch
 from conftest import VALID_TXT, group_slices, tiny_config, tiny_model
 from typer.testing import CliRunner
 
+from llamaprune import peak_memory
 from llamaprune.cli import app
 from llamaprune.groups import iter_groups, model_shape
 from llamaprune.model import config_fingerprint
@@ -164,6 +167,7 @@ def test_cli_score_writes_a_run_directory(tmp_path, tiny_checkpoint):
     from transformers import AutoConfig
     fingerprint = config_fingerprint(AutoConfig.from_pretrained(tiny_checkpoint))
     assert manifest["model"]["fingerprint"] == fingerprint
+    assert manifest["peak_memory_bytes"] > 0 and manifest["peak_memory_scope"] in ("scoring", "process")
     assert read_table_meta(run / "groups.parquet")["fingerprint"] == fingerprint
     first = read_table(run / "groups.parquet")
     # Refused without --overwrite; with it, the same seed gives an identical table.
@@ -172,6 +176,39 @@ def test_cli_score_writes_a_run_directory(tmp_path, tiny_checkpoint):
     assert CliRunner().invoke(app, args + ["--overwrite"]).exit_code == 0
     assert pq.read_table(run / "groups.parquet").equals(first)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]  # no temporary left behind
+
+
+def test_the_run_log_holds_info_records_whatever_the_root_level(tmp_path, tiny_checkpoint, monkeypatch):
+    """As for a library caller whose root logger stays at WARNING (under pytest the CLI's basicConfig is a no-op)."""
+    monkeypatch.setattr(logging.getLogger(), "level", logging.WARNING)
+    run = tmp_path / "run"
+    args = ["score", str(tiny_checkpoint), "--out", str(run), "--dataset", str(_write_calibration(tmp_path)),
+            "--num-samples", "2", "--seq-len", "16", "--criteria", "magnitude"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    (log,) = run.glob("logs/*/run.log")
+    assert "INFO llamaprune.scoring_run: scoring" in log.read_text()
+    assert logging.getLogger("llamaprune").level == logging.NOTSET  # as it was before the command
+
+
+def test_the_scoring_peak_leaves_out_what_came_before():
+    """Where the OS lets the peak be reset (Linux), a larger allocation freed before scoring is not in it."""
+    model = tiny_model(tiny_config())
+    spike = torch.ones(400 * 2**20, dtype=torch.uint8)  # 400 MiB, resident while it lives
+    del spike
+    lifetime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result = score(model, _batches(model.config.vocab_size), criteria=("magnitude",), progress=False)
+    if result.peak_memory_scope == "process":
+        pytest.skip("this OS does not let a process reset its peak resident set")
+    assert result.peak_memory_scope == "scoring"
+    assert 0 < result.peak_memory_bytes < lifetime - 200 * 2**20
+
+
+def test_the_peak_is_the_process_s_where_it_cannot_be_reset(monkeypatch, tmp_path):
+    monkeypatch.setattr(peak_memory, "CLEAR_REFS", tmp_path / "absent" / "clear_refs")
+    model = tiny_model(tiny_config())
+    result = score(model, _batches(model.config.vocab_size), criteria=("magnitude",), progress=False)
+    assert result.peak_memory_scope == "process"
+    assert 0 < result.peak_memory_bytes <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def test_table_from_another_model_is_rejected(tmp_path):
