@@ -29,6 +29,7 @@ from llamaprune.plan.options import (
     parse_layers,
     parse_ratios,
 )
+from llamaprune.plan.order import ranked_groups
 from llamaprune.plan.output import PLANS_DIR, SUMMARY_COLUMNS, summary_rows, write_plans
 from llamaprune.plan.planning import iter_plans, make_plan, make_plans
 from llamaprune.plan.tables import KINDS, RunTables, load_run
@@ -51,6 +52,7 @@ __all__ = [
     "parse_distribution",
     "parse_layers",
     "parse_ratios",
+    "ranked_groups",
     "summary_rows",
     "write_plans",
 ]

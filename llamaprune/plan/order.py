@@ -6,7 +6,7 @@ partition (layer 0 attn, layer 0 mlp, layer 1 attn, ...).
 
     >>> tables = load_run("artifacts/run1")                                    # doctest: +SKIP
     >>> order = plan_order(tables, PlanOptions(ratio=0.2, normalize="mean"))   # doctest: +SKIP
-    >>> order.score[:3]                                                        # doctest: +SKIP
+    >>> ranked_groups(tables, PlanOptions(ratio=0.2))["score"][:3]             # doctest: +SKIP
     array([0.00012, 0.00013, 0.00013])
 """
 
@@ -44,6 +44,22 @@ def plan_order(tables: RunTables, options: PlanOptions) -> Order:
     if key not in tables.orders:
         tables.orders[key] = _query_order(tables, options.criterion, normalize)
     return tables.orders[key]
+
+
+def ranked_groups(tables: RunTables, options: PlanOptions) -> dict[str, np.ndarray]:
+    """Every group in plan order (rank 0 first): ``layer``, ``kind`` (0 attn, 1 mlp), ``index``, ``importance``
+    (relative to its layer and kind's mean, times params, with ``normalize`` mean) and ``score`` (importance per
+    parameter). For files that show a plan's ranking, such as the seed toolkit's group table."""
+    order = plan_order(tables, options)
+    at = order.starts[order.part] + order.pos  # each group's place in the by-partition arrays
+    part = order.part.astype(np.int64)
+    return {
+        "layer": part // 2,
+        "kind": part % 2,
+        "index": order.index[at],
+        "importance": order.imp[at],
+        "score": order.score,
+    }
 
 
 def _query_order(tables: RunTables, criterion: str, normalize: Normalize) -> Order:
