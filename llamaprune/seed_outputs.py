@@ -1,7 +1,7 @@
 """The seed toolkit's run files, written from a run directory and its plan beside the native artifacts.
 
 ``description.txt`` (the configuration, ``key: value`` per line), ``global_group_table.csv`` (global plans:
-every group in the order the plan ranked them, and whether it went), ``layer_importance_config.json``
+every group in the order the planner ranked them for the plan, and whether it went), ``layer_importance_config.json``
 (layer-wise plans: per layer its importance, pruning ratios and whether it was frozen) and
 ``pruning_strategy.png`` (the plan's picture).
 
@@ -16,10 +16,11 @@ import shutil
 from enum import Enum
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
 from llamaprune.artifacts import atomic_write_bytes, atomic_write_json
-from llamaprune.plan import KINDS, PLANS_DIR, RunTables, Strategy
+from llamaprune.plan import KINDS, PLANS_DIR, PlanOptions, RunTables, Strategy, ranked_groups
 from llamaprune.pruning_plan import Plan
 
 DESCRIPTION = "description.txt"
@@ -27,13 +28,13 @@ GROUP_TABLE = "global_group_table.csv"
 LAYER_CONFIG = "layer_importance_config.json"
 STRATEGY_PNG = "pruning_strategy.png"
 
-# Groups in the global plan's order: ascending importance per parameter, ties broken by group_id.
+# Every group in the order the planner ranked it (the ``ranked`` view), named and costed by groups.parquet.
 RANKED_GROUPS = """
-SELECT row_number() OVER (ORDER BY g.score, g.group_id) AS rank, g.*, k."index" IS NULL AS pruned
-FROM (SELECT group_id, layer, kind, "index", params, "{criterion}" AS importance,
-             "{criterion}" / params AS score FROM read_parquet($groups)) AS g
+SELECT r.rank, g.group_id, r.layer, r.kind, r."index", g.params, r.importance, r.score, k."index" IS NULL AS pruned
+FROM ranked AS r
+JOIN read_parquet($groups) AS g USING (layer, kind, "index")
 LEFT JOIN kept AS k USING (layer, kind, "index")
-ORDER BY rank
+ORDER BY r.rank
 """
 
 
@@ -63,15 +64,30 @@ def kept_groups(plan: Plan) -> pa.Table:
     )
 
 
+def ranked_table(tables: RunTables, plan: Plan) -> pa.Table:
+    """rank (1 first), layer, kind, index, importance and score of every group, in the order the planner walked
+    for ``plan`` (its criterion, normalized as it was), so that the table shows the ranking the plan followed."""
+    ranked = ranked_groups(tables, PlanOptions(**plan.options))
+    return pa.table(
+        {
+            "rank": pa.array(np.arange(1, len(ranked["layer"]) + 1), pa.int64()),
+            "layer": pa.array(ranked["layer"], pa.int32()),
+            "kind": pa.array(np.asarray(KINDS)[ranked["kind"]], pa.string()),
+            "index": pa.array(ranked["index"], pa.int32()),
+            "importance": pa.array(ranked["importance"], pa.float64()),
+            "score": pa.array(ranked["score"], pa.float64()),
+        }
+    )
+
+
 def write_group_table(path: Path, tables: RunTables, plan: Plan) -> None:
     """``global_group_table.csv``: rank, group_id, layer, kind, index, params, importance, score, pruned."""
     import duckdb
 
     with duckdb.connect() as con:
+        con.register("ranked", ranked_table(tables, plan))
         con.register("kept", kept_groups(plan))
-        ranked = con.sql(
-            RANKED_GROUPS.format(criterion=plan.criterion), params={"groups": str(tables.groups_path)}
-        )
+        ranked = con.sql(RANKED_GROUPS, params={"groups": str(tables.groups_path)})
         ranked.write_csv(str(path), header=True)
 
 

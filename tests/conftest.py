@@ -295,6 +295,35 @@ def write_run(
     return run_dir
 
 
+def removed_ids(plan):
+    """group_ids a plan removes, from its kept lists (independent of how the plan was made)."""
+    out = set()
+    for lp in plan.layers:
+        out |= {f"layers.{lp.layer}.attn.{i}" for i in set(range(lp.num_key_value_heads)) - set(lp.attn_groups)}
+        out |= {f"layers.{lp.layer}.mlp.{i}" for i in set(range(lp.intermediate_size)) - set(lp.mlp_channels)}
+    return out
+
+
+def params_removed(plan, attn=ATTN, mlp=MLP, attn_fixed=ATTN_FIXED, mlp_fixed=MLP_FIXED):
+    """The accounting rule, recomputed: removed groups, plus the fixed params of every emptied sub-block."""
+    total = 0
+    for lp in plan.layers:
+        total += (lp.num_key_value_heads - len(lp.attn_groups)) * attn
+        total += (lp.intermediate_size - len(lp.mlp_channels)) * mlp
+        total += attn_fixed * (lp.removed or "attention" in lp.skip)
+        total += mlp_fixed * (lp.removed or "mlp" in lp.skip)
+    return total
+
+
+def check_accounting(plan, **costs):
+    """A plan's params add up (docs/ARTIFACTS.md, "Plans"), stay within its target and pass its own checks."""
+    removed = params_removed(plan, **costs)
+    assert plan.params_before - plan.params_after == removed
+    assert plan.achieved_ratio == pytest.approx(removed / plan.params_before, rel=1e-12)
+    assert removed / plan.params_before <= plan.target_ratio
+    plan.validate()
+
+
 # Importance per parameter (attn costs 100, mlp 10): layer 0 is cheap to prune, layer 1 dear.
 # Global order: l0.mlp.0 .1 .2 (.3) | l0.attn.1 (0.5) | l1.mlp.0 .1 .2 (.3) | l0.attn.0 (5) | l1.attn.0 ...
 TAYLOR = [([500.0, 50.0], [1.0, 2.0, 3.0, 4.0]), ([800.0, 900.0], [10.0, 20.0, 30.0, 40.0])]

@@ -1,18 +1,13 @@
-"""Phase 2 plan logic on hand-built tables with known answers; properties checked against a plain greedy."""
+"""Phase 2 plan logic on hand-built tables with known answers (properties on random ones: test_plan_properties)."""
 
 import json
-import tempfile
 from dataclasses import replace
-from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from conftest import ATTN, ATTN_FIXED, MLP, MLP_FIXED, TAYLOR, write_run
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from conftest import ATTN_FIXED, TAYLOR, check_accounting, removed_ids, write_run
 
 from llamaprune.plan import (
     PlanOptions,
@@ -32,34 +27,6 @@ from llamaprune.table import file_sha256, write_table
 @pytest.fixture
 def run(tmp_path):
     return write_run(tmp_path / "run", {"taylor": TAYLOR}, influence=[0.1, 0.4])
-
-
-def removed_ids(plan):
-    """group_ids a plan removes, from its kept lists (independent of how the plan was made)."""
-    out = set()
-    for lp in plan.layers:
-        out |= {f"layers.{lp.layer}.attn.{i}" for i in set(range(lp.num_key_value_heads)) - set(lp.attn_groups)}
-        out |= {f"layers.{lp.layer}.mlp.{i}" for i in set(range(lp.intermediate_size)) - set(lp.mlp_channels)}
-    return out
-
-
-def params_removed(plan, attn=ATTN, mlp=MLP, attn_fixed=ATTN_FIXED, mlp_fixed=MLP_FIXED):
-    """The accounting rule, recomputed: removed groups, plus the fixed params of every emptied sub-block."""
-    total = 0
-    for lp in plan.layers:
-        total += (lp.num_key_value_heads - len(lp.attn_groups)) * attn
-        total += (lp.intermediate_size - len(lp.mlp_channels)) * mlp
-        total += attn_fixed * (lp.removed or "attention" in lp.skip)
-        total += mlp_fixed * (lp.removed or "mlp" in lp.skip)
-    return total
-
-
-def check_accounting(plan, **costs):
-    removed = params_removed(plan, **costs)
-    assert plan.params_before - plan.params_after == removed
-    assert plan.achieved_ratio == pytest.approx(removed / plan.params_before, rel=1e-12)
-    assert removed / plan.params_before <= plan.target_ratio
-    plan.validate()
 
 
 # ---------------------------------------------------------------- global
@@ -225,6 +192,45 @@ def test_unreachable_target_names_the_largest_reachable_ratio(run):
     assert make_plan(run, PlanOptions(ratio=best, protect_layers=(1,))).achieved_ratio == best
 
 
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="the bound leaves out the cheapest sub-block-emptying unit, though without it the layer's whole-layer "
+    "unit cannot be taken either",
+)
+def test_global_depth_unreachable_names_what_a_plan_can_remove(tmp_path):
+    # one layer (which must stay): attention 5 params, two channels of 9 and MLP fixed 8; min_mlp_channels keeps a
+    # channel unless the layer goes, so a plan removes at most attention and one channel: 14 of 31 params
+    run = write_run(
+        tmp_path, {"taylor": [([1.0], [1.0, 2.0])]}, kv=1, inter=2, attn=5, mlp=9, attn_fixed=0, mlp_fixed=8, embed=0
+    )
+    options = PlanOptions(ratio=0.9, min_kv_heads=0, min_mlp_channels=1, remove_empty_layers=True)
+    assert make_plan(run, replace(options, ratio=0.8)).params_after == 31 - 14
+    with pytest.raises(ValueError, match="unreachable") as err:
+        make_plan(run, options)
+    assert "at most 0.4516 " in str(err.value)  # it says 0.8387: all but the attention group
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=ValueError,
+    reason="with --remove-empty-layers the layerwise bound counts layers that go only at a larger budget",
+)
+def test_layerwise_depth_unreachable_names_a_ratio_that_makes_a_plan(run):
+    options = PlanOptions(
+        ratio=0.5,
+        strategy="layerwise",
+        layer_strategy="uniform",
+        min_kv_heads=0,
+        min_mlp_channels=1,
+        remove_empty_layers=True,
+    )
+    with pytest.raises(ValueError, match="unreachable") as err:
+        make_plan(run, options)
+    best = float(str(err.value).split("choose --ratio ")[1].split(" ")[0])
+    make_plan(run, replace(options, ratio=best))  # 0.4872 is refused in turn: "at most 0.3600"
+
+
 def test_bad_options_and_criteria_are_named(run):
     for ratio in (0, 1, -0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match="outside \\(0, 1\\)"):
@@ -311,150 +317,3 @@ def test_plans_fill_every_field_and_round_trip_through_files(run):
     lp = plan.layers[0]
     assert (lp.num_attention_heads, lp.num_key_value_heads, lp.intermediate_size) == (4, 2, 4)
     assert lp.heads_kept == 4 and lp.mlp_channels == (3,)
-
-
-# ---------------------------------------------------------------- properties against a plain greedy
-
-
-def budget(ratio, total):
-    """The most params a plan may remove, by brute force: removed / total must not exceed the ratio."""
-    return max(b for b in range(total + 1) if b / total <= ratio)
-
-
-def reference_global(scores, costs, options, total):
-    """The global greedy written the obvious way: one group at a time in (score, group_id) order."""
-    n_layers = len(scores)
-    protected = {i % n_layers for i in options.protect_layers}
-    order = []
-    for layer, pair in enumerate(scores):
-        for k, (kind, values) in enumerate(zip(("attn", "mlp"), pair, strict=True)):
-            for i, value in enumerate(values):
-                order.append((value / costs[k], f"layers.{layer}.{kind}.{i}", layer, k))
-    order.sort()
-    left = budget(options.ratio, total)
-    taken, count = set(), {}
-    minimum = (options.min_kv_heads, options.min_mlp_channels)
-    for _, gid, layer, k in order:
-        width = len(scores[layer][k])
-        done = count.get((layer, k), 0)
-        if layer in protected or done >= width - minimum[k]:
-            continue
-        cost = costs[k] + (costs[2 + k] if done + 1 == width else 0)
-        if cost <= left:
-            taken.add(gid)
-            count[(layer, k)] = done + 1
-            left -= cost
-    return taken, left
-
-
-@st.composite
-def cases(draw):
-    n_layers = draw(st.integers(1, 3))
-    kv, inter = draw(st.integers(1, 3)), draw(st.integers(1, 6))
-    values = st.sampled_from([0.0, 1.0, 2.0, 3.5, 7.0, 10.0])  # few values, so ties happen
-    scores = [([draw(values) for _ in range(kv)], [draw(values) for _ in range(inter)]) for _ in range(n_layers)]
-    costs = (
-        draw(st.integers(5, 60)),
-        draw(st.integers(1, 9)),
-        draw(st.integers(0, 8)),
-        draw(st.integers(0, 8)),
-    )
-    options = PlanOptions(
-        ratio=draw(st.floats(0.01, 0.95)),
-        min_kv_heads=draw(st.integers(0, 2)),
-        min_mlp_channels=draw(st.integers(0, 2)),
-        protect_layers=tuple(draw(st.sets(st.integers(-n_layers, n_layers - 1), max_size=1))),
-    )
-    return scores, costs, kv, inter, options, draw(st.integers(0, 40))
-
-
-def write_case(run_dir, scores, costs, kv, inter, embed, influence=None):
-    return write_run(
-        run_dir,
-        {"taylor": scores},
-        kv=kv,
-        inter=inter,
-        attn=costs[0],
-        mlp=costs[1],
-        attn_fixed=costs[2],
-        mlp_fixed=costs[3],
-        embed=embed,
-        influence=influence,
-    )
-
-
-@settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
-@given(cases())
-def test_global_equals_the_plain_greedy_and_stays_within_one_group_of_the_target(case):
-    scores, costs, kv, inter, options, embed = case
-    with tempfile.TemporaryDirectory() as tmp:
-        tables = load_run(write_case(Path(tmp), scores, costs, kv, inter, embed))
-        expected, left = reference_global(scores, costs, options, tables.total)
-        kept_nothing = all(
-            sum(g.startswith(f"layers.{layer}.") for g in expected) == kv + inter for layer in range(len(scores))
-        )
-        try:
-            plan = make_plan(tables, options)
-        except ValueError as err:
-            assert "unreachable" in str(err) or "every layer" in str(err)
-            assert left > 0 or kept_nothing  # the plain greedy could not spend the budget either
-            return
-        assert removed_ids(plan) == expected
-        assert plan.achieved_ratio <= options.ratio
-        check_accounting(plan, attn=costs[0], mlp=costs[1], attn_fixed=costs[2], mlp_fixed=costs[3])
-        shortfall = budget(options.ratio, tables.total) - (plan.params_before - plan.params_after)
-        protected = {i % len(scores) for i in options.protect_layers}
-        for lp in plan.layers:  # every group still removable costs more than what is left
-            for kept, minimum, cost, fixed in (
-                (len(lp.attn_groups), options.min_kv_heads, costs[0], costs[2]),
-                (len(lp.mlp_channels), options.min_mlp_channels, costs[1], costs[3]),
-            ):
-                if lp.layer not in protected and kept > minimum and not lp.removed:
-                    assert shortfall < cost + (fixed if kept == 1 else 0)
-
-
-@settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    cases(),
-    st.sampled_from(["uniform", "inverse"]),
-    st.sampled_from([None, (1, 4), (0, 1), (1, 0)]),
-    st.sampled_from(["depth", "uniform", None]),
-    st.integers(1, 3),
-)
-def test_layerwise_and_constrained_plans_never_exceed_the_target(case, layer_strategy, distribution, mode, round_to):
-    scores, costs, kv, inter, options, embed = case
-    uniform = mode == "uniform" and not options.protect_layers
-    options = PlanOptions(
-        **{
-            **options.to_dict(),
-            "strategy": "layerwise",
-            "layer_strategy": layer_strategy,
-            "distribution": distribution,
-            "remove_empty_layers": mode == "depth",
-            "uniform": uniform,
-            "round_to": round_to,
-        }
-    )
-    influence = np.random.default_rng(len(scores) * 7 + kv).random(len(scores)).tolist()
-    with tempfile.TemporaryDirectory() as tmp:
-        run = write_case(Path(tmp), scores, costs, kv, inter, embed, influence=influence)
-        for opts in (
-            options,
-            replace(options, strategy="global", normalize="mean" if layer_strategy == "uniform" else "none"),
-        ):
-            try:
-                plan = make_plan(run, opts)
-            except ValueError as err:
-                assert "unreachable" in str(err) or "every layer" in str(err)
-                continue
-            check_accounting(plan, attn=costs[0], mlp=costs[1], attn_fixed=costs[2], mlp_fixed=costs[3])
-            protected = {i % len(scores) for i in options.protect_layers}
-            for lp in plan.layers:
-                if lp.layer in protected:
-                    assert (len(lp.attn_groups), len(lp.mlp_channels)) == (kv, inter)
-                elif not lp.removed:
-                    assert len(lp.attn_groups) >= min(kv, options.min_kv_heads)
-                    assert len(lp.mlp_channels) >= min(inter, options.min_mlp_channels)
-                    assert len(lp.mlp_channels) in (inter,) or len(lp.mlp_channels) % round_to == 0
-            if uniform:
-                assert len({(len(lp.attn_groups), len(lp.mlp_channels)) for lp in plan.layers}) == 1

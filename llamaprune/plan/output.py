@@ -1,0 +1,71 @@
+"""What ``llamaprune plan`` leaves behind: ``RUN_DIR/plans/<name>.json`` (and ``.png``), and its summary table.
+
+The summary's ratios are fractions of the model's total (``*_prunable``: of attention + MLP) parameters.
+
+    >>> write_plans("artifacts/run1", plans)                                     # doctest: +SKIP
+    >>> read_plan("artifacts/run1/plans/global-taylor-0.20.json").name           # doctest: +SKIP
+    'global-taylor-0.20'
+    >>> format_rows(list(SUMMARY_COLUMNS), summary_rows(plans))                  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from llamaprune.pruning_plan import Plan, write_plan
+
+PLANS_DIR = "plans"
+
+
+def write_plans(run_dir: Path | str, plans: Iterable[Plan], png: bool = True) -> list[Path]:
+    """Write ``RUN_DIR/plans/<name>.json`` (and ``.png``) for each plan; returns the JSON paths."""
+    paths = []
+    for plan in plans:
+        path = Path(run_dir) / PLANS_DIR / f"{plan.name}.json"
+        write_plan(plan, path)
+        if png:
+            from llamaprune.plan_plot import plot_plan
+
+            plot_plan(plan, path.with_suffix(".png"))
+        paths.append(path)
+    return paths
+
+
+SUMMARY_COLUMNS = (
+    "plan",
+    "target",
+    "achieved",
+    "target_prunable",
+    "achieved_prunable",
+    "params_before",
+    "params_after",
+    "heads_kept",
+    "mlp_channels_kept",
+    "layers_removed",
+)
+
+
+def summary_rows(plans: Iterable[Plan]) -> list[tuple]:
+    """One row per plan in ``SUMMARY_COLUMNS`` order; ratios: fractions of total (prunable) params removed."""
+    rows = []
+    for plan in plans:
+        layers = plan.layers
+        heads = f"{sum(lp.heads_kept for lp in layers)}/{sum(lp.num_attention_heads for lp in layers)}"
+        channels = f"{sum(len(lp.mlp_channels) for lp in layers)}/{sum(lp.intermediate_size for lp in layers)}"
+        target_prunable = plan.target_ratio * plan.params_before / plan.prunable_before
+        rows.append(
+            (
+                plan.name,
+                round(plan.target_ratio, 4),
+                round(plan.achieved_ratio, 4),
+                round(target_prunable, 4),
+                round(plan.achieved_prunable_ratio, 4),
+                plan.params_before,
+                plan.params_after,
+                heads,
+                channels,
+                ",".join(str(i) for i in plan.removed_layers) or "-",
+            )
+        )
+    return rows

@@ -1,0 +1,62 @@
+"""Making plans: options and a run's tables in, ``Plan`` documents out (one per target ratio).
+
+No torch here: a plan is made from ``groups.parquet`` / ``layers.parquet`` alone and applied later, possibly on
+another machine, with only the plan file and the checkpoint.
+
+    >>> tables = load_run("artifacts/run1")                                      # doctest: +SKIP
+    >>> plans = make_plans(tables, PlanOptions(ratio=0.2), ratios=[0.1, 0.2])    # doctest: +SKIP
+    >>> [p.achieved_ratio <= p.target_ratio for p in plans]                      # doctest: +SKIP
+    [True, True]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+from llamaprune.errors import UsageError
+from llamaprune.plan.document import assemble, default_plan_name, ratio_text
+from llamaprune.plan.greedy import global_removal
+from llamaprune.plan.layerwise import layerwise_removal
+from llamaprune.plan.limits import param_budget, removal_limits
+from llamaprune.plan.options import PlanOptions, Strategy
+from llamaprune.plan.order import plan_order
+from llamaprune.plan.tables import RunTables, load_run
+from llamaprune.pruning_plan import Plan
+
+
+def make_plan(source: RunTables | Path | str, options: PlanOptions, name: str | None = None) -> Plan:
+    """One plan from a run directory (or tables already loaded with ``load_run``)."""
+    tables = source if isinstance(source, RunTables) else load_run(source)
+    if options.criterion not in tables.criteria:
+        raise UsageError(
+            f"criterion {options.criterion!r} is not in {tables.groups_path}; it has: "
+            f"{', '.join(tables.criteria)} "
+            f"(add it with `llamaprune score ... --criteria {options.criterion}`)"
+        )
+    order = plan_order(tables, options)
+    limits = removal_limits(tables, options)
+    budget = param_budget(options.ratio, tables.total)
+    strategy = global_removal if options.strategy is Strategy.global_ else layerwise_removal
+    removal = strategy(tables, order, limits, options, budget)
+    return assemble(tables, order, removal, options, name or default_plan_name(options))
+
+
+def make_plans(
+    source: RunTables | Path | str, options: PlanOptions, ratios=None, name: str | None = None
+) -> list[Plan]:
+    """One plan per ratio (default: ``options.ratio``), reading the tables once; with several ratios a given
+    ``name`` gets the ratio appended."""
+    return list(iter_plans(source, options, ratios, name))
+
+
+def iter_plans(
+    source: RunTables | Path | str, options: PlanOptions, ratios=None, name: str | None = None
+) -> Iterator[Plan]:
+    """``make_plans`` one plan at a time, so that a sweep holds one plan (~2M indices for 70B) at once."""
+    tables = source if isinstance(source, RunTables) else load_run(source)
+    ratios = list(dict.fromkeys(ratios or [options.ratio]))
+    for ratio in ratios:
+        label = f"{name}-{ratio_text(ratio)}" if name and len(ratios) > 1 else name
+        yield make_plan(tables, replace(options, ratio=ratio), label)
