@@ -17,6 +17,8 @@ from typing import Annotated
 
 import typer
 
+from llamaprune.arch import LINEAR_NAMES
+from llamaprune.criteria import CRITERIA, help_text, names_text
 from llamaprune.errors import UsageError
 from llamaprune.model import Device, DType
 
@@ -133,9 +135,7 @@ def score_command(
     num_samples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 128,
     batch_size: Annotated[int, typer.Option(help="Windows per forward/backward pass.")] = 8,
-    criteria: Annotated[str, typer.Option(help="Comma-separated: taylor,taylor2,wanda,magnitude,random.")] = (
-        "taylor,taylor2,wanda,magnitude,random"
-    ),
+    criteria: Annotated[str, typer.Option(help=f"Comma-separated criteria: {help_text()}.")] = ",".join(CRITERIA),
     seed: Annotated[int, typer.Option(help="Seed of the calibration sample and the random baseline.")] = 0,
     dtype: DTypeOpt = DType.float32,
     device: DeviceOpt = Device.cpu,
@@ -166,7 +166,7 @@ def plan_command(
         str | None, typer.Option(help="A sweep START:STOP:STEP, inclusive, e.g. 0.05:0.5:0.05.")
     ] = None,
     criterion: Annotated[
-        str, typer.Option(help="Score column: taylor, taylor2, wanda, magnitude, random.")
+        str, typer.Option(help=f"Score column: {', '.join(CRITERIA)}.")
     ] = "taylor",
     strategy: Annotated[
         str, typer.Option(help="global (least importance per parameter first) or layerwise.")
@@ -376,7 +376,7 @@ def finetune_command(
     lora_dropout: Annotated[float, typer.Option(help="Dropout on the LoRA input.")] = 0.05,
     lora_targets: Annotated[
         str, typer.Option(help="Comma-separated linear layers to adapt.")
-    ] = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+    ] = ",".join(LINEAR_NAMES),
     eval_dataset: Annotated[
         str | None, typer.Option("--eval", help="Perplexity before and after on: wikitext2, ptb, c4 or a file.")
     ] = None,
@@ -441,7 +441,7 @@ def prune_command(
         float, typer.Option("--pruning_ratio", help="Fraction of the model's TOTAL parameters to remove.")
     ] = 0.2,
     importance_method: Annotated[
-        str, typer.Option("--importance_method", help="taylor, taylor_2nd, wanda, magnitude or random.")
+        str, typer.Option("--importance_method", help=f"{names_text()}.")
     ] = "taylor",
     method: Annotated[str, typer.Option("--method", help="global, or layer (= layerwise).")] = "global",
     pruning_distribution: Annotated[
