@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from llamaprune.apply import apply_plan  # noqa: E402
+from llamaprune.criteria import CRITERIA  # noqa: E402
 from llamaprune.data import calibration_windows, evaluation_windows, load_rows  # noqa: E402
 from llamaprune.evaluate import perplexity  # noqa: E402
 from llamaprune.plan import PlanOptions, load_run, make_plan  # noqa: E402
@@ -33,7 +34,6 @@ from llamaprune.scoring import score  # noqa: E402
 from llamaprune.scoring_run import write_tables  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
-CRITERIA = ("taylor", "taylor2", "wanda", "magnitude", "random")
 RATIOS = (0.1, 0.2, 0.3)
 
 

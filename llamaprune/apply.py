@@ -77,24 +77,27 @@ def check_plan(plan: Plan, config, what: str = "plan") -> None:
 
 
 def apply_plan(model, plan: Plan):
-    """Prune ``model`` by ``plan`` in memory: its weights are sliced in place and reused, not copied."""
-    from torch import nn
-
-    from llamaprune.slicing import slice_layer
+    """A new model: ``model`` pruned by ``plan`` in memory, tensor by tensor with the rules streaming uses.
+    ``model`` itself is left as it was. Sliced tensors are new; the others (embeddings, norms, projections
+    that lose nothing) are shared with ``model``, not copied, so training the result in place changes them in
+    ``model`` too."""
+    from llamaprune.slicing import pruned_state
 
     check_plan(plan, model.config, f"plan {plan.name!r}")
     config = pruned_config(model.config, plan)
-    layers = model.model.layers
-    model.model.layers = nn.ModuleList(
-        [slice_layer(layers[lp.layer], lp, plan.head_dim) for lp in plan.layers if not lp.removed]
-    )
-    pruned = rehouse(model, config)
+    state = pruned_state(model.state_dict(), plan)
+    buffers = pruned_state(dict(model.named_buffers()), plan)
+    pruned = rehouse(model, config, state, buffers)
     check_params(pruned.num_parameters(), plan)
     return pruned
 
 
-def rehouse(model, config):
-    """Move ``model``'s (already sliced) weights into the model class of ``config``, without copying them."""
+def rehouse(model, config, state: dict, buffers: dict):
+    """The model class of ``config`` around the tensors ``state`` (a state dict) and ``buffers`` (by name; the
+    non-persistent ones such as rotary inv_freq are not in a state dict), without copying them; generation
+    settings and tied weights as in ``model``."""
+    import copy
+
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -103,14 +106,13 @@ def rehouse(model, config):
         target = AutoModelForCausalLM.from_config(
             config, dtype=model.dtype, attn_implementation=model.config._attn_implementation
         )
-    target.load_state_dict(model.state_dict(), strict=True, assign=True)
-    buffers = dict(model.named_buffers())
+    target.load_state_dict(state, strict=True, assign=True)
     for name, buffer in list(target.named_buffers()):
-        if buffer.is_meta:  # non-persistent buffers (rotary inv_freq) are not in the state dict
+        if buffer.is_meta:
             module, _, attr = name.rpartition(".")
             setattr(target.get_submodule(module), attr, buffers[name])
     target.tie_weights()
-    target.generation_config = model.generation_config
+    target.generation_config = copy.deepcopy(model.generation_config)
     return target.eval()
 
 

@@ -24,18 +24,11 @@ from pathlib import Path
 
 import torch
 
+from llamaprune.arch import source_model_type
 from llamaprune.errors import UsageError
-from llamaprune.groups import source_model_type
 from llamaprune.model import Device, DType, register, resolve_device, resolve_source, torch_dtype
 from llamaprune.pruning_plan import Plan
-from llamaprune.slicing import (
-    LAYER_TENSORS,
-    is_skipped,
-    layer_indices,
-    slice_tensor,
-    sliced_shape,
-    split_layer_key,
-)
+from llamaprune.slicing import kept_indices, slice_tensor, sliced_shape, tensor_route
 
 log = logging.getLogger(__name__)
 
@@ -206,11 +199,6 @@ class TensorSlice:
         return math.prod(self.shape)
 
 
-def kept_indices(plan: Plan) -> dict[int, dict]:
-    """Original layer -> its kept indices by kind, for every layer the plan keeps."""
-    return {lp.layer: layer_indices(lp, plan.head_dim) for lp in plan.layers if not lp.removed}
-
-
 def plan_tensors(
     files: list[Path], plan: Plan, indices: dict[int, dict], dtype: DType | None = None, tied: bool = False
 ) -> list[TensorSlice]:
@@ -218,7 +206,6 @@ def plan_tensors(
     With ``tied`` embeddings a stored ``lm_head.weight`` is dropped: transformers ties it on load."""
     from safetensors import safe_open
 
-    new_index = {layer: i for i, layer in enumerate(indices)}
     out = []
     for path in files:
         with safe_open(path, framework="pt") as f:
@@ -236,29 +223,13 @@ def plan_tensors(
                 if dtype is not None and code in FLOAT_CODES:
                     code = DTYPE_CODES[DType(dtype)]
                 codes = (source_code, code)
-                entry = _plan_tensor(path, key, codes, info.get_shape(), plan, new_index, indices)
-                if entry is not None:
-                    out.append(entry)
+                route = tensor_route(key, plan, path.name)
+                if route is None:
+                    continue
+                out_key, layer, rest = route
+                shape = info.get_shape() if layer is None else sliced_shape(rest, info.get_shape(), indices[layer])
+                out.append(TensorSlice(path, key, out_key, *codes, tuple(shape), layer, rest))
     return out
-
-
-def _plan_tensor(path, key, codes, shape, plan, new_index, indices) -> TensorSlice | None:
-    parts = split_layer_key(key)
-    if parts is None:
-        return TensorSlice(path, key, key, *codes, tuple(shape), None)
-    prefix, layer, rest = parts
-    if layer >= len(plan.layers):
-        raise UsageError(f"{path.name}: tensor {key} is in layer {layer}, but the plan has {len(plan.layers)} layers")
-    lp = plan.layers[layer]
-    if lp.removed or is_skipped(rest, lp.skip):
-        return None
-    if rest not in LAYER_TENSORS:
-        raise UsageError(
-            f"{path.name}: unexpected tensor {key}; llamaprune slices Llama/Mistral/Qwen2 layers "
-            f"({', '.join(sorted(LAYER_TENSORS))})"
-        )
-    out_key = f"{prefix}{new_index[layer]}.{rest}"
-    return TensorSlice(path, key, out_key, *codes, tuple(sliced_shape(rest, shape, indices[layer])), layer, rest)
 
 
 def parameter_count(tensors: list[TensorSlice]) -> int:

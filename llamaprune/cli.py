@@ -22,6 +22,7 @@ import typer
 from llamaprune.cli_finetune import finetune_command, report_finetune
 from llamaprune.cli_options import DataDir, DeviceOpt, DTypeOpt
 from llamaprune.cli_prune import prune_command
+from llamaprune.criteria import CRITERIA, help_text
 from llamaprune.errors import UsageError
 from llamaprune.model import Device, DType
 
@@ -130,9 +131,7 @@ def score_command(
     num_samples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 128,
     batch_size: Annotated[int, typer.Option(help="Windows per forward/backward pass.")] = 8,
-    criteria: Annotated[str, typer.Option(help="Comma-separated: taylor,taylor2,wanda,magnitude,random.")] = (
-        "taylor,taylor2,wanda,magnitude,random"
-    ),
+    criteria: Annotated[str, typer.Option(help=f"Comma-separated criteria: {help_text()}.")] = ",".join(CRITERIA),
     seed: Annotated[int, typer.Option(help="Seed of the calibration sample and the random baseline.")] = 0,
     dtype: DTypeOpt = DType.float32,
     device: DeviceOpt = Device.cpu,
@@ -140,7 +139,8 @@ def score_command(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
 ) -> None:
     """Measure importance and cost of every attention group and MLP channel (phase 1)."""
-    from llamaprune.scoring import ScoreOptions, parse_criteria
+    from llamaprune.criteria import parse_criteria
+    from llamaprune.scoring import ScoreOptions
     from llamaprune.scoring_run import score_run
 
     options = ScoreOptions(model, dataset, num_samples, seq_len, batch_size, parse_criteria(criteria), seed, dtype,
@@ -164,7 +164,7 @@ def plan_command(
         str | None, typer.Option(help="A sweep START:STOP:STEP, inclusive, e.g. 0.05:0.5:0.05.")
     ] = None,
     criterion: Annotated[
-        str, typer.Option(help="Score column: taylor, taylor2, wanda, magnitude, random.")
+        str, typer.Option(help=f"Score column: {', '.join(CRITERIA)}.")
     ] = "taylor",
     strategy: Annotated[
         str, typer.Option(help="global (least importance per parameter first) or layerwise.")

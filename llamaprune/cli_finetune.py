@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from llamaprune.arch import LINEAR_NAMES
 from llamaprune.cli_options import DataDir, DeviceOpt, DTypeOpt
 from llamaprune.model import Device, DType
 
@@ -36,7 +37,7 @@ def finetune_command(
     lora_dropout: Annotated[float, typer.Option(help="Dropout on the LoRA input.")] = 0.05,
     lora_targets: Annotated[
         str, typer.Option(help="Comma-separated linear layers to adapt.")
-    ] = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+    ] = ",".join(LINEAR_NAMES),
     eval_dataset: Annotated[
         str | None, typer.Option("--eval", help="Perplexity before and after on: wikitext2, ptb, c4 or a file.")
     ] = None,

@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from llamaprune.cli_options import DeviceOpt, DTypeOpt
+from llamaprune.criteria import names_text
 from llamaprune.model import Device, DType
 
 
@@ -27,7 +28,7 @@ def prune_command(
         float, typer.Option("--pruning_ratio", help="Fraction of the model's TOTAL parameters to remove.")
     ] = 0.2,
     importance_method: Annotated[
-        str, typer.Option("--importance_method", help="taylor, taylor_2nd, wanda, magnitude or random.")
+        str, typer.Option("--importance_method", help=f"{names_text()}.")
     ] = "taylor",
     method: Annotated[str, typer.Option("--method", help="global, or layer (= layerwise).")] = "global",
     pruning_distribution: Annotated[

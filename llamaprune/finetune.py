@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+from llamaprune.arch import LINEAR_NAMES
 from llamaprune.choices import parse_choice
 from llamaprune.errors import UsageError
 from llamaprune.finetune_data import (
@@ -34,7 +35,7 @@ from llamaprune.finetune_data import (
 
 log = logging.getLogger(__name__)
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_TARGETS = LINEAR_NAMES  # every linear of a decoder layer
 MAX_GRAD_NORM = 1.0
 CURVE_JSON = "loss_curve.json"
 CURVE_PNG = "loss_curve.png"

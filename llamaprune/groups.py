@@ -15,8 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-ATTN = "attn"
-MLP = "mlp"
+from llamaprune.arch import ATTN, MLP, linear_biases
 
 
 @dataclass(frozen=True)
@@ -35,6 +34,10 @@ class LayerShape:
     @property
     def mlp_channels(self) -> int:
         return 0 if "mlp" in self.skip else self.intermediate_size
+
+    def groups(self, kind: str) -> int:
+        """Groups of ``kind`` ("attn" or "mlp") the layer has."""
+        return self.kv_groups if kind == ATTN else self.mlp_channels
 
 
 @dataclass(frozen=True)
@@ -139,14 +142,6 @@ def _layer_attr(layer_config, name: str, default=None):
     return default if value is None else value
 
 
-def source_model_type(config) -> str:
-    """The architecture a (possibly already pruned) config descends from: llama, mistral or qwen2."""
-    model_type = getattr(config, "model_type", "llama")
-    if model_type == "llamaprune":  # a pruned model keeps the layout of its source architecture
-        return getattr(config, "base_model_type", "llama")
-    return model_type
-
-
 def model_shape(config) -> ModelShape:
     """Read the dimensions of a Llama/Mistral/Qwen2-style config, uniform or per-layer."""
     hidden = config.hidden_size
@@ -166,18 +161,15 @@ def model_shape(config) -> ModelShape:
     head_dim = getattr(config, "head_dim", None)
     if head_dim is None:
         head_dim = hidden // layers[0].num_attention_heads
-    model_type = source_model_type(config)
-    # Qwen2 has q/k/v biases but an o_proj without one; Llama's attention_bias covers all four.
-    qkv_bias = bool(getattr(config, "attention_bias", False)) or model_type == "qwen2"
-    o_bias = bool(getattr(config, "attention_bias", False)) and model_type != "qwen2"
+    biases = linear_biases(config)
     return ModelShape(
         hidden_size=hidden,
         head_dim=head_dim,
         vocab_size=config.vocab_size,
         layers=layers,
-        attention_bias=qkv_bias,
-        o_proj_bias=o_bias,
-        mlp_bias=bool(getattr(config, "mlp_bias", False)),
+        attention_bias=biases["self_attn.q_proj"],
+        o_proj_bias=biases["self_attn.o_proj"],
+        mlp_bias=biases["mlp.gate_proj"],
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
     )
 

@@ -26,8 +26,9 @@ from enum import Enum
 from pathlib import Path
 from types import SimpleNamespace
 
+from llamaprune.arch import source_model_type
 from llamaprune.errors import MissingInput, UsageError
-from llamaprune.groups import model_shape, source_model_type
+from llamaprune.groups import model_shape
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 under the seed toolkit's option names; writes the native run directory and the seed's files side by side.
 
 The model is scored in memory, the plan is made from the tables just written (as ``llamaprune plan`` would),
-the loaded model is sliced in place by ``apply_plan``, optionally finetuned, and saved with ``save_pruned``.
+``apply_plan`` prunes the loaded model into a new one, which is optionally finetuned and saved with ``save_pruned``.
 
     >>> options = PruneOptions(base_model="smollm2-135m", pruning_ratio=0.2, importance_method="taylor_2nd",
     ...                        save_ckpt_log_name="global-20", save_model=True, test_after_prune=True)
@@ -22,6 +22,7 @@ from pathlib import Path
 
 from llamaprune.artifacts import MANIFEST, atomic_write_json, plain_value, with_history
 from llamaprune.choices import parse_choice
+from llamaprune.criteria import NAMES, canonical
 from llamaprune.errors import UsageError
 from llamaprune.evaluate import EVAL_FILE, EvalOptions, measure
 from llamaprune.finetune import CURVE_JSON, CURVE_PNG, FinetuneOptions, Method
@@ -37,19 +38,15 @@ MODEL_DIR = "model"
 LOG_NAME = "training.log"
 
 
-class ImportanceMethod(str, Enum):
-    """The seed's importance names (``taylor_2nd`` is our ``taylor2``) and the other criteria."""
-
-    taylor = "taylor"
-    taylor_2nd = "taylor_2nd"
-    taylor2 = "taylor2"
-    wanda = "wanda"
-    magnitude = "magnitude"
-    random = "random"
-
+class _CriterionName(str, Enum):
     @property
     def criterion(self) -> str:
-        return "taylor2" if self is ImportanceMethod.taylor_2nd else self.value
+        """The criterion this name stands for (``taylor_2nd`` -> ``taylor2``)."""
+        return canonical(self.value)
+
+
+# Every criterion name of the registry, with the seed's (``taylor_2nd`` is our ``taylor2``).
+ImportanceMethod = _CriterionName("ImportanceMethod", {name: name for name in NAMES}, module=__name__)
 
 
 class PruneMethod(str, Enum):

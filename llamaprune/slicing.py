@@ -1,52 +1,47 @@
-"""Tensor surgery: which rows and columns a plan keeps, and small in-place functions per module kind.
+"""Tensor surgery: which rows and columns a plan keeps, and where each tensor of a model goes under a plan.
 
 Index rules (docs/ARTIFACTS.md, "Groups"): KV head ``g`` owns rows ``[g*d, (g+1)*d)`` of k_proj/v_proj and rows
 ``[g*r*d, (g+1)*r*d)`` of q_proj (the same columns of o_proj); MLP channel ``c`` is row ``c`` of gate_proj
-and up_proj and column ``c`` of down_proj. The same rules slice a module in memory (``slice_attention``,
-``slice_mlp``) and a named checkpoint tensor while streaming (``slice_tensor``).
+and up_proj and column ``c`` of down_proj. Which kept index cuts which tensor along which dimension comes from
+the layer table (``llamaprune.arch``). The same per-tensor rules (``tensor_route``, ``slice_tensor``) prune a
+checkpoint while streaming it and a state dict in memory (``pruned_state``).
 
     >>> import torch
     >>> q_rows, kv_rows = attention_rows([1], queries_per_kv=2, head_dim=2)
     >>> q_rows.tolist(), kv_rows.tolist()
     ([4, 5, 6, 7], [2, 3])
-    >>> linear = torch.nn.Linear(3, 4)
-    >>> keep_rows(linear, torch.tensor([0, 2])).weight.shape
-    torch.Size([2, 3])
+    >>> LAYER_TENSORS["mlp.down_proj.weight"], LAYER_TENSORS["mlp.down_proj.bias"]
+    ((1, 'mlp'), None)
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
-from torch import nn
 
-from llamaprune.pruning_plan import LayerPlan
+from llamaprune.arch import BLOCKS, LINEARS, ROWS
+from llamaprune.errors import UsageError
+from llamaprune.pruning_plan import LayerPlan, Plan
 
-# Sub-modules that belong to each skippable block: dropped together when a plan skips the block.
-BLOCK_MODULES = {"attention": ("input_layernorm", "self_attn"), "mlp": ("post_attention_layernorm", "mlp")}
 LAYER_KEY = re.compile(r"^(?P<prefix>.*\blayers\.)(?P<layer>\d+)\.(?P<rest>.+)$")
-# Checkpoint tensors inside a decoder layer: (dimension to slice, index kind) or None when kept whole.
-LAYER_TENSORS = {
-    "self_attn.q_proj.weight": (0, "q"),
-    "self_attn.q_proj.bias": (0, "q"),
-    "self_attn.k_proj.weight": (0, "kv"),
-    "self_attn.k_proj.bias": (0, "kv"),
-    "self_attn.v_proj.weight": (0, "kv"),
-    "self_attn.v_proj.bias": (0, "kv"),
-    "self_attn.o_proj.weight": (1, "q"),
-    "self_attn.o_proj.bias": None,
-    "self_attn.rotary_emb.inv_freq": None,
-    "mlp.gate_proj.weight": (0, "mlp"),
-    "mlp.gate_proj.bias": (0, "mlp"),
-    "mlp.up_proj.weight": (0, "mlp"),
-    "mlp.up_proj.bias": (0, "mlp"),
-    "mlp.down_proj.weight": (1, "mlp"),
-    "mlp.down_proj.bias": None,
-    "input_layernorm.weight": None,
-    "post_attention_layernorm.weight": None,
-}
+
+
+def _layer_tensors() -> dict[str, tuple[int, str] | None]:
+    rules: dict[str, tuple[int, str] | None] = {}
+    for linear in LINEARS:
+        rules[f"{linear.path}.weight"] = (linear.dim, linear.index)
+        rules[f"{linear.path}.bias"] = (0, linear.index) if linear.axis == ROWS else None  # o/down: per output
+    for block in BLOCKS:
+        rules.update(dict.fromkeys((f"{block.norm}.weight", *block.buffers)))
+    return rules
+
+
+# Tensors inside a decoder layer: (dimension to slice, kept index that slices it) or None when kept whole.
+LAYER_TENSORS = _layer_tensors()
+# Sub-modules of each skippable block: dropped together when a plan skips the block.
+BLOCK_MODULES = {block.name: (block.norm, block.module) for block in BLOCKS}
 
 
 def attention_rows(groups: Sequence[int], queries_per_kv: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,67 +62,17 @@ def layer_indices(lp: LayerPlan, head_dim: int) -> dict[str, torch.Tensor]:
     return {"q": q_rows, "kv": kv_rows, "mlp": torch.tensor(list(lp.mlp_channels), dtype=torch.long)}
 
 
-def keep_rows(linear: nn.Linear, index: torch.Tensor) -> nn.Linear:
-    """Keep output features ``index`` of ``linear`` (weight rows and bias entries), in place."""
-    index = index.to(linear.weight.device)
-    linear.weight = nn.Parameter(linear.weight.data.index_select(0, index), requires_grad=linear.weight.requires_grad)
-    if linear.bias is not None:
-        linear.bias = nn.Parameter(linear.bias.data.index_select(0, index), requires_grad=linear.bias.requires_grad)
-    linear.out_features = len(index)
-    return linear
-
-
-def keep_columns(linear: nn.Linear, index: torch.Tensor) -> nn.Linear:
-    """Keep input features ``index`` of ``linear`` (weight columns; the bias is per output), in place."""
-    index = index.to(linear.weight.device)
-    linear.weight = nn.Parameter(linear.weight.data.index_select(1, index), requires_grad=linear.weight.requires_grad)
-    linear.in_features = len(index)
-    return linear
-
-
-def slice_attention(attn: nn.Module, groups: Sequence[int], head_dim: int) -> nn.Module:
-    """Keep the KV heads ``groups`` of a Llama-style attention module and their query heads, in place."""
-    queries_per_kv = attn.q_proj.out_features // attn.k_proj.out_features
-    q_rows, kv_rows = attention_rows(groups, queries_per_kv, head_dim)
-    for proj in (attn.k_proj, attn.v_proj):
-        keep_rows(proj, kv_rows)
-    keep_rows(attn.q_proj, q_rows)
-    keep_columns(attn.o_proj, q_rows)
-    return attn
-
-
-def slice_mlp(mlp: nn.Module, channels: Sequence[int]) -> nn.Module:
-    """Keep the intermediate channels ``channels`` of a gated MLP, in place."""
-    index = torch.tensor(list(channels), dtype=torch.long)
-    keep_rows(mlp.gate_proj, index)
-    keep_rows(mlp.up_proj, index)
-    keep_columns(mlp.down_proj, index)
-    mlp.intermediate_size = len(index)
-    return mlp
-
-
-def drop_blocks(layer: nn.Module, skip: Sequence[str]) -> nn.Module:
-    """Remove the skipped blocks of a decoder layer (with their norms), in place."""
-    for block in skip:
-        for name in BLOCK_MODULES[block]:
-            setattr(layer, name, None)
-    return layer
-
-
-def slice_layer(layer: nn.Module, lp: LayerPlan, head_dim: int) -> nn.Module:
-    """Apply one layer's plan to a decoder layer in place: slice what it keeps, drop what it skips."""
-    if "attention" not in lp.skip and len(lp.attn_groups) < lp.num_key_value_heads:
-        slice_attention(layer.self_attn, lp.attn_groups, head_dim)
-    if "mlp" not in lp.skip and len(lp.mlp_channels) < lp.intermediate_size:
-        slice_mlp(layer.mlp, lp.mlp_channels)
-    return drop_blocks(layer, lp.skip)
+def kept_indices(plan: Plan) -> dict[int, dict]:
+    """Original layer -> its kept indices by kind, for every layer the plan keeps."""
+    return {lp.layer: layer_indices(lp, plan.head_dim) for lp in plan.layers if not lp.removed}
 
 
 def slice_tensor(
     rest: str, tensor: torch.Tensor, indices: dict[str, torch.Tensor], out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Slice one tensor of a decoder layer (``rest``: its name inside the layer) by the kept indices, into
-    ``out`` when given (a reused buffer saves a fresh allocation per tensor)."""
+    ``out`` when given (a reused buffer saves a fresh allocation per tensor). A tensor that loses nothing is
+    returned itself."""
     rule = LAYER_TENSORS[rest]
     if rule is None:
         return tensor
@@ -135,7 +80,7 @@ def slice_tensor(
     index = indices[kind]
     if len(index) == tensor.shape[dim]:
         return tensor
-    return torch.index_select(tensor, dim, index, out=out)
+    return torch.index_select(tensor, dim, index.to(tensor.device), out=out)
 
 
 def sliced_shape(rest: str, shape: Sequence[int], indices: dict[str, torch.Tensor]) -> list[int]:
@@ -159,3 +104,39 @@ def split_layer_key(key: str) -> tuple[str, int, str] | None:
     if match is None:
         return None
     return match["prefix"], int(match["layer"]), match["rest"]
+
+
+def tensor_route(key: str, plan: Plan, source: str = "the model") -> tuple[str, int | None, str] | None:
+    """Where the tensor ``key`` of ``source`` goes under ``plan``: (output key, original layer, name inside the
+    layer), the layer None and the name empty outside decoder layers; None when the plan drops it (a removed
+    layer, a skipped block). Kept layers are renumbered in order."""
+    parts = split_layer_key(key)
+    if parts is None:
+        return key, None, ""
+    prefix, layer, rest = parts
+    if layer >= len(plan.layers):
+        raise UsageError(f"{source}: tensor {key} is in layer {layer}, but the plan has {len(plan.layers)} layers")
+    lp = plan.layers[layer]
+    if lp.removed or is_skipped(rest, lp.skip):
+        return None
+    if rest not in LAYER_TENSORS:
+        raise UsageError(
+            f"{source}: unexpected tensor {key}; llamaprune slices Llama/Mistral/Qwen2 layers "
+            f"({', '.join(sorted(LAYER_TENSORS))})"
+        )
+    new_layer = sum(1 for other in plan.layers[:layer] if not other.removed)
+    return f"{prefix}{new_layer}.{rest}", layer, rest
+
+
+def pruned_state(tensors: Mapping[str, torch.Tensor], plan: Plan) -> dict[str, torch.Tensor]:
+    """Named tensors (a state dict) after ``plan``, under their output names: a sliced tensor is new, any other
+    is the same tensor object (shared, not copied)."""
+    indices = kept_indices(plan)
+    out = {}
+    for key, tensor in tensors.items():
+        route = tensor_route(key, plan)
+        if route is None:
+            continue
+        out_key, layer, rest = route
+        out[out_key] = tensor if layer is None else slice_tensor(rest, tensor, indices[layer])
+    return out

@@ -20,9 +20,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from llamaprune.artifacts import SCHEMA_VERSION, atomic_write_bytes
+from llamaprune.criteria import CRITERIA
 from llamaprune.errors import MissingInput, UsageError
 
-CRITERIA = ("taylor", "taylor2", "wanda", "magnitude", "random")
 GROUPS_FILE = "groups.parquet"
 LAYERS_FILE = "layers.parquet"
 META_KEY = b"llamaprune"

@@ -12,9 +12,10 @@ from typer.testing import CliRunner
 
 from llamaprune import peak_memory
 from llamaprune.cli import app
+from llamaprune.criteria import parse_criteria
 from llamaprune.groups import iter_groups, model_shape
 from llamaprune.model import config_fingerprint
-from llamaprune.scoring import STATS_FILE, parse_criteria, score
+from llamaprune.scoring import STATS_FILE, score
 from llamaprune.table import check_fingerprint, read_table, read_table_meta
 
 GQA = [dict(heads=4, kv_heads=4), dict(heads=4, kv_heads=2, bias=True), dict(heads=6, kv_heads=2),
@@ -228,20 +229,46 @@ def test_cli_score_bad_input(tmp_path, tiny_checkpoint):
 
 
 @pytest.mark.real
-def test_real_model_table_is_complete_and_finite(real_model):
+def test_real_model_table_against_its_config_and_a_brute_force_layer(real_model):
+    """SmolLM2-135M: 30 layers of 3 KV groups (9 query heads of 64) and 1536 channels, hidden size 576."""
+    import numpy as np
+
     from llamaprune.data import calibration_windows, load_rows
 
+    model, layer = real_model.model, 7
     windows = calibration_windows(real_model.tokenizer, load_rows(str(VALID_TXT)), 4, 32, seed=0)
-    result = score(real_model.model, windows.split(2), progress=False)
-    config = real_model.model.config
-    assert result.groups.num_rows == 30 * (3 + 1536) == config.num_hidden_layers * (
-        config.num_key_value_heads + config.intermediate_size)
-    for name in ("taylor", "taylor2", "wanda", "magnitude", "random"):
-        column = torch.tensor(result.groups.column(name).to_pylist())
-        assert torch.isfinite(column).all() and (column >= 0).all() and column.max() > 0
-    assert sum(result.groups.column("params").to_pylist()) == model_shape(config).counts().prunable
-    influence = result.layers.column("block_influence").to_pylist()
-    assert all(0 <= v <= 2 for v in influence)
+    result = score(model, windows.split(2), seed=5, progress=False)
+    groups = result.groups.to_pydict()
+    assert len(groups["group_id"]) == 30 * (3 + 1536)
+    hidden, heads, kv, head_dim, inter = 576, 9, 3, 64, 1536
+    assert sum(groups["params"]) == 30 * (kv * (2 * heads // kv + 2) * head_dim * hidden + inter * 3 * hidden)
+    taylor, taylor2 = np.array(groups["taylor"]), np.array(groups["taylor2"])
+    assert (taylor > 0).all() and (taylor2 >= taylor).all() and (taylor2 > taylor).mean() > 0.99  # Fisher >= 0
+    assert groups["random"] == np.random.default_rng(5).random(len(taylor)).tolist()
+
+    inputs: dict[int, list] = {}
+    linears = [m for m in model.model.layers[layer].modules() if isinstance(m, torch.nn.Linear)]
+    handles = [m.register_forward_pre_hook(lambda m, a: inputs.setdefault(id(m.weight), []).append(a[0]))
+               for m in linears]
+    with torch.no_grad():
+        for batch in windows.split(2):
+            model.model(input_ids=batch)
+    for handle in handles:
+        handle.remove()
+    norms = {key: torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]).double().square().sum(0).sqrt()
+             for key, xs in inputs.items()}
+    absolute = {id(m.weight): m.weight.detach().double().abs() for m in linears}
+    weighted = {key: w * norms[key][None, :] for key, w in absolute.items()}
+    rows = {g: i for i, g in enumerate(groups["group_id"])}
+    for kind, count in (("attn", kv), ("mlp", inter)):
+        for index in range(count):
+            wanda = magnitude = 0.0
+            for param, where in group_slices(model, layer, kind, index):
+                wanda += weighted[id(param)][where].sum().item()
+                magnitude += absolute[id(param)][where].sum().item()
+            row = rows[f"layers.{layer}.{kind}.{index}"]
+            assert groups["wanda"][row] == pytest.approx(wanda, rel=1e-5), (kind, index)
+            assert groups["magnitude"][row] == pytest.approx(magnitude, rel=1e-6), (kind, index)
 
 
 def test_the_package_level_call_scores():

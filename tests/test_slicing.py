@@ -12,27 +12,13 @@ from conftest import TOL, ids, logits, pruned_and_reference, random_plan, tiny_c
 
 from llamaprune.apply import apply_plan
 from llamaprune.pruning_plan import plan_from_kept
-from llamaprune.slicing import attention_rows, keep_columns, keep_rows, slice_tensor, split_layer_key
+from llamaprune.slicing import LAYER_TENSORS, attention_rows, pruned_state, slice_tensor, split_layer_key
 
 
 def test_attention_rows_closed_form():
     q_rows, kv_rows = attention_rows([0, 2], queries_per_kv=3, head_dim=2)
     assert kv_rows.tolist() == [0, 1, 4, 5]
     assert q_rows.tolist() == [0, 1, 2, 3, 4, 5, 12, 13, 14, 15, 16, 17]
-
-
-def test_keep_rows_and_columns_select_outputs_and_inputs():
-    torch.manual_seed(0)
-    linear, x = torch.nn.Linear(5, 4), torch.randn(3, 5)
-    full = linear(x)
-    rows = torch.tensor([1, 3])
-    # a narrower matmul may take another kernel: equal up to float rounding
-    torch.testing.assert_close(keep_rows(linear, rows)(x), full[:, rows], rtol=0, atol=1e-6)
-    assert linear.weight.shape == (2, 5) and linear.out_features == 2
-    cols = torch.tensor([0, 4])
-    expected = x[:, cols] @ linear.weight[:, cols].T + linear.bias
-    assert torch.allclose(keep_columns(linear, cols)(x[:, cols]), expected)
-    assert linear.in_features == 2
 
 
 def test_slice_tensor_follows_the_layer_rules():
@@ -48,6 +34,55 @@ def test_slice_tensor_follows_the_layer_rules():
         "mlp.up_proj.weight",
     )
     assert split_layer_key("model.embed_tokens.weight") is None
+
+
+def test_the_layer_tensor_rules_as_written_in_the_contract():
+    """docs/ARTIFACTS.md, "Groups": rows of q/k/v/gate/up and their biases, columns of o/down; the rest whole."""
+    cut = {
+        "self_attn.q_proj.weight": (0, "q"), "self_attn.q_proj.bias": (0, "q"),
+        "self_attn.k_proj.weight": (0, "kv"), "self_attn.k_proj.bias": (0, "kv"),
+        "self_attn.v_proj.weight": (0, "kv"), "self_attn.v_proj.bias": (0, "kv"),
+        "self_attn.o_proj.weight": (1, "q"),
+        "mlp.gate_proj.weight": (0, "mlp"), "mlp.gate_proj.bias": (0, "mlp"),
+        "mlp.up_proj.weight": (0, "mlp"), "mlp.up_proj.bias": (0, "mlp"),
+        "mlp.down_proj.weight": (1, "mlp"),
+    }
+    whole = ["self_attn.o_proj.bias", "mlp.down_proj.bias", "input_layernorm.weight",
+             "post_attention_layernorm.weight", "self_attn.rotary_emb.inv_freq"]
+    assert LAYER_TENSORS == {**cut, **dict.fromkeys(whole)}
+
+
+def test_pruned_state_renames_slices_and_shares_the_rest():
+    config = tiny_config(heads=4, kv_heads=2, layers=3)
+    model = tiny_model(config)
+    plan = plan_from_kept(config, [([1], list(range(24))), ([0], [0]), ([], [2, 3])], removed=(1,))
+    full = model.state_dict()
+    state = {k.removeprefix("model."): v for k, v in full.items()}
+    pruned = {k.removeprefix("model."): v for k, v in pruned_state(full, plan).items()}
+    assert pruned["embed_tokens.weight"] is state["embed_tokens.weight"]
+    assert pruned["layers.0.mlp.up_proj.weight"] is state["layers.0.mlp.up_proj.weight"]  # every channel kept
+    assert torch.equal(pruned["layers.0.self_attn.k_proj.weight"], state["layers.0.self_attn.k_proj.weight"][8:])
+    assert torch.equal(pruned["layers.1.mlp.down_proj.weight"], state["layers.2.mlp.down_proj.weight"][:, 2:4])
+    assert not any(k.startswith(("layers.1.self_attn", "layers.1.input_layernorm")) for k in pruned)  # skipped
+    assert not any(k.startswith("layers.2.") for k in pruned)  # three layers, one removed
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_apply_plan_leaves_its_argument_unchanged(model_type):
+    config = tiny_config(heads=6, kv_heads=3, layers=4, bias=True, model_type=model_type)
+    model = tiny_model(config)
+    before = {name: param.detach().clone() for name, param in model.named_parameters()}
+    modules = [name for name, _ in model.named_modules()]
+    x = ids(config.vocab_size)
+    expected = logits(model, x)
+    for seed in range(3):
+        pruned = apply_plan(model, random_plan(config, seed, skip_p=0.3, remove_p=0.25))
+        assert pruned is not model and pruned.num_parameters() < model.num_parameters()
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys() and [name for name, _ in model.named_modules()] == modules
+    for name, tensor in before.items():
+        assert after[name].shape == tensor.shape and torch.equal(after[name], tensor), name
+    assert torch.equal(logits(model, x), expected)
 
 
 @pytest.mark.parametrize(

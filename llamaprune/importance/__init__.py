@@ -1,7 +1,8 @@
 """Importance criteria: one module per criterion, pure tensor math that tests check against closed forms.
 
 Every criterion produces an elementwise score over a weight (or bias) and is reduced to one number per
-group with :func:`group_sum`; hooks in ``llamaprune.scoring`` only route tensors here.
+group with :func:`group_sum`; hooks in ``llamaprune.calibrate`` only route tensors here. Each module's
+``*_groups`` function is the formula that ``llamaprune.criteria`` registers.
 
     >>> import torch
     >>> group_sum(torch.ones(4, 3), axis=ROWS, num_groups=2)
@@ -12,8 +13,7 @@ from __future__ import annotations
 
 import torch
 
-ROWS = "rows"  # groups own output rows (q/k/v/gate/up weights and their biases)
-COLS = "cols"  # groups own input columns (o_proj, down_proj)
+from llamaprune.arch import ROWS
 
 
 def group_sum(score: torch.Tensor, axis: str, num_groups: int) -> torch.Tensor:

@@ -7,8 +7,20 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+from llamaprune.importance import group_sum
+
+if TYPE_CHECKING:
+    from llamaprune.calibrate import Accumulators, ParamSpec
 
 
 def magnitude_score(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().float().abs()
+
+
+def magnitude_groups(spec: ParamSpec, acc: Accumulators) -> torch.Tensor:
+    """The ``magnitude`` formula of one parameter: per-group sum of |w|."""
+    return group_sum(magnitude_score(spec.param), spec.axis, spec.num_groups)

@@ -15,10 +15,14 @@ reduced to per-group sums at once; |w * G| needs the summed product w*G, kept pe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from llamaprune.importance import group_sum
+
+if TYPE_CHECKING:
+    from llamaprune.calibrate import Accumulators, ParamSpec
 
 
 @dataclass
@@ -47,3 +51,14 @@ def fold_gradient(weight: torch.Tensor, grad: torch.Tensor, state: GradientState
 def first_order(state: GradientState, axis: str, num_groups: int) -> torch.Tensor:
     """Per-group sum of |w * G|."""
     return group_sum(state.wg.abs(), axis, num_groups)
+
+
+def taylor_groups(spec: ParamSpec, acc: Accumulators) -> torch.Tensor:
+    """The ``taylor`` formula of one parameter: per-group |w * G|."""
+    return first_order(acc.gradients[spec.name], spec.axis, spec.num_groups)
+
+
+def taylor2_groups(spec: ParamSpec, acc: Accumulators) -> torch.Tensor:
+    """The ``taylor2`` formula of one parameter: per-group |w * G| plus its Fisher term."""
+    state = acc.gradients[spec.name]
+    return first_order(state, spec.axis, spec.num_groups) + state.fisher

@@ -10,7 +10,14 @@ A bias is a weight on a constant input of 1, so its norm is sqrt(number of token
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+from llamaprune.importance import group_sum
+
+if TYPE_CHECKING:
+    from llamaprune.calibrate import Accumulators, ParamSpec
 
 
 def accumulate_sq_norm(x: torch.Tensor, acc: torch.Tensor | None) -> torch.Tensor:
@@ -26,3 +33,12 @@ def wanda_score(weight: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
 
 def wanda_bias_score(bias: torch.Tensor, tokens: int) -> torch.Tensor:
     return bias.detach().float().abs() * (float(tokens) ** 0.5)
+
+
+def wanda_groups(spec: ParamSpec, acc: Accumulators) -> torch.Tensor:
+    """The ``wanda`` formula of one parameter: a weight against its input's norms, a bias against sqrt(tokens)."""
+    if spec.is_bias:
+        value = wanda_bias_score(spec.param, acc.tokens)
+    else:
+        value = wanda_score(spec.param, acc.inputs[(spec.layer, spec.input, "sq_norm")])
+    return group_sum(value, spec.axis, spec.num_groups)

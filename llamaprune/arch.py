@@ -1,0 +1,109 @@
+"""The one table of a LLaMA-family decoder layer: its linear modules, its two blocks and their norms, and the
+bias rule of each source architecture (llama, mistral, qwen2). No torch here.
+
+Everything that walks a layer reads it from here: scoring (which weights a group owns, which input each
+linear reads for activation statistics), slicing and streaming (which kept index cuts which tensor along which
+dimension, what goes with a skipped block), LoRA targets. The group rules are docs/ARTIFACTS.md, "Groups".
+
+    >>> [linear.name for linear in LINEARS if linear.kind == MLP]
+    ['gate_proj', 'up_proj', 'down_proj']
+    >>> linear = LINEARS[3]
+    >>> linear.path, linear.axis, linear.index, linear.input
+    ('self_attn.o_proj', 'cols', 'q', 'o_in')
+    >>> INPUT_READERS["mlp_in"].path
+    'mlp.gate_proj'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ATTN = "attn"  # group kind: one KV head with its query heads
+MLP = "mlp"  # group kind: one intermediate channel
+ROWS = "rows"  # groups own output rows (q/k/v/gate/up weights and their biases)
+COLS = "cols"  # groups own input columns (o_proj, down_proj); their output bias belongs to no group
+
+
+@dataclass(frozen=True)
+class Linear:
+    """One linear module of a decoder layer.
+
+    ``index`` names the kept index that slices it ("q": query rows, "kv": key/value rows, "mlp": channels);
+    ``input`` names the activation it reads, whose statistics are collected once per layer under that name."""
+
+    path: str
+    block: str
+    kind: str
+    axis: str
+    index: str
+    input: str
+
+    @property
+    def name(self) -> str:
+        """The module's own name (``q_proj``): what peft's ``target_modules`` matches."""
+        return self.path.rsplit(".", 1)[1]
+
+    @property
+    def dim(self) -> int:
+        """The weight dimension the groups cut: 0 for output rows, 1 for input columns."""
+        return 0 if self.axis == ROWS else 1
+
+
+@dataclass(frozen=True)
+class Block:
+    """A skippable sub-block: its module, the norm in front of it, and its group kind. ``buffers`` are
+    per-layer tensors kept whole (older transformers keep a rotary buffer in every attention module)."""
+
+    name: str
+    module: str
+    norm: str
+    kind: str
+    buffers: tuple[str, ...] = ()
+
+
+BLOCKS = (
+    Block("attention", "self_attn", "input_layernorm", ATTN, ("self_attn.rotary_emb.inv_freq",)),
+    Block("mlp", "mlp", "post_attention_layernorm", MLP),
+)
+LINEARS = (
+    Linear("self_attn.q_proj", "attention", ATTN, ROWS, "q", "attn_in"),
+    Linear("self_attn.k_proj", "attention", ATTN, ROWS, "kv", "attn_in"),
+    Linear("self_attn.v_proj", "attention", ATTN, ROWS, "kv", "attn_in"),
+    Linear("self_attn.o_proj", "attention", ATTN, COLS, "q", "o_in"),
+    Linear("mlp.gate_proj", "mlp", MLP, ROWS, "mlp", "mlp_in"),
+    Linear("mlp.up_proj", "mlp", MLP, ROWS, "mlp", "mlp_in"),
+    Linear("mlp.down_proj", "mlp", MLP, COLS, "mlp", "down_in"),
+)
+LINEAR_NAMES = tuple(linear.name for linear in LINEARS)
+
+
+def _first_readers() -> dict[str, Linear]:
+    readers: dict[str, Linear] = {}
+    for linear in LINEARS:
+        readers.setdefault(linear.input, linear)
+    return readers
+
+
+# Input name -> the first linear that reads it: one hook there sees the input of all its readers.
+INPUT_READERS = _first_readers()
+
+
+def source_model_type(config) -> str:
+    """The architecture a (possibly already pruned) config descends from: llama, mistral or qwen2."""
+    model_type = getattr(config, "model_type", "llama")
+    if model_type == "llamaprune":  # a pruned model keeps the layout of its source architecture
+        return getattr(config, "base_model_type", "llama")
+    return model_type
+
+
+def linear_biases(config) -> dict[str, bool]:
+    """Linear path -> whether it has a bias. Qwen2 biases q/k/v and not o_proj; Llama's ``attention_bias``
+    covers all four attention projections and ``mlp_bias`` the three MLP ones.
+
+    modeling_llamaprune.projection_biases applies the same rule (that file may import only torch and
+    transformers); tests/test_arch.py checks that the two agree."""
+    qwen2 = source_model_type(config) == "qwen2"
+    attention = bool(getattr(config, "attention_bias", False))
+    mlp = bool(getattr(config, "mlp_bias", False))
+    rule = {(ATTN, ROWS): attention or qwen2, (ATTN, COLS): attention and not qwen2, (MLP, ROWS): mlp, (MLP, COLS): mlp}
+    return {linear.path: rule[(linear.kind, linear.axis)] for linear in LINEARS}
