@@ -19,7 +19,6 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
 
 from llamaprune.arch import LINEAR_NAMES
 from llamaprune.choices import parse_choice
@@ -37,8 +36,6 @@ log = logging.getLogger(__name__)
 
 LORA_TARGETS = LINEAR_NAMES  # every linear of a decoder layer
 MAX_GRAD_NORM = 1.0
-CURVE_JSON = "loss_curve.json"
-CURVE_PNG = "loss_curve.png"
 
 
 class Method(str, Enum):
@@ -381,27 +378,3 @@ def _finish(model, options: FinetuneOptions) -> None:
         param.requires_grad_(False)
     model.eval()
 
-
-def plot_curve(curve: dict, path: Path) -> None:
-    """Training loss per optimizer step and validation loss at each check (matplotlib's Agg canvas)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    ax.plot([p["step"] for p in curve["train"]], [p["loss"] for p in curve["train"]], label="train", lw=1)
-    ax.plot(
-        [p["step"] for p in curve["validation"]],
-        [p["loss"] for p in curve["validation"]],
-        "o-",
-        label="validation",
-    )
-    best = curve["best"]
-    ax.axvline(
-        best["step"], color="0.6", ls="--", lw=1, label=f"best (step {best['step']}, {best['loss']:.3f})"
-    )
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("next-token loss")
-    ax.legend()
-    fig.savefig(path, format="png", dpi=100)

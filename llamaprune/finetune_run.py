@@ -19,8 +19,9 @@ from llamaprune.artifacts import MANIFEST, atomic_write_json, manifest_in, new_m
 from llamaprune.checkpoint import MODELING_FILE, save_pruned
 from llamaprune.errors import UsageError
 from llamaprune.evaluate import EVAL_FILE, EvalOptions, compare, measure
-from llamaprune.finetune import CURVE_JSON, CURVE_PNG, FinetuneOptions, Method, finetune, merge_lora, plot_curve
+from llamaprune.finetune import FinetuneOptions, Method, finetune, merge_lora
 from llamaprune.finetune_data import TrainingText, build_examples, read_source
+from llamaprune.loss_curve import CURVE_JSON, CURVE_PNG, plot_curve
 from llamaprune.model import Device, DType, config_fingerprint, load_model, resolve_source
 from llamaprune.runs import Phase, run_phase
 

@@ -25,7 +25,8 @@ from llamaprune.choices import parse_choice
 from llamaprune.criteria import NAMES, canonical
 from llamaprune.errors import UsageError
 from llamaprune.evaluate import EVAL_FILE, EvalOptions, measure
-from llamaprune.finetune import CURVE_JSON, CURVE_PNG, FinetuneOptions, Method
+from llamaprune.finetune import FinetuneOptions, Method
+from llamaprune.loss_curve import CURVE_JSON, CURVE_PNG
 from llamaprune.model import Device, DType
 from llamaprune.plan import LayerStrategy, PlanOptions, Strategy
 from llamaprune.runs import Phase, PhaseRun, run_phase
@@ -309,7 +310,7 @@ def _finetune(model, tokenizer, options: PruneOptions, text, progress: bool):
 def _save(model, tokenizer, model_dir: Path, plan, curve: dict | None) -> None:
     """The pruned (and finetuned) checkpoint, with its tokenizer, plan and loss curve."""
     from llamaprune.checkpoint import PLAN_FILE, save_pruned
-    from llamaprune.finetune import plot_curve
+    from llamaprune.loss_curve import plot_curve
     from llamaprune.pruning_plan import write_plan
 
     save_pruned(model, model_dir)
