@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from llamaprune.artifacts import MANIFEST, atomic_write_json, manifest_in, new_manifest
+from llamaprune.artifacts import MANIFEST, atomic_write_json, manifest_in, new_manifest, plain_value
 from llamaprune.checkpoint import (
     PLAN_FILE,
     check_params,
@@ -26,6 +27,7 @@ from llamaprune.checkpoint import (
     write_config,
     write_tokenizer_files,
 )
+from llamaprune.compensate import CompensationOptions
 from llamaprune.errors import UsageError
 from llamaprune.evaluate import EVAL_FILE, EvalOptions, compare, measure
 from llamaprune.model import Device, DType, config_fingerprint, load_model, register
@@ -48,6 +50,7 @@ class ApplyOptions:
     max_shard_size: str = "2GB"
     overwrite: bool = False
     eval: EvalOptions | None = None
+    compensation: CompensationOptions = CompensationOptions()
 
     def __post_init__(self) -> None:
         _ = self.shard_bytes  # a bad size fails before any work
@@ -76,19 +79,22 @@ def check_plan(plan: Plan, config, what: str = "plan") -> None:
 
 
 
-def apply_plan(model, plan: Plan):
+def apply_plan(model, plan: Plan, replace: dict | None = None):
     """A new model: ``model`` pruned by ``plan`` in memory, tensor by tensor with the rules streaming uses.
     ``model`` itself is left as it was. Sliced tensors are new; the others (embeddings, norms, projections
     that lose nothing) are shared with ``model``, not copied, so training the result in place changes them in
-    ``model`` too."""
+    ``model`` too. ``replace`` (output name -> tensor, from ``compensate.compensation_tensors``) takes the place
+    of the sliced o_proj / down_proj tensors and adds their output biases."""
     from llamaprune.slicing import pruned_state
 
     check_plan(plan, model.config, f"plan {plan.name!r}")
-    config = pruned_config(model.config, plan)
+    config = pruned_config(model.config, plan, output_bias=bool(replace))
     state = pruned_state(model.state_dict(), plan)
+    added = sum(t.numel() for key, t in (replace or {}).items() if key not in state)
+    state.update(replace or {})
     buffers = pruned_state(dict(model.named_buffers()), plan)
     pruned = rehouse(model, config, state, buffers)
-    check_params(pruned.num_parameters(), plan)
+    check_params(pruned.num_parameters() - added, plan)
     return pruned
 
 
@@ -125,30 +131,40 @@ def run_dir_of(plan_path: Path) -> Path | None:
 def apply(options: ApplyOptions) -> dict:
     """Write the pruned checkpoint to ``options.out`` atomically; returns the summary put in the manifest."""
     plan = read_plan(options.plan)
+    compensation, run_dir = options.compensation, run_dir_of(options.plan)
 
-    def inputs(checked: Checked) -> list[str] | None:
+    def inputs(checked: Checked) -> tuple[list[str] | None, list[str] | None]:
+        """Evaluation and calibration texts: bad input fails here, before any weights load."""
         check_plan(plan, checked.config, f"plan {options.plan}")
-        return options.eval.test_rows() if options.eval else None  # a bad dataset fails before any work
+        return options.eval.test_rows() if options.eval else None, compensation.rows(run_dir)
 
     phase = Phase("apply", options.out, options.overwrite, options.model, options.device)
     with run_phase(phase, inputs) as run:
-        source, config, rows, tmp = run.checked.source, run.checked.config, run.inputs, run.dir
+        source, config, tmp = run.checked.source, run.checked.config, run.dir
+        rows, calibration = run.inputs
         files = safetensors_files(Path(source.path)) if source.kind == "dir" else None
         run.summary.update(plan=str(options.plan), model=options.model, out=str(options.out))
         before = _evaluate(options.model, options, rows) if options.eval else None
-        if files is not None:
+        loaded = None
+        if files is None:
+            log.info("loading %s to prune it in memory", options.model)
+            loaded = load_model(options.model, options.load_dtype, options.device)
+        started = time.perf_counter()
+        replace = compensation.tensors(plan, config, source.path, loaded, calibration, run_dir)
+        if replace:
+            seconds = round(time.perf_counter() - started, 3)
+            run.summary["compensation"] = {**plain_value(compensation), "seconds": seconds}
+        if loaded is None:
             log.info("streaming %d safetensors file(s) of %s", len(files), options.model)
-            target = pruned_config(config, plan)
+            target = pruned_config(config, plan, output_bias=bool(replace))
             if options.dtype is not None:
                 target.dtype = DType(options.dtype).value
             tied = bool(getattr(config, "tie_word_embeddings", False))
-            stream_checkpoint(files, plan, tmp, options.shard_bytes, options.dtype, tied)
+            stream_checkpoint(files, plan, tmp, options.shard_bytes, options.dtype, tied, replace)
             write_config(target, tmp)
             write_tokenizer_files(source.path, tmp)
         else:
-            log.info("loading %s to prune it in memory", options.model)
-            loaded = load_model(options.model, options.load_dtype, options.device)
-            save_pruned(apply_plan(loaded.model, plan), tmp, options.shard_bytes)
+            save_pruned(apply_plan(loaded.model, plan, replace), tmp, options.shard_bytes)
             loaded.tokenizer.save_pretrained(tmp)
         run.summary.update(streamed=files is not None, params_before=plan.params_before,
                            params_after=plan.params_after)
@@ -159,7 +175,6 @@ def apply(options: ApplyOptions) -> dict:
         run.summary["seconds"] = run.seconds()
         shutil.copyfile(options.plan, tmp / PLAN_FILE)
         # The run's manifest with this apply appended (a new one when the plan has no run directory).
-        run_dir = run_dir_of(options.plan)
         model = {"source": source.name, "path": source.path, "fingerprint": config_fingerprint(config)}
         run.record(manifest_in(run_dir) or new_manifest(model, plan=plan.name), also=run_dir)
     return run.summary

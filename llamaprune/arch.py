@@ -98,12 +98,19 @@ def source_model_type(config) -> str:
 
 def linear_biases(config) -> dict[str, bool]:
     """Linear path -> whether it has a bias. Qwen2 biases q/k/v and not o_proj; Llama's ``attention_bias``
-    covers all four attention projections and ``mlp_bias`` the three MLP ones.
+    covers all four attention projections and ``mlp_bias`` the three MLP ones; a compensated pruned model
+    (``output_bias``) has o_proj and down_proj biases whatever its source.
 
     modeling_llamaprune.projection_biases applies the same rule (that file may import only torch and
     transformers); tests/test_arch.py checks that the two agree."""
     qwen2 = source_model_type(config) == "qwen2"
     attention = bool(getattr(config, "attention_bias", False))
     mlp = bool(getattr(config, "mlp_bias", False))
-    rule = {(ATTN, ROWS): attention or qwen2, (ATTN, COLS): attention and not qwen2, (MLP, ROWS): mlp, (MLP, COLS): mlp}
+    output = bool(getattr(config, "output_bias", False))
+    rule = {
+        (ATTN, ROWS): attention or qwen2,
+        (ATTN, COLS): (attention and not qwen2) or output,
+        (MLP, ROWS): mlp,
+        (MLP, COLS): mlp or output,
+    }
     return {linear.path: rule[(linear.kind, linear.axis)] for linear in LINEARS}

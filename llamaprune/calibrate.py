@@ -22,6 +22,7 @@ import torch
 from llamaprune.arch import INPUT_READERS, LINEARS, ROWS, Linear
 from llamaprune.errors import UsageError
 from llamaprune.groups import ModelShape
+from llamaprune.importance.fluctuation import accumulate_sum
 from llamaprune.importance.influence import accumulate_cosine
 from llamaprune.importance.taylor import GradientState, fold_gradient, new_state
 from llamaprune.importance.wanda import accumulate_sq_norm
@@ -29,9 +30,10 @@ from llamaprune.importance.wanda import accumulate_sq_norm
 # Per-feature statistics of a linear's input: name -> fold(x, running value or None) -> running value.
 # A criterion asks for them by name (llamaprune.criteria); stats.safetensors holds them as
 # ``layers.<layer>.<input>.<name>``.
-INPUT_STATISTICS = {"sq_norm": accumulate_sq_norm}
-# Collected on every pass, whatever the criteria: stats.safetensors always has them (docs/ARTIFACTS.md).
-RECORDED_STATISTICS = ("sq_norm",)
+INPUT_STATISTICS = {"sq_norm": accumulate_sq_norm, "sum": accumulate_sum}
+# Collected on every pass, whatever the criteria: stats.safetensors always has them (docs/ARTIFACTS.md); the sums
+# give the input means that bias compensation needs (llamaprune.compensate).
+RECORDED_STATISTICS = ("sq_norm", "sum")
 
 
 @dataclass(frozen=True)

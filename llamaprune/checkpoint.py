@@ -14,11 +14,13 @@ with transformers' ``per_layer_config``, an ``auto_map`` and a copy of ``modelin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import shutil
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,8 +95,10 @@ def kept_layer_overrides(plan: Plan) -> list[dict]:
     return overrides
 
 
-def pruned_config(config, plan: Plan):
-    """The config of ``config``'s model after ``plan``: plain if all kept layers share a shape, else ours."""
+def pruned_config(config, plan: Plan, output_bias: bool = False):
+    """The config of ``config``'s model after ``plan``: plain if all kept layers share a shape, else ours. With
+    ``output_bias`` (error compensation) it is always ours: o_proj and down_proj get output biases, which no
+    plain Llama layout has alone."""
     from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
@@ -102,7 +106,12 @@ def pruned_config(config, plan: Plan):
     base_type = source_model_type(config)
     fields = {k: v for k, v in config.to_dict().items() if k not in LAYOUT_KEYS}
     fields.update(num_hidden_layers=len(overrides), head_dim=plan.head_dim)
+    if output_bias:
+        fields["output_bias"] = True
     uniform = all(entry == overrides[0] and "skip" not in entry for entry in overrides)
+    if uniform and output_bias:
+        fields.update(overrides[0])
+        return _llamaprune_config(config, fields, base_type)
     if uniform:
         layer_types = getattr(config, "layer_types", None)
         if layer_types is not None:
@@ -189,6 +198,7 @@ class TensorSlice:
     shape: tuple[int, ...]
     layer: int | None  # original layer index, None outside decoder layers
     rest: str = ""  # name inside the layer
+    computed: bool = False  # written from the ``replace`` tensors of stream_checkpoint, not read from ``source``
 
     @property
     def nbytes(self) -> int:
@@ -232,6 +242,30 @@ def plan_tensors(
     return out
 
 
+def with_replacements(
+    tensors: list[TensorSlice], replace: Mapping[str, torch.Tensor], dtype: DType | None
+) -> tuple[list[TensorSlice], int]:
+    """``tensors`` with those named in ``replace`` marked as computed, and the ones only ``replace`` has
+    appended (in the dtype of their layer's weights); also the parameters those new ones add."""
+    by_key = {t.out_key: t for t in tensors}
+    out = []
+    for t in tensors:
+        if t.out_key in replace:
+            if tuple(replace[t.out_key].shape) != t.shape:
+                raise RuntimeError(f"{t.out_key}: compensated to {tuple(replace[t.out_key].shape)}, expected {t.shape}")
+            t = dataclasses.replace(t, computed=True)
+        out.append(t)
+    added = 0
+    for key, tensor in replace.items():
+        if key in by_key:
+            continue
+        weight = by_key[key.rsplit(".", 1)[0] + ".weight"]
+        code = weight.dtype if dtype is None else DTYPE_CODES[DType(dtype)]
+        out.append(TensorSlice(weight.source, key, key, code, code, tuple(tensor.shape), weight.layer, computed=True))
+        added += tensor.numel()
+    return out, added
+
+
 def parameter_count(tensors: list[TensorSlice]) -> int:
     """Parameters among planned tensors (weights and biases; buffers such as inv_freq do not count)."""
     total = 0
@@ -271,11 +305,14 @@ def safetensors_header(tensors: list[TensorSlice]) -> bytes:
     return struct.pack("<Q", len(blob)) + blob
 
 
-def read_sliced(t: TensorSlice, indices: dict[int, dict], scratch: torch.Tensor) -> torch.Tensor:
-    """Read one tensor and slice it into ``scratch`` (valid until the next call). The file is opened per
-    tensor, so at most one tensor is ever mapped."""
+def read_sliced(t: TensorSlice, indices: dict[int, dict], scratch: torch.Tensor,
+                replace: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Read one tensor and slice it into ``scratch`` (valid until the next call), or take it from ``replace``.
+    The file is opened per tensor, so at most one tensor is ever mapped."""
     from safetensors import safe_open
 
+    if t.computed:
+        return replace[t.out_key].to(SAFETENSORS_DTYPES[t.dtype]).contiguous()
     with safe_open(t.source, framework="pt") as f:
         tensor = f.get_tensor(t.key)
     if t.layer is not None:
@@ -286,16 +323,19 @@ def read_sliced(t: TensorSlice, indices: dict[int, dict], scratch: torch.Tensor)
 
 def scratch_buffer(tensors: list[TensorSlice]) -> torch.Tensor:
     """One buffer for every sliced tensor: fresh memory per tensor costs a page fault per 4 KiB."""
-    sizes = [t.numel * SAFETENSORS_DTYPES[t.source_dtype].itemsize for t in tensors if t.layer is not None]
+    sizes = [
+        t.numel * SAFETENSORS_DTYPES[t.source_dtype].itemsize for t in tensors if t.layer is not None and not t.computed
+    ]
     return torch.empty(max(sizes, default=0), dtype=torch.uint8)
 
 
-def write_shard(path: Path, tensors: list[TensorSlice], indices: dict[int, dict], scratch: torch.Tensor) -> None:
+def write_shard(path: Path, tensors: list[TensorSlice], indices: dict[int, dict], scratch: torch.Tensor,
+                replace: Mapping[str, torch.Tensor]) -> None:
     """Write a safetensors file tensor by tensor: the plan gives the header before any data is read."""
     with open(path, "wb") as f:
         f.write(safetensors_header(tensors))
         for t in tensors:
-            tensor = read_sliced(t, indices, scratch)
+            tensor = read_sliced(t, indices, scratch, replace)
             if tuple(tensor.shape) != t.shape:
                 raise RuntimeError(f"{t.key}: sliced to {tuple(tensor.shape)}, expected {t.shape}")
             f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
@@ -308,15 +348,19 @@ def stream_checkpoint(
     max_shard_size: int | str = "2GB",
     dtype: DType | None = None,
     tied: bool = False,
+    replace: Mapping[str, torch.Tensor] | None = None,
 ) -> int:
-    """Slice safetensors ``files`` by ``plan`` into ``out`` (shards + index); returns parameters written."""
+    """Slice safetensors ``files`` by ``plan`` into ``out`` (shards + index); returns parameters written.
+    ``replace`` (output name -> tensor: error compensation's o_proj / down_proj weights and output biases) is
+    written instead of the sliced tensor of that name, or added where the source has none."""
+    replace = replace or {}
     indices = kept_indices(plan)
-    tensors = plan_tensors(files, plan, indices, dtype, tied)
-    check_params(parameter_count(tensors), plan)
+    tensors, added = with_replacements(plan_tensors(files, plan, indices, dtype, tied), replace, dtype)
+    check_params(parameter_count(tensors) - added, plan)
     shards = shard_tensors(tensors, max_shard_size)
     scratch = scratch_buffer(tensors)
     for name, shard in shards.items():
-        write_shard(Path(out) / name, shard, indices, scratch)
+        write_shard(Path(out) / name, shard, indices, scratch, replace)
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(t.nbytes for t in tensors)},

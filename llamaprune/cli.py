@@ -294,6 +294,16 @@ def apply_command(
     max_windows: Annotated[int | None, typer.Option(help="Evaluate at most this many windows.")] = None,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
     data_dir: DataDir = None,
+    compensate: Annotated[
+        str, typer.Option(help="Error compensation: none, bias (input means from the plan's run), or lstsq "
+                               "(refit o_proj/down_proj layer by layer on --calibration text).")
+    ] = "none",
+    calibration: Annotated[
+        str | None, typer.Option(help="lstsq: calibration text (wikitext2, ptb, c4, or a local file).")
+    ] = None,
+    calibration_samples: Annotated[int, typer.Option(help="lstsq: calibration windows.")] = 128,
+    calibration_seq_len: Annotated[int, typer.Option(help="lstsq: tokens per calibration window.")] = 128,
+    damp: Annotated[float, typer.Option(help="lstsq: ridge, relative to the mean input energy.")] = 1e-3,
     finetune: Annotated[
         str | None, typer.Option("--finetune", help="Then recover: lora or full (see `llamaprune finetune`).")
     ] = None,
@@ -308,6 +318,7 @@ def apply_command(
     """Slice a checkpoint by a plan into a smaller one that from_pretrained loads (phase 3), then optionally
     finetune it (--finetune lora|full): the pruned checkpoint is kept beside OUT as OUT-pruned."""
     from llamaprune.apply import ApplyOptions, apply
+    from llamaprune.compensate import CompensationOptions
     from llamaprune.evaluate import EvalOptions
 
     evaluation = None
@@ -330,7 +341,10 @@ def apply_command(
         plan_out = pruned_out
     else:
         plan_out = out
-    summary = apply(ApplyOptions(plan, model, plan_out, dtype, device, max_shard_size, overwrite, evaluation))
+    compensation = CompensationOptions(compensate, calibration, calibration_samples, calibration_seq_len, damp,
+                                       data_dir=data_dir)
+    summary = apply(ApplyOptions(plan, model, plan_out, dtype, device, max_shard_size, overwrite, evaluation,
+                                 compensation))
     before, after = summary["params_before"], summary["params_after"]
     how = "streamed" if summary["streamed"] else "pruned in memory"
     seconds = summary["seconds"]

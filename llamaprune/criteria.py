@@ -10,7 +10,7 @@ group; the scores of a group's weights and biases add up. A formula of ``scope``
 groups and the seed and returns one score per group in table order.
 
     >>> CRITERIA
-    ('taylor', 'taylor2', 'wanda', 'magnitude', 'random')
+    ('taylor', 'taylor2', 'wanda', 'magnitude', 'random', 'fluctuation')
     >>> canonical("taylor_2nd"), REGISTRY["wanda"].input_stats
     ('taylor2', ('sq_norm',))
 """
@@ -63,6 +63,8 @@ REGISTRY = {
         Criterion("magnitude", "|w|, data-free", "llamaprune.importance.magnitude:magnitude_groups"),
         Criterion("random", "a seeded uniform draw per group", "llamaprune.importance.random:random_scores",
                   scope=TABLE),
+        Criterion("fluctuation", "var(x)*||W[:,j]||^2 over o_proj/down_proj inputs (FLAP)",
+                  "llamaprune.importance.fluctuation:fluctuation_groups", input_stats=("sq_norm", "sum")),
     )
 }
 CRITERIA = tuple(REGISTRY)

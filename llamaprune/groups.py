@@ -52,6 +52,7 @@ class ModelShape:
     o_proj_bias: bool
     mlp_bias: bool
     tie_word_embeddings: bool
+    down_proj_bias: bool = False  # mlp_bias, or the output bias of error compensation
 
     @property
     def num_hidden_layers(self) -> int:
@@ -85,7 +86,7 @@ class ModelShape:
         """Parameters of the MLP sub-block that no width pruning removes: its norm, the down_proj bias."""
         if "mlp" in self.layers[layer].skip:
             return 0
-        return self.hidden_size * (2 if self.mlp_bias else 1)
+        return self.hidden_size * (2 if self.down_proj_bias else 1)
 
     def layer_fixed_params(self, layer: int) -> int:
         return self.attn_fixed_params(layer) + self.mlp_fixed_params(layer)
@@ -171,6 +172,7 @@ def model_shape(config) -> ModelShape:
         o_proj_bias=biases["self_attn.o_proj"],
         mlp_bias=biases["mlp.gate_proj"],
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        down_proj_bias=biases["mlp.down_proj"],
     )
 
 

@@ -193,7 +193,10 @@ def _drop_gguf_quantizer(model) -> None:
 def config_fingerprint(config) -> dict:
     """What a plan or table must match: architecture family, a hash of all shapes, parameter count."""
     shape = model_shape(config)
-    blob = json.dumps(asdict(shape), sort_keys=True).encode()
+    fields = asdict(shape)
+    if fields["down_proj_bias"] == fields["mlp_bias"]:  # as before output biases existed: hashes stay the same
+        del fields["down_proj_bias"]
+    blob = json.dumps(fields, sort_keys=True).encode()
     model_type = source_model_type(config)
     return {
         "architecture": SUPPORTED_MODEL_TYPES.get(model_type, model_type),

@@ -66,6 +66,7 @@ class LlamaPruneConfig(LlamaConfig):
     model_type = MODEL_TYPE
     base_model_type: str = "llama"
     sliding_window: int | None = None
+    output_bias: bool = False  # o_proj and down_proj carry output biases (error compensation)
 
     def validate_architecture(self):
         """Each layer with attention must split its query heads evenly over its KV heads."""
@@ -82,9 +83,11 @@ class LlamaPruneConfig(LlamaConfig):
 
 
 def projection_biases(config) -> tuple[bool, bool]:
-    """(q/k/v bias, o_proj bias): Qwen2 biases q/k/v only, Llama's ``attention_bias`` covers all four."""
+    """(q/k/v bias, o_proj bias): Qwen2 biases q/k/v only, Llama's ``attention_bias`` covers all four; a
+    compensated model (``output_bias``) has an o_proj bias."""
     qwen2 = getattr(config, "base_model_type", None) == "qwen2"
-    return bool(config.attention_bias) or qwen2, bool(config.attention_bias) and not qwen2
+    attention = bool(config.attention_bias)
+    return attention or qwen2, (attention and not qwen2) or bool(config.output_bias)
 
 
 class LlamaPruneAttention(LlamaAttention):
@@ -117,6 +120,9 @@ class LlamaPruneDecoderLayer(GradientCheckpointingLayer):
         if "mlp" not in skip:
             self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
             self.mlp = LlamaMLP(config)
+            if config.output_bias and self.mlp.down_proj.bias is None:
+                down = self.mlp.down_proj
+                down.bias = nn.Parameter(torch.zeros(down.out_features, dtype=down.weight.dtype))
 
     def forward(
         self,

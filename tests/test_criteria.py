@@ -13,7 +13,7 @@ from llamaprune.prune import ImportanceMethod, PruneOptions
 
 
 def test_columns_keep_their_names_and_order():
-    assert CRITERIA == ("taylor", "taylor2", "wanda", "magnitude", "random")
+    assert CRITERIA == ("taylor", "taylor2", "wanda", "magnitude", "random", "fluctuation")
 
 
 @pytest.mark.parametrize("name", CRITERIA)
@@ -24,7 +24,7 @@ def test_every_entry_names_a_formula_and_statistics_that_exist(name):
 
 
 def test_aliases_reach_every_command():
-    assert NAMES == ("taylor", "taylor_2nd", "taylor2", "wanda", "magnitude", "random")
+    assert NAMES == ("taylor", "taylor_2nd", "taylor2", "wanda", "magnitude", "random", "fluctuation")
     assert [m.value for m in ImportanceMethod] == list(NAMES)
     seed_name = PruneOptions(importance_method="taylor_2nd")
     assert canonical("taylor_2nd") == "taylor2" == seed_name.score_options().criteria[0]

@@ -28,7 +28,8 @@ def _batches(vocab: int, n: int = 3, batch: int = 2, length: int = 12, seed: int
 
 
 def _brute_force(model, batches):
-    """taylor / taylor2 / wanda / magnitude of every group, from whole-loss autograd and explicit captures."""
+    """taylor / taylor2 / wanda / magnitude / fluctuation of every group, from whole-loss autograd and explicit
+    captures."""
     params = [p for p in model.parameters()]
     grad_sum = [torch.zeros_like(p) for p in params]
     fisher = [torch.zeros_like(p) for p in params]
@@ -45,17 +46,18 @@ def _brute_force(model, batches):
     for h in handles:
         h.remove()
     index = {id(p): i for i, p in enumerate(params)}
-    norms = {}
+    norms, variances = {}, {}
     tokens = sum(b.numel() for b in batches)
     for m in model.modules():
         if isinstance(m, torch.nn.Linear) and id(m) in inputs:
             x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs[id(m)]]).double()
             norms[id(m.weight)] = x.pow(2).sum(0).sqrt()
+            variances[id(m.weight)] = x.var(dim=0, unbiased=False)
             if m.bias is not None:
                 norms[id(m.bias)] = None
     expected = {}
     for group in iter_groups(model_shape(model.config)):
-        sums = dict.fromkeys(("taylor", "taylor2", "wanda", "magnitude"), 0.0)
+        sums = dict.fromkeys(("taylor", "taylor2", "wanda", "magnitude", "fluctuation"), 0.0)
         for param, where in group_slices(model, group.layer, group.kind, group.index):
             w = param.detach().double()
             i = index[id(param)]
@@ -67,6 +69,8 @@ def _brute_force(model, batches):
             norm = norms[id(param)]
             wanda = w.abs() * tokens**0.5 if norm is None else w.abs() * norm[None, :]
             sums["wanda"] += wanda[where].sum().item()
+            if len(where) == 2:  # the columns of o_proj / down_proj: FLAP's var(x_j) * ||W[:, j]||^2
+                sums["fluctuation"] += (w * w * variances[id(param)][None, :])[where].sum().item()
         expected[group.group_id] = sums
     return expected
 
@@ -75,7 +79,7 @@ def _brute_force(model, batches):
 def test_criteria_match_brute_force(kwargs):
     model = tiny_model(tiny_config(layers=2, **kwargs))
     batches = _batches(model.config.vocab_size)
-    result = score(model, batches, criteria=("taylor", "taylor2", "wanda", "magnitude"), progress=False)
+    result = score(model, batches, criteria=("taylor", "taylor2", "wanda", "magnitude", "fluctuation"), progress=False)
     expected = _brute_force(model, batches)
     table = result.groups.to_pylist()
     assert [r["group_id"] for r in table] == list(expected)

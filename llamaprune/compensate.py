@@ -1,0 +1,234 @@
+"""The compensation step of apply: the o_proj / down_proj tensors of a pruned checkpoint that error
+compensation changes, by output name, for streaming (``checkpoint.stream_checkpoint``) or an in-memory
+``apply_plan`` to write instead of the plainly sliced ones.
+
+Every kept o_proj and down_proj gets an output bias (zero where nothing of its input was removed), so the
+checkpoint has one layout (``output_bias`` in its config, docs/ARTIFACTS.md).
+
+    >>> stream = LayerStream.from_checkpoint(path, config)                          # doctest: +SKIP
+    >>> tensors = refit_layers(stream, plan, windows, damp=1e-3)                    # doctest: +SKIP
+    >>> tensors["model.layers.0.mlp.down_proj.bias"].shape                           # doctest: +SKIP
+    torch.Size([576])
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llamaprune.arch import linear_biases
+from llamaprune.choices import parse_choice
+from llamaprune.compensation import Compensation, InputStats, mean_bias, refit
+from llamaprune.errors import UsageError
+from llamaprune.layer_stream import LAYERS_PREFIX, LayerStream, read_tensors, tensor_files
+from llamaprune.pruning_plan import Plan
+from llamaprune.scoring import STATS_FILE
+from llamaprune.slicing import kept_indices, tensor_route
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DAMP = 1e-3
+OUTPUTS = (("attention", "self_attn.o_proj", "q", "o_in"), ("mlp", "mlp.down_proj", "mlp", "down_in"))
+
+
+def output_key(plan: Plan, layer: int, path: str, what: str) -> str:
+    route = tensor_route(f"{LAYERS_PREFIX}{layer}.{path}.{what}", plan)
+    assert route is not None, (layer, path)
+    return route[0]
+
+
+def _capture(module: torch.nn.Module, run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the input ``module`` sees, the output of ``run``) for one call of ``run``."""
+    seen = {}
+    handle = module.register_forward_pre_hook(lambda mod, args: seen.__setitem__("x", args[0]))
+    try:
+        out = run()
+    finally:
+        handle.remove()
+    return seen["x"], out
+
+
+def _fit(stats: InputStats, linear: torch.nn.Linear, keep: torch.Tensor, damp: float):
+    weight, bias = linear.weight.detach(), linear.bias
+    if len(keep) == weight.shape[1]:  # nothing removed: the layer as it is (a zero bias where it had none)
+        return weight, bias.detach() if bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype)
+    return refit(stats, weight, keep, damp, bias)
+
+
+def refit_layers(stream: LayerStream, plan: Plan, windows: torch.Tensor, damp: float,
+                 progress: bool = True) -> dict[str, torch.Tensor]:
+    """Sequential least-squares compensation: the calibration windows run through the pruned model layer by
+    layer; each kept o_proj / down_proj is refitted (``compensation.refit``) so that, on the activations of the
+    already pruned layers below, it reproduces what the unpruned sub-block outputs there."""
+    from tqdm.auto import tqdm
+
+    indices = kept_indices(plan)
+    tensors: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        hidden = stream.embed(windows)
+        for lp in tqdm(plan.layers, desc="compensate", unit="layer", disable=not progress):
+            if lp.removed:
+                continue
+            with stream.layer(lp.layer) as block:
+                if "attention" not in lp.skip:
+                    hidden = _refit_attention(stream, block, hidden, indices[lp.layer]["q"], damp, plan, lp.layer,
+                                              tensors)
+                if "mlp" not in lp.skip:
+                    hidden = _refit_mlp(stream, block, hidden, indices[lp.layer]["mlp"], damp, plan, lp.layer,
+                                        tensors)
+            if not torch.isfinite(hidden).all():
+                raise UsageError(
+                    f"the calibration activations became NaN or infinite at layer {lp.layer}: check that the "
+                    f"checkpoint's weights are finite, or compensate with --compensate bias or other calibration text"
+                )
+    return tensors
+
+
+def _refit_attention(stream, block, hidden, keep, damp, plan, layer, tensors) -> torch.Tensor:
+    o_proj = block.self_attn.o_proj
+    stats, kept_inputs = InputStats.of(o_proj.in_features, hidden.device), []
+    for h in stream.batches(hidden):
+        z, _ = _capture(o_proj, lambda h=h: stream.attention(block, h))
+        stats.add(z)
+        kept_inputs.append(z[..., keep.to(z.device)])
+    weight, bias = _fit(stats, o_proj, keep, damp)
+    _store(tensors, plan, layer, "self_attn.o_proj", weight, bias)
+    return torch.cat([h + z @ weight.T + bias for h, z in zip(stream.batches(hidden), kept_inputs, strict=True)])
+
+
+def _refit_mlp(stream, block, hidden, keep, damp, plan, layer, tensors) -> torch.Tensor:
+    mlp = block.mlp
+    stats = InputStats.of(mlp.down_proj.in_features, hidden.device)
+    for h in stream.batches(hidden):
+        u, _ = _capture(mlp.down_proj, lambda h=h: stream.mlp(block, h))
+        stats.add(u)
+    weight, bias = _fit(stats, mlp.down_proj, keep, damp)
+    _store(tensors, plan, layer, "mlp.down_proj", weight, bias)
+    keep = keep.to(hidden.device)
+    gate, up = mlp.gate_proj, mlp.up_proj
+    out = []
+    for h in stream.batches(hidden):
+        x = block.post_attention_layernorm(h)
+        g = torch.nn.functional.linear(x, gate.weight[keep], None if gate.bias is None else gate.bias[keep])
+        v = torch.nn.functional.linear(x, up.weight[keep], None if up.bias is None else up.bias[keep])
+        out.append(h + (mlp.act_fn(g) * v) @ weight.T + bias)
+    return torch.cat(out)
+
+
+def _store(tensors: dict, plan: Plan, layer: int, path: str, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    tensors[output_key(plan, layer, path, "weight")] = weight.cpu()
+    tensors[output_key(plan, layer, path, "bias")] = bias.cpu()
+
+
+def mean_biases(plan: Plan, stats: dict[str, torch.Tensor], weight_of: Callable[[str], torch.Tensor], config,
+                source: str) -> dict[str, torch.Tensor]:
+    """FLAP-style compensation from a run's recorded input sums: each kept o_proj / down_proj keeps its columns
+    and gains the removed columns' mean contribution as its output bias. ``weight_of`` reads a source tensor by
+    name."""
+    indices = kept_indices(plan)
+    tokens = float(stats["tokens"][0])
+    has_bias = linear_biases(config)
+    tensors: dict[str, torch.Tensor] = {}
+    for lp in plan.layers:
+        if lp.removed:
+            continue
+        for block, path, index, input_name in OUTPUTS:
+            if block in lp.skip:
+                continue
+            key = f"layers.{lp.layer}.{input_name}.sum"
+            if key not in stats:
+                raise UsageError(
+                    f"{source} has no input means ({key}); it was scored before compensation existed: score the "
+                    f"model again with `llamaprune score`, or use --compensate lstsq --calibration TEXT"
+                )
+            prefix = f"{LAYERS_PREFIX}{lp.layer}.{path}"
+            weight = weight_of(f"{prefix}.weight")
+            bias = weight_of(f"{prefix}.bias") if has_bias[path] else None
+            keep = indices[lp.layer][index]
+            if len(keep) == weight.shape[1]:
+                new_bias = bias if bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype)
+                tensors[output_key(plan, lp.layer, path, "bias")] = new_bias
+                continue
+            new_weight, new_bias = mean_bias(stats[key] / tokens, weight, keep, bias)
+            tensors[output_key(plan, lp.layer, path, "weight")] = new_weight
+            tensors[output_key(plan, lp.layer, path, "bias")] = new_bias
+    return tensors
+
+
+@dataclass(frozen=True)
+class CompensationOptions:
+    """How apply compensates: ``method``, and for ``lstsq`` the calibration text (``num_samples`` windows of
+    ``seq_len`` tokens, seeded) and the ridge ``damp`` (relative to the mean diagonal of the inputs' Gram)."""
+
+    method: Compensation = Compensation.none
+    calibration: str | None = None
+    num_samples: int = 128
+    seq_len: int = 128
+    damp: float = DEFAULT_DAMP
+    seed: int = 0
+    batch_size: int = 8
+    data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method", parse_choice(Compensation, self.method, "--compensate"))
+        for name in ("num_samples", "seq_len", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"--calibration-{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not self.damp >= 0:
+            raise UsageError(f"--damp must be 0 or more, got {self.damp}")
+
+    def rows(self, run_dir: Path | None) -> list[str] | None:
+        """The calibration text's rows (lstsq), after checking that the method has what it needs."""
+        from llamaprune.data import load_rows
+
+        if self.method is Compensation.bias:
+            stats_file(run_dir)
+        if self.method is not Compensation.lstsq:
+            return None
+        if self.calibration is None:
+            raise UsageError("--compensate lstsq refits on calibration text; give it with --calibration TEXT")
+        return load_rows(self.calibration, split="train", data_dir=self.data_dir)
+
+    def tensors(self, plan: Plan, config, source_path: str, loaded=None, rows: list[str] | None = None,
+                run_dir: Path | None = None, progress: bool = True) -> dict[str, torch.Tensor]:
+        """What the method writes instead of the sliced o_proj / down_proj tensors (empty for ``none``), for the
+        safetensors checkpoint directory ``source_path`` (read layer by layer) or an in-memory model
+        (``loaded``, a ``model.LoadedModel``)."""
+        if self.method is Compensation.none:
+            return {}
+        if self.method is Compensation.bias:
+            from safetensors.torch import load_file
+
+            path = stats_file(run_dir)
+            if loaded is not None:
+                weight_of = loaded.model.state_dict().__getitem__
+            else:
+                files = tensor_files(Path(source_path))
+                weight_of = lambda key: read_tensors(files, [key])[key]  # noqa: E731
+            return mean_biases(plan, load_file(path), weight_of, config, str(path))
+        from llamaprune.data import calibration_windows
+
+        if loaded is not None:
+            stream, tokenizer = LayerStream.from_model(loaded.model, self.batch_size), loaded.tokenizer
+        else:
+            from transformers import AutoTokenizer
+
+            stream = LayerStream.from_checkpoint(Path(source_path), config, batch_size=self.batch_size)
+            tokenizer = AutoTokenizer.from_pretrained(source_path)
+        windows = calibration_windows(tokenizer, rows, self.num_samples, self.seq_len, self.seed)
+        return refit_layers(stream, plan, windows, self.damp, progress)
+
+
+def stats_file(run_dir: Path | None) -> Path:
+    """The run's stats.safetensors, which holds the input sums that ``bias`` needs."""
+    path = run_dir / STATS_FILE if run_dir is not None else None
+    if path is None or not path.is_file():
+        raise UsageError(
+            f"--compensate bias needs the input means in the plan's run directory ({STATS_FILE}), and this plan "
+            f"has none; keep the plan in RUN/plans/ or use --compensate lstsq --calibration TEXT"
+        )
+    return path

@@ -1,0 +1,148 @@
+"""Run calibration hidden states through a model one decoder layer at a time.
+
+A pass holds the embedded calibration windows' hidden states and, at any moment, a single decoder layer: from
+a safetensors checkpoint each layer's weights are read when its turn comes and dropped after it, so the
+pass needs about one layer plus the activations, not the model (error compensation runs on it; so can any
+statistic that is gathered layer by layer). A model already in memory is walked the same way.
+
+    >>> stream = LayerStream.from_checkpoint(Path("ckpt"))          # doctest: +SKIP
+    >>> hidden = stream.embed(windows)                               # doctest: +SKIP
+    >>> for index in range(stream.num_layers):                       # doctest: +SKIP
+    ...     with stream.layer(index) as block:
+    ...         hidden = stream.run_layer(block, hidden)
+    >>> logits = stream.logits(hidden)                               # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+LAYERS_PREFIX = "model.layers."
+
+
+def tensor_files(path: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file of checkpoint directory ``path`` that holds it (headers only)."""
+    from safetensors import safe_open
+
+    from llamaprune.checkpoint import safetensors_files
+
+    files = {}
+    for file in safetensors_files(Path(path)) or ():
+        with safe_open(file, framework="pt") as f:
+            files.update(dict.fromkeys(f.keys(), file))
+    return files
+
+
+def read_tensors(files: dict[str, Path], keys: list[str]) -> dict[str, torch.Tensor]:
+    """The tensors ``keys`` of a checkpoint (``files`` from ``tensor_files``)."""
+    from safetensors import safe_open
+
+    out = {}
+    for key in keys:
+        with safe_open(files[key], framework="pt") as f:
+            out[key] = f.get_tensor(key)
+    return out
+
+
+@dataclass
+class LayerStream:
+    """A model's embeddings, head and decoder layers, the layers materialized one at a time when ``files``
+    (safetensors, name -> file) is given, else taken from an in-memory ``model``."""
+
+    model: nn.Module
+    files: dict[str, Path] | None = None
+    batch_size: int = 8
+
+    @classmethod
+    def from_model(cls, model: nn.Module, batch_size: int = 8) -> LayerStream:
+        return cls(model, None, batch_size)
+
+    @classmethod
+    def from_checkpoint(cls, path: Path, config, dtype: torch.dtype = torch.float32, batch_size: int = 8):
+        """A skeleton of the model on the meta device with its embeddings, final norm and head loaded."""
+        from transformers import AutoModelForCausalLM
+
+        files = tensor_files(path)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        stream = cls(model, files, batch_size)
+        outside = {k: v for k, v in files.items() if not k.startswith(LAYERS_PREFIX)}
+        stream._load(model, outside, dtype)
+        rotary = model.model.rotary_emb
+        model.model.rotary_emb = type(rotary)(config=model.config)  # its buffers are computed, not stored
+        if getattr(config, "tie_word_embeddings", False):
+            model.tie_weights()
+        return stream
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.model.model.layers)
+
+    def _load(self, module: nn.Module, files: dict[str, Path], dtype: torch.dtype, prefix: str = "") -> None:
+        state = read_tensors(files, list(files))
+        module.load_state_dict({k[len(prefix):]: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+
+    @contextmanager
+    def layer(self, index: int) -> Iterator[nn.Module]:
+        """Decoder layer ``index``, with its weights, for the duration of the block."""
+        block = self.model.model.layers[index]
+        if self.files is None:
+            yield block
+            return
+        prefix = f"{LAYERS_PREFIX}{index}."
+        dtype = self.model.model.embed_tokens.weight.dtype
+        self._load(block, {k: v for k, v in self.files.items() if k.startswith(prefix)}, dtype, prefix)
+        try:
+            yield block
+        finally:
+            self.model.model.layers[index] = block.to("meta")
+
+    def embed(self, windows: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model.model.embed_tokens(windows)
+
+    def context(self, hidden: torch.Tensor) -> dict:
+        """Positions and causal mask of a batch of full windows (no padding, no cache)."""
+        from transformers.masking_utils import create_causal_mask
+
+        positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
+        mask = create_causal_mask(
+            config=self.model.config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=positions
+        )
+        return {
+            "position_embeddings": self.model.model.rotary_emb(hidden, positions),
+            "attention_mask": mask,
+        }
+
+    def attention(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """The attention sub-block's residual update for ``hidden`` (zero when the layer skips attention)."""
+        if block.self_attn is None:
+            return torch.zeros_like(hidden)
+        return block.self_attn(hidden_states=block.input_layernorm(hidden), **self.context(hidden))[0]
+
+    def mlp(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        if block.mlp is None:
+            return torch.zeros_like(hidden)
+        return block.mlp(block.post_attention_layernorm(hidden))
+
+    def batches(self, hidden: torch.Tensor) -> list[torch.Tensor]:
+        return list(hidden.split(self.batch_size))
+
+    def run_layer(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden`` after the whole layer, batch by batch."""
+        out = []
+        with torch.no_grad():
+            for h in self.batches(hidden):
+                h = h + self.attention(block, h)
+                out.append(h + self.mlp(block, h))
+        return torch.cat(out)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model.lm_head(self.model.model.norm(hidden))

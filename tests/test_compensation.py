@@ -1,0 +1,229 @@
+"""Error compensation: the least-squares refit and the mean bias against closed forms, the layer-streamed pass
+against the full model, and compensated checkpoints through apply (streamed and in memory), save and load."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import (
+    TEST_RAW,
+    VALID_TXT,
+    assert_one_error_line,
+    ids,
+    logits,
+    random_plan,
+    read_tensors,
+    tiny_config,
+    tiny_model,
+)
+from typer.testing import CliRunner
+
+from llamaprune.apply import ApplyOptions, apply, apply_plan
+from llamaprune.artifacts import atomic_write_json
+from llamaprune.compensate import CompensationOptions, refit_layers
+from llamaprune.compensation import InputStats, mean_bias, refit
+from llamaprune.layer_stream import LayerStream
+from llamaprune.pruning_plan import plan_from_kept, write_plan
+
+KEEP = torch.tensor([0, 2, 3, 6])
+
+
+def inputs_and_weight(seed: int = 0, tokens: int = 200, features: int = 8, outputs: int = 5):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, features, generator=g, dtype=torch.float64) @ torch.randn(features, features, generator=g,
+                                                                                       dtype=torch.float64)
+    return x + 0.5, torch.randn(outputs, features, generator=g), torch.randn(outputs, generator=g)
+
+
+def squared_error(x, w_kept, b_kept, w, b):
+    return float(((x[:, KEEP] @ w_kept.double().T + b_kept.double()) - (x @ w.double().T + b.double())).square().sum())
+
+
+def test_refit_equals_numpy_least_squares_and_never_loses_to_none_or_bias():
+    x, w, b = inputs_and_weight()
+    kept, bias = refit(InputStats.of(8).add(x), w, KEEP, damp=0.0, bias=b)
+    design = np.hstack([x[:, KEEP].numpy(), np.ones((len(x), 1))])
+    solution = np.linalg.lstsq(design, (x @ w.double().T + b.double()).numpy(), rcond=None)[0]
+    np.testing.assert_allclose(kept.double().numpy(), solution[:-1].T, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(bias.double().numpy(), solution[-1], rtol=1e-6, atol=1e-6)
+    error = squared_error(x, kept, bias, w, b)
+    assert error <= squared_error(x, w[:, KEEP], b, w, b)  # none
+    assert error <= squared_error(x, *mean_bias(x.mean(dim=0), w, KEEP, b), w, b)  # bias
+
+
+def test_refit_keeping_everything_is_the_identity_and_the_ridge_pulls_towards_it():
+    x, w, b = inputs_and_weight(seed=1)
+    kept, bias = refit(InputStats.of(8).add(x), w, torch.arange(8), damp=0.1, bias=b)
+    torch.testing.assert_close(kept, w, rtol=0, atol=1e-6)
+    torch.testing.assert_close(bias, b, rtol=0, atol=1e-6)
+    stats = InputStats.of(8).add(x)
+    far = refit(stats, w, KEEP, damp=1e6)[0]
+    torch.testing.assert_close(far, w[:, KEEP], rtol=0, atol=1e-3)
+
+
+def test_mean_bias_is_exact_when_the_removed_inputs_are_constant():
+    x, w, b = inputs_and_weight(seed=2)
+    removed = [i for i in range(8) if i not in KEEP]
+    x[:, removed] = torch.arange(len(removed), dtype=torch.float64) - 1.5
+    kept, bias = mean_bias(x.mean(dim=0), w, KEEP, b)
+    assert squared_error(x, kept, bias, w, b) < 1e-8
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral"])
+def test_the_layer_streamed_pass_reproduces_the_full_model(tmp_path, model_type):
+    config = tiny_config(layers=3, model_type=model_type, tie=model_type == "llama")
+    model = tiny_model(config)
+    model.save_pretrained(tmp_path / "ckpt", max_shard_size="16KB")
+    x = ids(config.vocab_size, batch=5, length=10)
+    expected = logits(model, x)
+    streams = LayerStream.from_model(model, 2), LayerStream.from_checkpoint(tmp_path / "ckpt", config, batch_size=2)
+    for stream in streams:
+        hidden = stream.embed(x)
+        for index in range(stream.num_layers):
+            with stream.layer(index) as block:
+                hidden = stream.run_layer(block, hidden)
+        torch.testing.assert_close(stream.logits(hidden), expected, rtol=0, atol=1e-5)
+
+
+def test_compensating_a_plan_that_keeps_everything_changes_nothing():
+    config = tiny_config(layers=2)
+    model = tiny_model(config)
+    plan = plan_from_kept(config, [(list(range(2)), list(range(24)))] * 2)
+    tensors = refit_layers(LayerStream.from_model(model), plan, ids(config.vocab_size, batch=4), damp=1e-3,
+                           progress=False)
+    x = ids(config.vocab_size, seed=1)
+    assert torch.equal(logits(apply_plan(model, plan, tensors), x), logits(model, x))
+
+
+def test_the_refit_reduces_each_layer_s_error_on_its_calibration_inputs():
+    """After compensation the pruned model is closer to the dense one on the calibration windows than the plainly
+    sliced one, and than the bias-compensated one."""
+    config = tiny_config(layers=3, heads=4, kv_heads=2, intermediate=32)
+    model = tiny_model(config)
+    plan = plan_from_kept(config, [([0], list(range(0, 32, 2))), ([1], list(range(16))), ([0, 1], list(range(20)))])
+    windows = ids(config.vocab_size, batch=16, length=16, seed=3)
+    dense = logits(model, windows)
+    refitted = apply_plan(model, plan, refit_layers(LayerStream.from_model(model), plan, windows, 1e-6, False))
+    plain = apply_plan(model, plan)
+    assert (logits(refitted, windows) - dense).square().sum() < (logits(plain, windows) - dense).square().sum()
+
+
+def write_checkpoint(tmp_path, tokenizer, config):
+    model = tiny_model(config)
+    model.save_pretrained(tmp_path / "model", max_shard_size="20KB")
+    tokenizer.save_pretrained(tmp_path / "model")
+    return model, tmp_path / "model"
+
+
+@pytest.mark.parametrize("kept", [[([1], [0, 4, 5, 20]), ([], [3, 7])], [([0], list(range(12))), ([0], [5])]])
+def test_compensated_checkpoints_stream_like_in_memory_and_load_back(tmp_path, tokenizer, kept):
+    config = tiny_config(heads=4, kv_heads=2, vocab=len(tokenizer), layers=2)
+    model, path = write_checkpoint(tmp_path, tokenizer, config)
+    plan = plan_from_kept(config, kept)
+    run = tmp_path / "run"
+    atomic_write_json(run / "manifest.json", {"schema_version": 1, "history": []})
+    plan_path = run / "plans" / "p.json"
+    write_plan(plan, plan_path)
+    compensation = CompensationOptions("lstsq", str(VALID_TXT), num_samples=8, seq_len=16)
+    streamed = apply(ApplyOptions(plan_path, str(path), tmp_path / "streamed", compensation=compensation))
+    assert streamed["streamed"] and streamed["compensation"]["method"] == "lstsq"
+    from llamaprune.model import LoadedModel, Source
+
+    loaded = LoadedModel(model, tokenizer, Source("m", "dir", str(path)))
+    in_memory = compensation.tensors(plan, config, str(path), loaded, compensation.rows(None), None, False)
+    memory_model = apply_plan(model, plan, in_memory)
+    stored = read_tensors(tmp_path / "streamed")
+    assert stored.keys() == dict(memory_model.state_dict()).keys() - {"lm_head.weight"} or stored.keys() == \
+        dict(memory_model.state_dict()).keys()
+    for key, tensor in memory_model.state_dict().items():
+        if key in stored:
+            torch.testing.assert_close(stored[key], tensor, rtol=1e-6, atol=1e-6)
+    from llamaprune.checkpoint import load_pruned
+
+    reloaded = load_pruned(tmp_path / "streamed")
+    x = ids(config.vocab_size)
+    torch.testing.assert_close(logits(reloaded, x), logits(memory_model, x), rtol=0, atol=1e-5)
+    assert reloaded.config.output_bias and reloaded.model.layers[0].mlp.down_proj.bias is not None
+    assert reloaded.num_parameters() == plan.params_after + sum(
+        t.numel() for k, t in in_memory.items() if k.endswith(".bias"))
+    assert reloaded.generate(x[:1, :4], max_new_tokens=4, do_sample=False).shape == (1, 8)
+    remote = (
+        "import sys, torch\nsys.modules['llamaprune'] = None\nfrom transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'streamed')!r}, trust_remote_code=True)\n"
+        f"x = torch.tensor({x.tolist()})\nprint(m(input_ids=x).logits.sum().item())"
+    )
+    done = subprocess.run([sys.executable, "-c", remote], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.strip()) == pytest.approx(float(logits(reloaded, x).sum()), rel=1e-5, abs=1e-4)
+
+
+def test_bias_compensation_from_the_run_s_input_means(tmp_path, tokenizer):
+    from llamaprune.cli import app
+
+    config = tiny_config(heads=4, kv_heads=2, vocab=len(tokenizer), layers=2)
+    _, path = write_checkpoint(tmp_path, tokenizer, config)
+    runner = CliRunner()
+    run = tmp_path / "run"
+    args = ["score", path, "--out", run, "--dataset", VALID_TXT, "--num-samples", 4, "--seq-len", 16,
+            "--criteria", "fluctuation"]
+    assert runner.invoke(app, [str(a) for a in args]).exit_code == 0
+    assert runner.invoke(app, ["plan", str(run), "--ratio", "0.2", "--criterion", "fluctuation"]).exit_code == 0
+    plan = next((run / "plans").glob("*.json"))
+    out = tmp_path / "biased"
+    result = runner.invoke(app, ["apply", str(plan), "--model", str(path), "--out", str(out), "--compensate", "bias",
+                                 "--eval", str(TEST_RAW), "--max-windows", "2", "--seq-len", "16"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "manifest.json").read_text())["history"][-1]["compensation"]["method"] == "bias"
+    assert json.loads((out / "config.json").read_text())["output_bias"] is True
+
+
+def test_bad_compensation_input_is_one_line_and_writes_nothing(tmp_path, tokenizer):
+    from llamaprune.cli import app
+
+    config = tiny_config(heads=4, kv_heads=2, vocab=len(tokenizer), layers=2)
+    _, path = write_checkpoint(tmp_path, tokenizer, config)
+    plan = random_plan(config, seed=0)
+    run = tmp_path / "run"
+    atomic_write_json(run / "manifest.json", {"schema_version": 1, "history": []})
+    write_plan(plan, run / "plans" / "p.json")
+    out = tmp_path / "out"
+    runner = CliRunner()
+
+    def invoke(*extra):
+        return runner.invoke(app, ["apply", str(run / "plans" / "p.json"), "--model", str(path), "--out", str(out),
+                                   *map(str, extra)])
+
+    assert_one_error_line(invoke("--compensate", "lstsq"), "--calibration TEXT")
+    assert_one_error_line(invoke("--compensate", "bias"), "stats.safetensors")
+    (run / "stats.safetensors").write_bytes(b"")  # a run scored before compensation: no input sums
+    from safetensors.torch import save_file
+
+    save_file({"tokens": torch.tensor([4])}, str(run / "stats.safetensors"))
+    assert_one_error_line(invoke("--compensate", "bias"), "no input means", "llamaprune score")
+    assert_one_error_line(invoke("--compensate", "ridge"), "--compensate 'ridge' is not one of")
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_nan_activations_are_one_line(tmp_path, tokenizer, monkeypatch):
+    from llamaprune.cli import app
+
+    config = tiny_config(heads=4, kv_heads=2, vocab=len(tokenizer), layers=2)
+    model, path = write_checkpoint(tmp_path, tokenizer, config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.up_proj.weight.fill_(float("nan"))
+    model.save_pretrained(path, max_shard_size="20KB")
+    plan = random_plan(config, seed=1, skip_p=0, remove_p=0)
+    write_plan(plan, tmp_path / "p.json")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["apply", str(tmp_path / "p.json"), "--model", str(path), "--out", str(out),
+                                      "--compensate", "lstsq", "--calibration", str(VALID_TXT),
+                                      "--calibration-samples", "2", "--calibration-seq-len", "8"])
+    lines = result.stderr.strip().splitlines()  # after the progress bar: one error line, no traceback
+    assert result.exit_code == 2 and lines[-1].startswith("error: ") and "NaN or infinite at layer 0" in lines[-1]
+    assert "Traceback" not in result.output and not out.exists()
