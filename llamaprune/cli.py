@@ -173,7 +173,8 @@ def plan_command(
         str | None, typer.Option(help="Plan name (default STRATEGY-CRITERION-RATIO[-tags]), -RATIO added.")
     ] = None,
     normalize: Annotated[
-        str, typer.Option(help="global: none, or mean (score = importance / mean importance of its layer and kind).")
+        str, typer.Option(help="global: none, mean (importance / its layer and kind's mean) or standard (z-score "
+                               "within its layer and kind, FLAP's).")
     ] = "none",
     distribution: Annotated[
         str | None, typer.Option(help="layerwise: attention:MLP budget split, e.g. 2:8 (default: size).")

@@ -134,6 +134,17 @@ def test_normalize_mean_ranks_by_relative_importance_whatever_a_group_costs(tmp_
     assert "layers.0.mlp.0" in removed and "layers.0.attn.0" not in removed
 
 
+def test_normalize_standard_ranks_by_z_score_within_layer_and_kind(tmp_path):
+    # l0.mlp.0 is a quarter of its partition's mean but only 0.85 deviations below it; l1.mlp.0 is 0.9 of its
+    # mean but 1.41 deviations below: relative to the mean l0.mlp.0 goes first, by z-score l1.mlp.0 does
+    scores = [([500.0, 600.0], [1.0, 2.0, 3.0, 10.0]), ([500.0, 600.0], [9.0, 10.0, 11.0, 10.0])]
+    run = write_run(tmp_path, {"taylor": scores})
+    assert removed_ids(make_plan(run, PlanOptions(ratio=0.01, normalize="mean"))) == {"layers.0.mlp.0"}
+    assert removed_ids(make_plan(run, PlanOptions(ratio=0.01, normalize="standard"))) == {"layers.1.mlp.0"}
+    plan = make_plan(run, PlanOptions(ratio=0.25, normalize="standard"))
+    assert plan.name == "global-taylor-0.25-normstandard" and plan.achieved_ratio <= 0.25
+
+
 # ---------------------------------------------------------------- layerwise
 
 

@@ -39,10 +39,13 @@ class Normalize(str, Enum):
     """Global only. ``mean``: a group's score is its importance over the mean importance of its layer and kind,
     so an average group scores 1 in every layer and kind: for criteria whose scale drifts with depth (wanda's
     activation norms grow along the residual stream). Dividing that by params as well would remove every attention
-    group (hundreds of times an MLP channel's cost) before any MLP channel."""
+    group (hundreds of times an MLP channel's cost) before any MLP channel. ``standard``: a group's score is its
+    z-score within its layer and kind (FLAP's adaptive structure search), so every layer and kind is ranked on the
+    same scale, its spread included."""
 
     none = "none"
     mean = "mean"
+    standard = "standard"
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,10 @@ def _query_order(tables: RunTables, criterion: str, normalize: Normalize) -> Ord
     if normalize is Normalize.mean:
         # importance in units of its partition's mean, times params: the score below is the relative importance
         imp = f"coalesce({col} / nullif(avg({col}) OVER (PARTITION BY layer, kind), 0), 0) * params"
+    elif normalize is Normalize.standard:
+        # the partition's z-score, times params: the score below is the z-score itself (FLAP's adaptive search)
+        part = "OVER (PARTITION BY layer, kind)"
+        imp = f"coalesce(({col} - avg({col}) {part}) / nullif(stddev_pop({col}) {part}, 0), 0) * params"
     sql = (
         "SELECT layer, CASE kind WHEN 'attn' THEN 0 WHEN 'mlp' THEN 1 ELSE 2 END AS k, \"index\", params, "
         f'imp, imp / params AS score FROM (SELECT layer, kind, "index", params, {imp} AS imp '
