@@ -43,6 +43,15 @@ def prune_command(
     remove_empty_layers: Annotated[
         bool, typer.Option("--remove_empty_layers", help="Drop a layer that would lose all its groups.")
     ] = False,
+    normalize: Annotated[
+        str, typer.Option("--normalize", help="Global: none, mean or standard (see `llamaprune plan --help`).")
+    ] = "none",
+    compensate: Annotated[
+        str, typer.Option("--compensate", help="Error compensation: none, bias or lstsq (see `llamaprune apply`).")
+    ] = "none",
+    compensation_samples: Annotated[
+        int, typer.Option("--compensation_samples", help="lstsq: calibration windows to refit on.")
+    ] = 128,
     dataset: Annotated[
         str, typer.Option("--dataset", help="Calibration text: wikitext2, ptb, c4, or a local file.")
     ] = "wikitext2",
@@ -104,7 +113,8 @@ def prune_command(
         importance_method=importance_method, method=method,
         pruning_distribution=parse_distribution(pruning_distribution) if pruning_distribution else None,
         pruning_strategy=pruning_strategy, freeze_top_n_layers=freeze_top_n_layers,
-        remove_empty_layers=remove_empty_layers, dataset=dataset, num_samples=num_samples, seq_len=seq_len,
+        remove_empty_layers=remove_empty_layers, normalize=normalize, compensate=compensate,
+        compensation_samples=compensation_samples, dataset=dataset, num_samples=num_samples, seq_len=seq_len,
         gradient_batch_size=gradient_batch_size, test_after_prune=test_after_prune, eval_dataset=eval_dataset,
         eval_seq_len=eval_seq_len, max_windows=max_windows, save_model=save_model or output_model,
         finetune=finetune, finetune_method=finetune_method, finetune_dataset=finetune_dataset,

@@ -193,7 +193,7 @@ class CompensationOptions:
             raise UsageError("--compensate lstsq refits on calibration text; give it with --calibration TEXT")
         return load_rows(self.calibration, split="train", data_dir=self.data_dir)
 
-    def tensors(self, plan: Plan, config, source_path: str, loaded=None, rows: list[str] | None = None,
+    def tensors(self, plan: Plan, config, source_path: str | None = None, loaded=None, rows: list[str] | None = None,
                 run_dir: Path | None = None, progress: bool = True) -> dict[str, torch.Tensor]:
         """What the method writes instead of the sliced o_proj / down_proj tensors (empty for ``none``), for the
         safetensors checkpoint directory ``source_path`` (read layer by layer) or an in-memory model

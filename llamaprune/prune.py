@@ -28,7 +28,7 @@ from llamaprune.evaluate import EVAL_FILE, EvalOptions, measure
 from llamaprune.finetune import FinetuneOptions, Method
 from llamaprune.loss_curve import CURVE_JSON, CURVE_PNG
 from llamaprune.model import Device, DType
-from llamaprune.plan import LayerStrategy, PlanOptions, Strategy
+from llamaprune.plan import LayerStrategy, Normalize, PlanOptions, Strategy
 from llamaprune.runs import Phase, PhaseRun, run_phase
 from llamaprune.scoring import ScoreOptions
 
@@ -76,6 +76,9 @@ class PruneOptions:
     pruning_strategy: LayerStrategy = LayerStrategy.inverse
     freeze_top_n_layers: int = 0
     remove_empty_layers: bool = False
+    normalize: Normalize = Normalize.none
+    compensate: str = "none"  # llamaprune.compensation.Compensation, checked by compensation_options()
+    compensation_samples: int = 128
     dataset: str = "wikitext2"
     num_samples: int = 128
     seq_len: int = 128
@@ -106,6 +109,7 @@ class PruneOptions:
             ("method", PruneMethod),
             ("pruning_strategy", LayerStrategy),
             ("finetune_method", Method),
+            ("normalize", Normalize),
         ):
             object.__setattr__(self, name, parse_choice(enum, getattr(self, name), f"--{name}"))
         name = self.save_ckpt_log_name
@@ -115,6 +119,7 @@ class PruneOptions:
             )
         # Every phase checks its own options: bad input fails here, before any data or weights load.
         self.score_options(), self.plan_options(), self.eval_options(), self.finetune_options()
+        self.compensation_options()
 
     @property
     def run_dir(self) -> Path:
@@ -149,7 +154,15 @@ class PruneOptions:
             layer_strategy=self.pruning_strategy,
             freeze_top_n=self.freeze_top_n_layers,
             remove_empty_layers=self.remove_empty_layers,
+            normalize=self.normalize if not layerwise else Normalize.none,
         )
+
+    def compensation_options(self):
+        """lstsq refits on the calibration text, ``compensation_samples`` windows of ``seq_len`` tokens."""
+        from llamaprune.compensate import CompensationOptions
+
+        return CompensationOptions(self.compensate, self.dataset, self.compensation_samples, self.seq_len,
+                                   seed=self.seed, data_dir=self.data_dir)
 
     def eval_options(self) -> EvalOptions:
         return EvalOptions(self.eval_dataset, self.eval_seq_len, self.max_windows, data_dir=self.data_dir)
@@ -230,7 +243,9 @@ def _run(options: PruneOptions, run: PhaseRun[_Inputs], progress: bool) -> None:
     manifest = with_history(manifest, score_entry(result))  # the scoring; this prune follows it
     plan, seed_files = _plan(options, out)
     t0 = time.perf_counter()
-    model = apply_plan(loaded.model, plan)
+    replace = options.compensation_options().tensors(plan, loaded.model.config, loaded=loaded,
+                                                     rows=inputs.calibration, run_dir=out, progress=progress)
+    model = apply_plan(loaded.model, plan, replace)
     summary.update(
         options=plain_value(options.description()),
         plan=plan.name,

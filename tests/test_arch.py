@@ -48,10 +48,10 @@ def _biased(model) -> dict[str, bool]:
 
 
 @pytest.mark.parametrize(
-    ("model_type", "attention_bias", "mlp_bias"),
-    list(itertools.product(["llama", "mistral", "qwen2"], [False, True], [False, True])),
+    ("model_type", "attention_bias", "mlp_bias", "output_bias"),
+    list(itertools.product(["llama", "mistral", "qwen2"], [False, True], [False, True], [False, True])),
 )
-def test_one_bias_rule_for_groups_and_the_remote_code(model_type, attention_bias, mlp_bias):
+def test_one_bias_rule_for_groups_and_the_remote_code(model_type, attention_bias, mlp_bias, output_bias):
     """modeling_llamaprune.py may import only torch and transformers, so it keeps its own copy of the rule."""
     from llamaprune.modeling_llamaprune import LlamaPruneForCausalLM, projection_biases
 
@@ -59,7 +59,9 @@ def test_one_bias_rule_for_groups_and_the_remote_code(model_type, attention_bias
     config.attention_bias, config.mlp_bias = attention_bias, mlp_bias
     rule = linear_biases(config)
     plan = plan_from_kept(config, [([1], [0, 5]), ([], [3])])  # layers of two shapes: our model type
-    pruned = pruned_config(config, plan)
+    pruned = pruned_config(config, plan, output_bias=output_bias)
+    if output_bias:  # compensation adds o_proj and down_proj output biases to whatever the source has
+        rule.update({"self_attn.o_proj": True, "mlp.down_proj": True})
     assert pruned.model_type == "llamaprune" and linear_biases(pruned) == rule
     assert projection_biases(pruned) == (rule["self_attn.q_proj"], rule["self_attn.o_proj"])
     assert _biased(LlamaPruneForCausalLM(pruned)) == rule
