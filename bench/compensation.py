@@ -1,0 +1,125 @@
+"""Error compensation on the quality protocol: criterion x allocation x compensation at a ratio, perplexity at
+two context lengths, and what compensation costs against one forward pass over its calibration text.
+
+The protocol of the quality comparison with the peers (same model, same text, same windows): SmolLM2-135M,
+calibration windows from WikiText-2 valid, perplexity on the first 256 windows of 128 tokens and the first 64
+windows of 512 tokens of the WikiText-2 raw test split (as ``llamaprune eval --max-windows``). One scoring pass
+(``--run``: a run directory from ``llamaprune score``, or scored here) feeds every plan. Compensation time is
+given as a ratio to a bare forward pass over the same calibration windows, timed in the same process.
+
+    python bench/compensation.py --run artifacts/smollm2 --calibration-samples 1024
+    python bench/compensation.py --tiny        # tiny random model (smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from llamaprune.apply import apply_plan  # noqa: E402
+from llamaprune.compensate import CompensationOptions  # noqa: E402
+from llamaprune.data import calibration_windows, evaluation_windows, load_rows  # noqa: E402
+from llamaprune.evaluate import perplexity  # noqa: E402
+from llamaprune.model import LoadedModel, Source, load_model  # noqa: E402
+from llamaprune.plan import PlanOptions, load_run, make_plan  # noqa: E402
+from llamaprune.scoring import score  # noqa: E402
+from llamaprune.scoring_run import write_tables  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data"
+# (label, plan options, compensation): today's recipe, each knob alone, and FLAP's recipe in our code
+CASES = [
+    ("global taylor2", dict(criterion="taylor2"), "none"),
+    ("global taylor2 + bias", dict(criterion="taylor2"), "bias"),
+    ("global taylor2 + lstsq", dict(criterion="taylor2"), "lstsq"),
+    ("global fluctuation standard + bias (FLAP's recipe)", dict(criterion="fluctuation", normalize="standard"),
+     "bias"),
+    ("global fluctuation standard + lstsq", dict(criterion="fluctuation", normalize="standard"), "lstsq"),
+    ("global taylor2 standard + lstsq", dict(criterion="taylor2", normalize="standard"), "lstsq"),
+]
+
+
+def forward_seconds(model, windows: torch.Tensor, batch_size: int) -> float:
+    start = time.perf_counter()
+    with torch.no_grad():
+        for batch in windows.split(batch_size):
+            model.model(input_ids=batch, use_cache=False)
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="Tiny random model and few windows (smoke test).")
+    parser.add_argument("--run", default=None, help="Run directory of `llamaprune score` (default: score here).")
+    parser.add_argument("--data-dir", default=os.environ.get("LLAMAPRUNE_DATA_DIR") or str(SHARED))
+    parser.add_argument("--num-samples", type=int, default=128, help="Scoring windows (when scoring here).")
+    parser.add_argument("--calibration-samples", type=int, default=1024, help="lstsq: windows to refit on.")
+    parser.add_argument("--ratios", default="0.2")
+    parser.add_argument("--cases", default=None, help="Comma-separated case numbers (default: all).")
+    parser.add_argument("--windows", default="256,64", help="Eval windows at 128 and at 512 tokens.")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "compensation.json"))
+    args = parser.parse_args(argv)
+    valid = Path(args.data_dir) / "wikitext-2-tokens" / "valid.txt"
+    if args.tiny:
+        sys.path.insert(0, str(ROOT / "bench"))
+        from quality import load  # the tiny random model with the embedded tokenizer
+
+        model, tokenizer = load(argparse.Namespace(tiny=True, device="cpu", dtype="float32"))
+        args.num_samples, args.calibration_samples, args.windows = 8, 8, "4,2"
+    else:
+        loaded = load_model("smollm2-135m")
+        model, tokenizer = loaded.model, loaded.tokenizer
+    rows = load_rows(str(valid), split="train")
+    run_dir = Path(args.run) if args.run else Path(tempfile.mkdtemp(prefix="llamaprune-bench-"))
+    if not args.run:
+        windows = calibration_windows(tokenizer, rows, args.num_samples, 128, 0)
+        result = score(model, list(windows.split(8)), criteria=("taylor2", "fluctuation"), progress=False)
+        write_tables(run_dir, result)
+    tables = load_run(run_dir)
+    calibration = calibration_windows(tokenizer, rows, args.calibration_samples, 128, 0)
+    forward = forward_seconds(model, calibration, 8)
+    test_rows = load_rows("wikitext2", split="test", data_dir=args.data_dir)
+    n128, n512 = (int(x) for x in args.windows.split(","))
+    evals = {128: evaluation_windows(tokenizer, test_rows, 128, n128), 512: evaluation_windows(tokenizer, test_rows,
+                                                                                                512, n512)}
+    dense = {length: perplexity(model, w, 4, progress=False).ppl for length, w in evals.items()}
+    print(f"dense: ppl@128 {dense[128]:.2f}, ppl@512 {dense[512]:.2f}; forward over {len(calibration)} x 128 "
+          f"calibration tokens {forward:.1f} s", flush=True)
+    chosen = [CASES[int(i)] for i in args.cases.split(",")] if args.cases else CASES
+    source = LoadedModel(model, tokenizer, Source("bench", "dir", ""))
+    rows_out = []
+    for ratio in (float(r) for r in args.ratios.split(",")):
+        for label, plan_fields, method in chosen:
+            plan = make_plan(tables, PlanOptions(ratio=ratio, **plan_fields))
+            compensation = CompensationOptions(method, str(valid), args.calibration_samples, 128)
+            start = time.perf_counter()
+            replace = compensation.tensors(plan, model.config, loaded=source, rows=rows, run_dir=run_dir,
+                                           progress=False)
+            seconds = time.perf_counter() - start
+            pruned = apply_plan(model, plan, replace)
+            row = {
+                "case": label, "ratio": ratio, "achieved_ratio": round(plan.achieved_ratio, 4),
+                "compensation": method, "calibration_samples": args.calibration_samples if method == "lstsq" else 0,
+                "ppl128": round(perplexity(pruned, evals[128], 4, progress=False).ppl, 2),
+                "ppl512": round(perplexity(pruned, evals[512], 4, progress=False).ppl, 2),
+                "compensation_seconds": round(seconds, 1),
+                "compensation_vs_forward": round(seconds / forward, 2) if method != "none" else None,
+            }
+            rows_out.append(row)
+            print(json.dumps(row), flush=True)
+            Path(args.out).write_text(json.dumps({"dense": dense, "forward_seconds": forward, "rows": rows_out},
+                                                 indent=2) + "\n")
+    return rows_out
+
+
+if __name__ == "__main__":
+    main()
