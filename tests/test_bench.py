@@ -25,3 +25,14 @@ def test_gpu_script_runs_on_cpu(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "bench/quality" in done.stdout and "ratios (goal)" in done.stdout
+
+
+def test_compensation_bench_runs_tiny(tmp_path):
+    out = tmp_path / "compensation.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "compensation.py"), "--tiny", "--cases", "0,2,3",
+                           "--out", str(out)], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["compensation"] for r in rows] == ["none", "lstsq", "bias"]
