@@ -10,6 +10,7 @@ the model; other sources (GGUF, hub ids) are loaded, pruned in memory with ``app
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
@@ -30,7 +31,7 @@ from llamaprune.checkpoint import (
 from llamaprune.compensate import CompensationOptions
 from llamaprune.errors import UsageError
 from llamaprune.evaluate import EVAL_FILE, EvalOptions, compare, measure
-from llamaprune.model import Device, DType, config_fingerprint, load_model, register
+from llamaprune.model import Device, DType, config_fingerprint, load_model, register, resolve_device
 from llamaprune.pruning_plan import Plan, read_plan
 from llamaprune.runs import Checked, Phase, run_phase
 from llamaprune.table import check_fingerprint
@@ -132,6 +133,7 @@ def apply(options: ApplyOptions) -> dict:
     """Write the pruned checkpoint to ``options.out`` atomically; returns the summary put in the manifest."""
     plan = read_plan(options.plan)
     compensation, run_dir = options.compensation, run_dir_of(options.plan)
+    compensation = dataclasses.replace(compensation, device=resolve_device(options.device))
 
     def inputs(checked: Checked) -> tuple[list[str] | None, list[str] | None]:
         """Evaluation and calibration texts: bad input fails here, before any weights load."""

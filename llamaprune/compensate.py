@@ -172,6 +172,7 @@ class CompensationOptions:
     seed: int = 0
     batch_size: int = 8
     data_dir: str | None = None
+    device: str = "cpu"  # where a streamed checkpoint's layers are run (an in-memory model stays where it is)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", parse_choice(Compensation, self.method, "--compensate"))
@@ -217,7 +218,8 @@ class CompensationOptions:
         else:
             from transformers import AutoTokenizer
 
-            stream = LayerStream.from_checkpoint(Path(source_path), config, batch_size=self.batch_size)
+            stream = LayerStream.from_checkpoint(Path(source_path), config, batch_size=self.batch_size,
+                                                 device=self.device)
             tokenizer = AutoTokenizer.from_pretrained(source_path)
         windows = calibration_windows(tokenizer, rows, self.num_samples, self.seq_len, self.seed)
         return refit_layers(stream, plan, windows, self.damp, progress)

@@ -58,26 +58,32 @@ class LayerStream:
     model: nn.Module
     files: dict[str, Path] | None = None
     batch_size: int = 8
+    device: str = "cpu"
 
     @classmethod
     def from_model(cls, model: nn.Module, batch_size: int = 8) -> LayerStream:
-        return cls(model, None, batch_size)
+        return cls(model, None, batch_size, str(next(model.parameters()).device))
 
     @classmethod
-    def from_checkpoint(cls, path: Path, config, dtype: torch.dtype = torch.float32, batch_size: int = 8):
-        """A skeleton of the model on the meta device with its embeddings, final norm and head loaded."""
+    def from_checkpoint(cls, path: Path, config, dtype: torch.dtype = torch.float32, batch_size: int = 8,
+                        device: str = "cpu"):
+        """A skeleton of the model on the meta device with its embeddings, final norm and head loaded (on
+        ``device``, where each layer goes in its turn)."""
         from transformers import AutoModelForCausalLM
 
         files = tensor_files(path)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        stream = cls(model, files, batch_size)
+        stream = cls(model, files, batch_size, device)
         outside = {k: v for k, v in files.items() if not k.startswith(LAYERS_PREFIX)}
         stream._load(model, outside, dtype)
         rotary = model.model.rotary_emb
         model.model.rotary_emb = type(rotary)(config=model.config)  # its buffers are computed, not stored
         if getattr(config, "tie_word_embeddings", False):
             model.tie_weights()
+        for name in ("embed_tokens", "norm", "rotary_emb"):
+            getattr(model.model, name).to(device)
+        model.lm_head.to(device)
         return stream
 
     @property
@@ -98,6 +104,7 @@ class LayerStream:
         prefix = f"{LAYERS_PREFIX}{index}."
         dtype = self.model.model.embed_tokens.weight.dtype
         self._load(block, {k: v for k, v in self.files.items() if k.startswith(prefix)}, dtype, prefix)
+        block.to(self.device)
         try:
             yield block
         finally:
@@ -105,7 +112,7 @@ class LayerStream:
 
     def embed(self, windows: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return self.model.model.embed_tokens(windows)
+            return self.model.model.embed_tokens(windows.to(self.device))
 
     def context(self, hidden: torch.Tensor) -> dict:
         """Positions and causal mask of a batch of full windows (no padding, no cache)."""
