@@ -29,7 +29,7 @@ from llamaprune.checkpoint import (
 from llamaprune.errors import UsageError
 from llamaprune.evaluate import EVAL_FILE, EvalOptions, compare, measure
 from llamaprune.model import Device, DType, config_fingerprint, load_model, register
-from llamaprune.pruning_plan import Plan, read_plan
+from llamaprune.pruning_plan import Plan, check_shape, read_plan
 from llamaprune.runs import Checked, Phase, run_phase
 from llamaprune.table import check_fingerprint
 
@@ -48,6 +48,7 @@ class ApplyOptions:
     max_shard_size: str = "2GB"
     overwrite: bool = False
     eval: EvalOptions | None = None
+    force: bool = False  # apply a plan scored on other weights of the same shapes
 
     def __post_init__(self) -> None:
         _ = self.shard_bytes  # a bad size fails before any work
@@ -70,10 +71,28 @@ class ApplyOptions:
 
 
 def check_plan(plan: Plan, config, what: str = "plan") -> None:
-    """Refuse a plan made for another model, naming both fingerprints."""
+    """Refuse a plan made for another model, naming both fingerprints, or one whose layers are not this
+    model's (``pruning_plan.check_shape``)."""
     check_fingerprint(plan.fingerprint, config_fingerprint(config), what)
+    check_shape(plan, config, what)
 
 
+
+
+def check_weights(plan: Plan, weights: str | None, options: ApplyOptions, what: str) -> None:
+    """Refuse a plan scored on other weights than the checkpoint's (of the same shapes, or the fingerprint
+    check would have), unless ``force``; either fingerprint unknown (GGUF, hub, .bin, older plans): no check."""
+    if None in (plan.weights_fingerprint, weights) or plan.weights_fingerprint == weights:
+        return
+    if options.force:
+        log.warning("%s was scored on weights %s, %s has %s: applied anyway (--force)",
+                    what, plan.weights_fingerprint, options.model, weights)
+        return
+    raise UsageError(
+        f"{what} was scored on weights {plan.weights_fingerprint}, but {options.model} has weights {weights} "
+        f"(another checkpoint of the same shapes, or the same one in another dtype); score {options.model} with "
+        f"`llamaprune score`, or pass --force to apply the plan anyway"
+    )
 
 
 def apply_plan(model, plan: Plan):
@@ -128,9 +147,14 @@ def apply(options: ApplyOptions) -> dict:
 
     def inputs(checked: Checked) -> list[str] | None:
         check_plan(plan, checked.config, f"plan {options.plan}")
+        check_weights(plan, checked.weights, options, f"plan {options.plan}")
         return options.eval.test_rows() if options.eval else None  # a bad dataset fails before any work
 
-    phase = Phase("apply", options.out, options.overwrite, options.model, options.device)
+    run_dir = run_dir_of(options.plan)
+    evaluation = options.eval
+    phase = Phase("apply", options.out, options.overwrite, options.model, options.device,
+                  inputs=(options.plan, run_dir and run_dir / MANIFEST, evaluation and evaluation.test_file),
+                  tokenizer=evaluation is not None, seq_lens=(("--seq-len", evaluation.seq_len),) if evaluation else ())
     with run_phase(phase, inputs) as run:
         source, config, rows, tmp = run.checked.source, run.checked.config, run.inputs, run.dir
         files = safetensors_files(Path(source.path)) if source.kind == "dir" else None
@@ -159,7 +183,6 @@ def apply(options: ApplyOptions) -> dict:
         run.summary["seconds"] = run.seconds()
         shutil.copyfile(options.plan, tmp / PLAN_FILE)
         # The run's manifest with this apply appended (a new one when the plan has no run directory).
-        run_dir = run_dir_of(options.plan)
         model = {"source": source.name, "path": source.path, "fingerprint": config_fingerprint(config)}
         run.record(manifest_in(run_dir) or new_manifest(model, plan=plan.name), also=run_dir)
     return run.summary
