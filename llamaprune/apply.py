@@ -32,7 +32,7 @@ from llamaprune.compensate import CompensationOptions
 from llamaprune.errors import UsageError
 from llamaprune.evaluate import EVAL_FILE, EvalOptions, compare, measure
 from llamaprune.model import Device, DType, config_fingerprint, load_model, register, resolve_device
-from llamaprune.pruning_plan import Plan, read_plan
+from llamaprune.pruning_plan import Plan, check_shape, read_plan
 from llamaprune.runs import Checked, Phase, run_phase
 from llamaprune.table import check_fingerprint
 
@@ -52,6 +52,7 @@ class ApplyOptions:
     overwrite: bool = False
     eval: EvalOptions | None = None
     compensation: CompensationOptions = CompensationOptions()
+    force: bool = False  # apply a plan scored on other weights of the same shapes
 
     def __post_init__(self) -> None:
         _ = self.shard_bytes  # a bad size fails before any work
@@ -74,10 +75,28 @@ class ApplyOptions:
 
 
 def check_plan(plan: Plan, config, what: str = "plan") -> None:
-    """Refuse a plan made for another model, naming both fingerprints."""
+    """Refuse a plan made for another model, naming both fingerprints, or one whose layers are not this
+    model's (``pruning_plan.check_shape``)."""
     check_fingerprint(plan.fingerprint, config_fingerprint(config), what)
+    check_shape(plan, config, what)
 
 
+
+
+def check_weights(plan: Plan, weights: str | None, options: ApplyOptions, what: str) -> None:
+    """Refuse a plan scored on other weights than the checkpoint's (of the same shapes, or the fingerprint
+    check would have), unless ``force``; either fingerprint unknown (GGUF, hub, .bin, older plans): no check."""
+    if None in (plan.weights_fingerprint, weights) or plan.weights_fingerprint == weights:
+        return
+    if options.force:
+        log.warning("%s was scored on weights %s, %s has %s: applied anyway (--force)",
+                    what, plan.weights_fingerprint, options.model, weights)
+        return
+    raise UsageError(
+        f"{what} was scored on weights {plan.weights_fingerprint}, but {options.model} has weights {weights} "
+        f"(another checkpoint of the same shapes, or the same one in another dtype); score {options.model} with "
+        f"`llamaprune score`, or pass --force to apply the plan anyway"
+    )
 
 
 def apply_plan(model, plan: Plan, replace: dict | None = None):
@@ -138,9 +157,14 @@ def apply(options: ApplyOptions) -> dict:
     def inputs(checked: Checked) -> tuple[list[str] | None, list[str] | None]:
         """Evaluation and calibration texts: bad input fails here, before any weights load."""
         check_plan(plan, checked.config, f"plan {options.plan}")
+        check_weights(plan, checked.weights, options, f"plan {options.plan}")
         return options.eval.test_rows() if options.eval else None, compensation.rows(run_dir)
 
-    phase = Phase("apply", options.out, options.overwrite, options.model, options.device)
+    evaluation = options.eval
+    phase = Phase("apply", options.out, options.overwrite, options.model, options.device,
+                  inputs=(options.plan, run_dir and run_dir / MANIFEST, evaluation and evaluation.test_file,
+                          compensation.calibration_file),
+                  tokenizer=evaluation is not None, seq_lens=(("--seq-len", evaluation.seq_len),) if evaluation else ())
     with run_phase(phase, inputs) as run:
         source, config, tmp = run.checked.source, run.checked.config, run.dir
         rows, calibration = run.inputs

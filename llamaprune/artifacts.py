@@ -12,7 +12,6 @@ import dataclasses
 import datetime as _dt
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +19,8 @@ from enum import Enum
 from pathlib import Path
 
 from llamaprune.errors import MissingInput, UsageError
+from llamaprune.temporaries import publish, temporary_dir
+from llamaprune.user_files import read_utf8
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -75,24 +76,15 @@ def refuse_existing(path: Path, overwrite: bool) -> None:
 
 @contextmanager
 def atomic_dir(path: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory that replaces ``path`` only if the block succeeds."""
+    """Yield a temporary sibling directory that replaces ``path`` only if the block succeeds. It is locked
+    while it lives, so that a later run can tell it from the leftover of a killed one (``temporaries.sweep``)."""
     path = Path(path)
     refuse_existing(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    os.chmod(tmp, 0o777 & ~_umask())
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if path.exists():
-        old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
-        os.replace(path, old / path.name)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
+    with temporary_dir(path.parent, path.name) as tmp:
+        os.chmod(tmp.path, 0o777 & ~_umask())
+        yield tmp.path
+        publish(tmp, path)
 
 
 def read_manifest(run_dir: Path) -> dict:
@@ -102,7 +94,7 @@ def read_manifest(run_dir: Path) -> dict:
             f"no {MANIFEST} in {run_dir}; create the run directory with `llamaprune score MODEL --out {run_dir}`"
         )
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(read_utf8(path, "re-run `llamaprune score` to rebuild the run directory"))
     except json.JSONDecodeError as err:
         raise UsageError(
             f"{path} is not valid JSON ({err}); re-run `llamaprune score` to rebuild it"

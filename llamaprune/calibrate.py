@@ -4,7 +4,12 @@ accumulators, and the loop over the batches.
 Forward pre-hooks fold each layer input named in ``llamaprune.arch`` (attn_in, o_in, mlp_in, down_in) into
 per-feature statistics (``INPUT_STATISTICS``) and forward hooks the layer in/out cosines (block influence); when
 a criterion needs gradients, each batch's loss is backpropagated and a post-accumulate-grad hook folds each
-prunable parameter's gradient into running sums and frees it at once (docs/ARTIFACTS.md, "Criteria").
+prunable parameter's gradient into running sums and frees it (docs/ARTIFACTS.md, "Criteria").
+
+Gradients are folded per group of windows (``GradientGroup``), not per batch: the Fisher term squares a group's
+gradient, so the grouping is fixed (``fisher_windows``) and --batch-size only splits a group into batches whose
+gradients add up in ``.grad`` until the group ends. Each batch's mean loss is weighted by its share of a full
+group, so a group's gradient is that of its summed token loss over a full group's tokens, whatever the batches.
 
     >>> shape = model_shape(model.config)                                           # doctest: +SKIP
     >>> specs = param_specs(model, shape)                                           # doctest: +SKIP
@@ -15,11 +20,13 @@ prunable parameter's gradient into running sums and frees it at once (docs/ARTIF
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 
 from llamaprune.arch import INPUT_READERS, LINEARS, ROWS, Linear
+from llamaprune.data import batches
 from llamaprune.errors import UsageError
 from llamaprune.groups import ModelShape
 from llamaprune.importance.fluctuation import accumulate_sum
@@ -74,6 +81,28 @@ class Accumulators:
     tokens: int = 0
 
 
+@dataclass(frozen=True)
+class GradientGroup:
+    """Windows whose gradients are summed before they are folded, run as ``batches``; ``full``: the windows of a
+    full group (each batch's mean loss is weighted by its windows / ``full``)."""
+
+    batches: tuple[torch.Tensor, ...]
+    full: int
+
+
+def gradient_groups(windows: torch.Tensor, fisher_windows: int, batch_size: int) -> list[GradientGroup]:
+    """(n, L) windows in groups of ``fisher_windows`` (the last may be smaller), each split into batches of at
+    most ``batch_size`` that never cross a group's boundary."""
+    return [GradientGroup(tuple(batches(group, batch_size)), fisher_windows) for group in windows.split(fisher_windows)]
+
+
+@dataclass
+class _Gate:
+    """Whether the gradient hooks fold ``.grad`` now (a group's last batch) or leave it to accumulate."""
+
+    open: bool = True
+
+
 def param_specs(model, shape: ModelShape) -> list[ParamSpec]:
     """Every prunable weight and bias of the decoder layers, layer by layer in the order of the layer table."""
     specs = []
@@ -91,8 +120,10 @@ def param_specs(model, shape: ModelShape) -> list[ParamSpec]:
 
 
 def install_hooks(model, shape: ModelShape, specs: list[ParamSpec], acc: Accumulators, statistics: tuple[str, ...],
-                  gradients: bool) -> list:
-    """Hooks that route every batch's tensors into ``acc``; returns their handles."""
+                  gradients: bool, gate: _Gate | None = None) -> list:
+    """Hooks that route every batch's tensors into ``acc`` (gradients only while ``gate`` is open); returns
+    their handles."""
+    gate = gate or _Gate()
     handles = []
     layers = model.base_model.layers
 
@@ -124,17 +155,19 @@ def install_hooks(model, shape: ModelShape, specs: list[ParamSpec], acc: Accumul
             acc.gradients[spec.name] = new_state(spec.param, spec.num_groups)
 
             def grad_hook(param, spec=spec):
-                fold_gradient(param, param.grad, acc.gradients[spec.name], spec.axis, spec.num_groups)
-                param.grad = None
+                if gate.open:
+                    fold_gradient(param, param.grad, acc.gradients[spec.name], spec.axis, spec.num_groups)
+                    param.grad = None
 
             handles.append(spec.param.register_post_accumulate_grad_hook(grad_hook))
     return handles
 
 
-def calibrate(model, batches, shape: ModelShape, specs: list[ParamSpec], statistics: tuple[str, ...],
-              gradients: bool, progress: bool = False) -> Accumulators:
-    """Run ``batches`` (LongTensor token ids, each (B, L)) through ``model`` once, with a backward pass when
-    ``gradients``; the model's mode, requires_grad flags and .grad are restored afterwards."""
+def calibrate(model, groups: Iterable[GradientGroup | torch.Tensor], shape: ModelShape, specs: list[ParamSpec],
+              statistics: tuple[str, ...], gradients: bool, progress: bool = False) -> Accumulators:
+    """Run ``groups`` (``GradientGroup``s, or (B, L) LongTensors of token ids, each a group of its own) through
+    ``model`` once, with a backward pass when ``gradients``; the model's mode, requires_grad flags and .grad
+    are restored afterwards."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
@@ -143,24 +176,17 @@ def calibrate(model, batches, shape: ModelShape, specs: list[ParamSpec], statist
     prunable = {id(s.param) for s in specs}
     for p in model.parameters():
         p.requires_grad_(gradients and id(p) in prunable)
-    handles = install_hooks(model, shape, specs, acc, statistics, gradients)
+    gate = _Gate()
+    handles = install_hooks(model, shape, specs, acc, statistics, gradients, gate)
     was_training = model.training
     model.eval()
     try:
-        for step, batch in enumerate(tqdm(batches, desc="score", unit="batch", disable=not progress)):
-            batch = batch.to(device)
-            acc.tokens += batch.numel()
-            if gradients:
-                loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-                if not torch.isfinite(loss):
-                    raise UsageError(
-                        f"calibration loss is {loss.item()} at batch {step}; score in float32 "
-                        f"(--dtype float32) or with a smaller --batch-size"
-                    )
-                loss.backward()
-            else:
-                with torch.no_grad():
-                    model.base_model(input_ids=batch, use_cache=False)
+        for step, group in enumerate(tqdm(groups, desc="score", unit="group", disable=not progress)):
+            if not isinstance(group, GradientGroup):
+                group = GradientGroup((group,), len(group))
+            for i, batch in enumerate(group.batches):
+                gate.open = i == len(group.batches) - 1
+                _run_batch(model, batch.to(device), acc, gradients, len(batch) / group.full, step)
     finally:
         for handle in handles:
             handle.remove()
@@ -169,3 +195,19 @@ def calibrate(model, batches, shape: ModelShape, specs: list[ParamSpec], statist
             p.grad = None
         model.train(was_training)
     return acc
+
+
+def _run_batch(model, batch: torch.Tensor, acc: Accumulators, gradients: bool, weight: float, step: int) -> None:
+    """One forward pass (and backward, its mean loss times ``weight``: the batch's share of a full group)."""
+    acc.tokens += batch.numel()
+    if not gradients:
+        with torch.no_grad():
+            model.base_model(input_ids=batch, use_cache=False)
+        return
+    loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+    if not torch.isfinite(loss):
+        raise UsageError(
+            f"calibration loss is {loss.item()} in group {step}; score in float32 (--dtype float32) or with a "
+            f"smaller --batch-size"
+        )
+    (loss if weight == 1 else loss * weight).backward()

@@ -31,6 +31,7 @@ from llamaprune.errors import UsageError
 from llamaprune.model import Device, DType, register, resolve_device, resolve_source, torch_dtype
 from llamaprune.pruning_plan import Plan
 from llamaprune.slicing import kept_indices, slice_tensor, sliced_shape, tensor_route
+from llamaprune.weights import SAFE_INDEX, SAFE_WEIGHTS, safetensors_files  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,6 @@ SAFETENSORS_DTYPES = {
 FLOAT_CODES = ("F64", "F32", "F16", "BF16")
 DTYPE_CODES = {DType.float32: "F32", DType.bfloat16: "BF16", DType.float16: "F16"}
 TIED_HEAD = "lm_head.weight"
-SAFE_WEIGHTS = "model.safetensors"
-SAFE_INDEX = "model.safetensors.index.json"
 # Keys of a source config that describe its own layer layout or origin, rebuilt for the pruned model.
 LAYOUT_KEYS = (
     "transformers_version",
@@ -166,24 +165,13 @@ def write_tokenizer_files(source_path: str, out: Path) -> None:
         AutoTokenizer.from_pretrained(source_path).save_pretrained(out)
     except (OSError, ValueError) as err:
         log.warning(
-            "no tokenizer written: the source has none that transformers can load (%s)",
-            str(err).splitlines()[0],
+            "no tokenizer written: %s has none that transformers can load (%s); copy the tokenizer files of the "
+            "model it came from into the output", source_path, " ".join(str(err).split())[:300],
         )
     try:
         GenerationConfig.from_pretrained(source_path).save_pretrained(out)
     except OSError:
         pass  # the source has no generation_config.json; transformers derives one from config.json
-
-
-def safetensors_files(path: Path) -> list[Path] | None:
-    """The safetensors files of a checkpoint directory in index order, or None when it has none."""
-    path = Path(path)
-    if (path / SAFE_INDEX).is_file():
-        weight_map = json.loads((path / SAFE_INDEX).read_text())["weight_map"]
-        return [path / name for name in dict.fromkeys(weight_map.values())]
-    if (path / SAFE_WEIGHTS).is_file():
-        return [path / SAFE_WEIGHTS]
-    return None
 
 
 @dataclass(frozen=True)

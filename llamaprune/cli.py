@@ -5,7 +5,8 @@
     $ llamaprune eval smollm2-135m --dataset wikitext2 --seq-len 128 --max-windows 200 --out eval.json
 
 Bad input (``UsageError``) and failed file operations (OSError: a path unreadable, unwritable, or a full disk)
-print as one ``error:`` line and exit with code 2; any other exception is a bug: traceback, exit code 1.
+print as one ``error:`` line and exit with code 2; any other exception is a bug: traceback, exit code 1. SIGTERM
+unwinds like Ctrl-C, so temporaries are removed (exit code 143).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -60,9 +62,18 @@ def one_line_errors(command):
     return wrapper
 
 
-def first_line(err: BaseException) -> str:
+def first_line(err: BaseException | str) -> str:
     lines = str(err).strip().splitlines()
     return lines[0] if lines else type(err).__name__
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is so that every ``finally`` and cleanup runs, as for Ctrl-C."""
+
+
+def _terminate(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated()
 
 
 def main() -> None:
@@ -72,6 +83,7 @@ def main() -> None:
     except ImportError:
         from click import exceptions as click_exceptions
 
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         code = app(standalone_mode=False)
     except click_exceptions.NoArgsIsHelpError as err:
@@ -79,11 +91,14 @@ def main() -> None:
         code = 0
     except click_exceptions.UsageError as err:
         command = err.ctx.command_path if err.ctx else "llamaprune"
-        typer.echo(f"error: {first_line(err)} (see `{command} --help`)", err=True)
+        typer.echo(f"error: {first_line(err.format_message())} (see `{command} --help`)", err=True)
         code = 2
     except typer.Abort:
         typer.echo("error: aborted", err=True)
         code = 130
+    except Terminated:
+        typer.echo("error: terminated (SIGTERM); nothing half-written was left", err=True)
+        code = 128 + signal.SIGTERM
     sys.exit(code if isinstance(code, int) else 0)
 
 
@@ -103,11 +118,15 @@ def eval_command(
     """Perplexity of a model on the test split of a text source."""
     from llamaprune.artifacts import atomic_write_json
     from llamaprune.evaluate import EvalOptions, evaluate_dataset
-    from llamaprune.model import load_model
-    from llamaprune.runs import check_model
+    from llamaprune.model import load_model, warn_long_context
+    from llamaprune.runs import check_model, check_writable, local_model, refuse_overlap
 
     options = EvalOptions(dataset, seq_len, max_windows, batch_size, data_dir)
-    check_model(model, device)
+    checked = check_model(model, device, tokenizer=True)
+    if out is not None:
+        refuse_overlap(out, [local_model(checked.source), options.test_file])
+        check_writable(out)
+    warn_long_context(checked.config, seq_len, "--seq-len")
     rows = options.test_rows()  # a bad dataset fails before the weights load
     loaded = load_model(model, dtype, device)
     result = evaluate_dataset(loaded.model, loaded.tokenizer, options, rows=rows)
@@ -137,6 +156,9 @@ def score_command(
     device: DeviceOpt = Device.cpu,
     data_dir: DataDir = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
+    fisher_windows: Annotated[
+        int, typer.Option(help="Windows per gradient group of taylor/taylor2 (fixed, so --batch-size changes nothing).")
+    ] = 8,
 ) -> None:
     """Measure importance and cost of every attention group and MLP channel (phase 1)."""
     from llamaprune.criteria import parse_criteria
@@ -144,7 +166,7 @@ def score_command(
     from llamaprune.scoring_run import score_run
 
     options = ScoreOptions(model, dataset, num_samples, seq_len, batch_size, parse_criteria(criteria), seed, dtype,
-                           device, data_dir)
+                           device, data_dir, fisher_windows)
     result = score_run(options, out, overwrite)
     typer.echo(
         f"scored {result.groups.num_rows} groups over {result.tokens} tokens in {result.seconds:.1f} s "
@@ -201,6 +223,7 @@ def plan_command(
         bool, typer.Option("--remove-empty-layers", help="Drop a layer that would lose all its groups.")
     ] = False,
     png: Annotated[bool, typer.Option(help="Also draw plans/<name>.png.")] = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing plans of the same names.")] = False,
 ) -> None:
     """Turn target ratios into pruning plans (phase 2): RUN_DIR/plans/<name>.json and .png, no torch."""
     from dataclasses import replace
@@ -214,6 +237,8 @@ def plan_command(
         parse_distribution,
         parse_layers,
         parse_ratios,
+        plan_names,
+        refuse_existing_plans,
         summary_rows,
         write_plans,
     )
@@ -241,6 +266,7 @@ def plan_command(
     )
     for target in targets[1:]:  # every ratio is checked before any plan is written
         replace(options, ratio=target)
+    refuse_existing_plans(run_dir, plan_names(options, targets, name), overwrite)
     with run_phase(Phase("plan", run_dir, in_place=True), lambda _: load_run(run_dir)) as run:
         rows = []
         # One plan in memory at a time, largest ratio first: an unreachable target fails before a file is written.
@@ -315,6 +341,7 @@ def apply_command(
     finetune_epochs: Annotated[int, typer.Option(help="Passes over the finetuning data.")] = 1,
     lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 16,
     lora_alpha: Annotated[float, typer.Option(help="LoRA alpha.")] = 32.0,
+    force: Annotated[bool, typer.Option(help="Apply a plan scored on other weights of the same shapes.")] = False,
 ) -> None:
     """Slice a checkpoint by a plan into a smaller one that from_pretrained loads (phase 3), then optionally
     finetune it (--finetune lora|full): the pruned checkpoint is kept beside OUT as OUT-pruned."""
@@ -345,7 +372,7 @@ def apply_command(
     compensation = CompensationOptions(compensate, calibration, calibration_samples, calibration_seq_len, damp,
                                        data_dir=data_dir)
     summary = apply(ApplyOptions(plan, model, plan_out, dtype, device, max_shard_size, overwrite, evaluation,
-                                 compensation))
+                                 compensation, force))
     before, after = summary["params_before"], summary["params_after"]
     how = "streamed" if summary["streamed"] else "pruned in memory"
     seconds = summary["seconds"]

@@ -182,6 +182,11 @@ class CompensationOptions:
         if not self.damp >= 0:
             raise UsageError(f"--damp must be 0 or more, got {self.damp}")
 
+    @property
+    def calibration_file(self) -> Path | None:
+        """The local calibration text, an input that no output may replace."""
+        return Path(self.calibration) if self.calibration and Path(self.calibration).is_file() else None
+
     def rows(self, run_dir: Path | None) -> list[str] | None:
         """The calibration text's rows (lstsq), after checking that the method has what it needs."""
         from llamaprune.data import load_rows

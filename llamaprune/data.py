@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llamaprune.errors import MissingInput, UsageError
+from llamaprune.user_files import parquet_errors, read_utf8
 
 HUB_SOURCES = ("wikitext2", "ptb", "c4")
 LOCAL_SUFFIXES = (".txt", ".raw", ".jsonl", ".parquet")
@@ -74,6 +75,13 @@ def load_rows(source: str, split: str = "test", data_dir: str | None = None) -> 
     return _read_local(path)
 
 
+def local_file(source: str, split: str = "test", data_dir: str | None = None) -> Path | None:
+    """The local file the rows of ``source`` come from (None: the hub), so that no output replaces it."""
+    if source in _HUB:
+        return _local_copy(source, split, data_dir_from_env(data_dir))
+    return Path(source).expanduser()
+
+
 def _local_copy(source: str, split: str, data_dir: str | None) -> Path | None:
     if data_dir is None or source not in _LOCAL_LAYOUT:
         return None
@@ -85,7 +93,7 @@ def _local_copy(source: str, split: str, data_dir: str | None) -> Path | None:
 
 def _raw_rows(path: Path) -> list[str]:
     """Rebuild the hub's wikitext rows from a ``wiki.*.raw`` file (each text line + "\\n"; blanks -> "")."""
-    lines = path.read_text(encoding="utf-8").split("\n")
+    lines = read_utf8(path).split("\n")
     if lines and lines[-1] == "":  # the file's final newline ends the last row, it does not start one
         lines.pop()
     return [line + "\n" if line.strip() else "" for line in lines]
@@ -99,31 +107,31 @@ def _read_local(path: Path) -> list[str]:
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        with parquet_errors(path, "give a Parquet file with a 'text' column"):
+            table = pq.read_table(path)
         if "text" not in table.column_names:
             raise UsageError(f"{path} has no 'text' column (columns: {', '.join(table.column_names)})")
         return table.column("text").to_pylist()
-    return path.read_text(encoding="utf-8").splitlines()
+    return read_utf8(path).splitlines()
 
 
 def jsonl_records(path: Path, required: tuple[str, ...]) -> list[dict]:
     """The records of a JSON-lines file (blank lines skipped); each must have every ``required`` field."""
     records = []
-    with Path(path).open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UsageError(f"{path}:{number} is not valid JSON ({err.msg})") from None
-            missing = [field for field in required if not isinstance(record, dict) or field not in record]
-            if missing:
-                raise UsageError(
-                    f"{path}:{number} has no {', '.join(map(repr, missing))} field; every line needs "
-                    f"{', '.join(map(repr, required))}"
-                )
-            records.append(record)
+    for number, line in enumerate(read_utf8(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"{path}:{number} is not valid JSON ({err.msg})") from None
+        missing = [field for field in required if not isinstance(record, dict) or field not in record]
+        if missing:
+            raise UsageError(
+                f"{path}:{number} has no {', '.join(map(repr, missing))} field; every line needs "
+                f"{', '.join(map(repr, required))}"
+            )
+        records.append(record)
     return records
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from llamaprune.artifacts import plain_value
-from llamaprune.data import evaluation_windows, load_rows
+from llamaprune.data import evaluation_windows, load_rows, local_file
 from llamaprune.errors import UsageError
 
 EVAL_FILE = "eval.json"  # where apply, finetune and prune write perplexity before/after
@@ -92,6 +93,11 @@ class EvalOptions:
             raise UsageError(f"--max-windows must be positive, got {self.max_windows}")
         if self.batch_size <= 0:
             raise UsageError(f"--batch-size must be positive, got {self.batch_size}")
+
+    @property
+    def test_file(self) -> Path | None:
+        """The local file the test rows come from (None: the hub)."""
+        return local_file(self.dataset, split="test", data_dir=self.data_dir)
 
     def test_rows(self) -> list[str]:
         """The rows evaluated; read them before loading a model so that a bad dataset fails fast."""

@@ -54,12 +54,11 @@ def is_instruction_file(path: Path) -> bool:
     """A .jsonl whose first record has the Alpaca fields (a ``text`` .jsonl is plain text)."""
     if path.suffix != ".jsonl" or not path.is_file():
         return False
-    with path.open(encoding="utf-8") as f:
-        first = next((line for line in f if line.strip()), "{}")
     try:
-        record = json.loads(first)
-    except json.JSONDecodeError:
-        return False  # read as text, which names the file and line that is not JSON
+        with path.open(encoding="utf-8") as f:
+            record = json.loads(next((line for line in f if line.strip()), "{}"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False  # read as text, which names the file and the line (or byte) that is wrong
     return isinstance(record, dict) and all(field in record for field in INSTRUCTION_FIELDS)
 
 

@@ -53,7 +53,17 @@ class FinetuneRun:
     def phase(self, model_ready: bool = True) -> Phase:
         """The run as a phase; ``model_ready`` False checks all but the input model, which an earlier phase of
         the same command (``apply --finetune``) has yet to write."""
-        return Phase("finetune", self.out, self.overwrite, self.model if model_ready else None, self.device, LOG_NAME)
+        from llamaprune.data import local_file
+
+        evaluation = self.eval
+        seq_lens = (("--seq-len", self.options.seq_len),) + ((("--eval-seq-len", evaluation.seq_len),)
+                                                             if evaluation else ())
+        return Phase(
+            "finetune", self.out, self.overwrite, self.model if model_ready else None, self.device, LOG_NAME,
+            inputs=(local_file(self.options.dataset, "train", self.options.data_dir),
+                    None if model_ready else Path(self.model), evaluation and evaluation.test_file),
+            seq_lens=seq_lens,
+        )
 
 
 @dataclass(frozen=True)

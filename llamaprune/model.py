@@ -29,6 +29,7 @@ from types import SimpleNamespace
 from llamaprune.arch import source_model_type
 from llamaprune.errors import MissingInput, UsageError
 from llamaprune.groups import model_shape
+from llamaprune.user_files import read_utf8
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ def load_config(source: Source):
 def _raw_config(path: Path) -> SimpleNamespace:
     """config.json as plain attributes, before transformers parses (and maybe fails on) it."""
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(read_utf8(path))
     except json.JSONDecodeError as err:
         raise UsageError(f"{path} is not valid JSON ({err}); give a Hugging Face checkpoint directory") from None
     return SimpleNamespace(**raw) if isinstance(raw, dict) else SimpleNamespace()
@@ -168,19 +169,47 @@ def torch_dtype(dtype: str | DType):
 
 def load_model(name: str, dtype: str | DType = DType.float32, device: str | Device = Device.cpu) -> LoadedModel:
     """Load model and tokenizer, in eval mode, on ``device`` with weights in ``dtype``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from llamaprune.weights import pickle_errors
 
     device = resolve_device(device)  # before the weights load, so a bad device fails fast
     source = resolve_source(name)
     config = load_config(source)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(source.path, config=config, dtype=torch_dtype(dtype), **kwargs)
+    with pickle_errors(source):
+        model = AutoModelForCausalLM.from_pretrained(source.path, config=config, dtype=torch_dtype(dtype), **kwargs)
     if source.gguf_file:
         _drop_gguf_quantizer(model)
     model.to(device)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
-    return LoadedModel(model, tokenizer, source)
+    return LoadedModel(model, load_tokenizer(source), source)
+
+
+def load_tokenizer(source: Source):
+    """The tokenizer of ``source``; one that transformers cannot load is bad input, in one line."""
+    from transformers import AutoTokenizer
+
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        return AutoTokenizer.from_pretrained(source.path, **kwargs)
+    except Exception as err:  # tokenizers raises a bare Exception for a damaged tokenizer.json
+        reason = " ".join(str(err).split())[:200]
+        raise UsageError(
+            f"{source.name} has no tokenizer that transformers can load ({reason}); copy the tokenizer files "
+            f"(tokenizer.json, tokenizer_config.json, ...) of the model it came from into {source.path}"
+        ) from err
+
+
+def warn_long_context(config, seq_len: int, option: str) -> None:
+    """A window longer than the model's context runs, but on positions the model never saw: warn."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and seq_len > limit:
+        log.warning(
+            "%s %d is longer than the model's context (max_position_embeddings %d): positions past it were never "
+            "trained and the results mean little; use %s %d or less",
+            option, seq_len, limit, option, limit,
+        )
 
 
 def _drop_gguf_quantizer(model) -> None:

@@ -127,7 +127,19 @@ class PruneOptions:
 
     @property
     def phase(self) -> Phase:
-        return Phase("prune", self.run_dir, self.overwrite, self.base_model, self.device, LOG_NAME)
+        from llamaprune.data import local_file
+
+        seq_lens = [("--seq_len", self.seq_len)]
+        seq_lens += [("--eval_seq_len", self.eval_seq_len)] if self.test_after_prune else []
+        seq_lens += [("--finetune_seq_len", self.finetune_seq_len)] if self.finetune else []
+        finetune = self.finetune_options()
+        return Phase(
+            "prune", self.run_dir, self.overwrite, self.base_model, self.device, LOG_NAME,
+            inputs=(local_file(self.dataset, "train", self.data_dir),
+                    self.eval_options().test_file if self.test_after_prune else None,
+                    local_file(finetune.dataset, "train", self.data_dir) if self.finetune else None),
+            seq_lens=tuple(seq_lens), out_option="--output_dir",
+        )
 
     def score_options(self) -> ScoreOptions:
         """Only the one criterion asked for is scored."""
@@ -239,7 +251,8 @@ def _run(options: PruneOptions, run: PhaseRun[_Inputs], progress: bool) -> None:
         _measure, tokenizer=loaded.tokenizer, options=evaluation, rows=inputs.evaluation, progress=progress
     )
     dense = measure(loaded.model)
-    result, manifest = score_into(out, options.score_options(), loaded, inputs.calibration, load_seconds, progress)
+    result, manifest = score_into(out, options.score_options(), loaded, inputs.calibration, load_seconds, progress,
+                                  run.checked.weights)
     manifest = with_history(manifest, score_entry(result))  # the scoring; this prune follows it
     plan, seed_files = _plan(options, out)
     t0 = time.perf_counter()

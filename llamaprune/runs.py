@@ -2,6 +2,10 @@
 config, then the texts it reads, all before any weights load), a temporary directory that replaces the output
 only when the phase succeeds, the command's full log in it, and the manifest with this run in its history.
 
+The output checks hold for every command: an output never is, contains or lies inside one of the phase's
+inputs (whatever the flags), its directory must be writable, and the temporaries that killed runs left beside
+it are swept (``llamaprune.temporaries``).
+
     >>> phase = Phase("apply", Path("artifacts/run1/model"), model="smollm2-135m")
     >>> with run_phase(phase, lambda checked: load_rows("wikitext2")) as run:     # doctest: +SKIP
     ...     rows = run.inputs                       # read before anything was written or loaded
@@ -12,6 +16,7 @@ only when the phase succeeds, the command's full log in it, and the manifest wit
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -29,7 +34,9 @@ from llamaprune.artifacts import (
     with_history,
 )
 from llamaprune.command_log import LOG_NAME, command_log
-from llamaprune.model import Device, Source
+from llamaprune.errors import UsageError
+from llamaprune.model import Device, Source, warn_long_context
+from llamaprune.temporaries import sweep
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +46,9 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class Phase:
     """What a command writes and which model it loads. ``model`` None: none, or one an earlier phase of the
-    same command makes; ``in_place``: it adds files to the existing run directory ``out`` (plan)."""
+    same command makes; ``in_place``: it adds files to the existing run directory ``out`` (plan). ``inputs``:
+    the files it reads besides the model (None entries are skipped), never replaced by ``out``; ``tokenizer``:
+    the model's tokenizer is needed; ``seq_lens``: (option, tokens) pairs checked against the model's context."""
 
     command: str
     out: Path
@@ -48,33 +57,112 @@ class Phase:
     device: Device = Device.cpu
     log_name: str = LOG_NAME
     in_place: bool = False
+    inputs: tuple[Path | None, ...] = ()
+    tokenizer: bool = True
+    seq_lens: tuple[tuple[str, int], ...] = ()
+    out_option: str = "--out"
 
 
 @dataclass(frozen=True)
 class Checked(Generic[T]):
-    """What the pre-flight found: the model's source and config (None without a model) and the inputs read."""
+    """What the pre-flight found: the model's source, config and weights fingerprint (None without a model) and
+    the inputs read."""
 
     source: Source | None = None
     config: Any = None
     inputs: T | None = None
+    weights: str | None = None
 
 
-def check_model(name: str, device: Device) -> tuple[Source, Any]:
-    """A bad device, model path or architecture fails here, before any data or weights load."""
-    from llamaprune.model import load_config, resolve_device, resolve_source
+def check_model(name: str, device: Device, tokenizer: bool = False) -> Checked:
+    """A bad device, model path, architecture, weight file (truncated, not matching config.json) or tokenizer
+    fails here, before any data or weights load."""
+    from llamaprune.model import load_config, load_tokenizer, resolve_device, resolve_source
+    from llamaprune.weights import check_weights
 
     resolve_device(device)
     source = resolve_source(name)
-    return source, load_config(source)
+    config = load_config(source)
+    weights = check_weights(source, config)
+    if tokenizer:
+        load_tokenizer(source)
+    return Checked(source, config, weights=weights)
 
 
 def preflight(phase: Phase, read_inputs: Callable[[Checked], T] | None = None) -> Checked[T]:
-    """The checks made before any work, cheapest first: an existing output is refused without --overwrite, the
-    device and the model's config are checked, then ``read_inputs`` reads the texts (bad data fails fast)."""
+    """The checks made before any work, cheapest first: the output (refused if it exists without --overwrite,
+    if it overlaps an input, if it cannot be written; stale temporaries beside it swept), then the device and
+    the model, then ``read_inputs`` reads the texts (bad data fails fast)."""
     if not phase.in_place:
-        refuse_existing(phase.out, phase.overwrite)
-    checked = Checked() if phase.model is None else Checked(*check_model(phase.model, phase.device))
+        check_output(phase)
+    checked = Checked() if phase.model is None else check_model(phase.model, phase.device, phase.tokenizer)
+    for option, tokens in phase.seq_lens if checked.config is not None else ():
+        warn_long_context(checked.config, tokens, option)
     return checked if read_inputs is None else replace(checked, inputs=read_inputs(checked))
+
+
+def check_output(phase: Phase) -> None:
+    """The output's own checks, before the model is even looked at."""
+    out = Path(phase.out)
+    typed = Path(phase.model).expanduser() if phase.model else None  # the model as a path, before it is resolved
+    refuse_overlap(out, [*phase.inputs, typed if typed and typed.exists() else None], phase.out_option)
+    refuse_existing(out, phase.overwrite)
+    if phase.model is not None:
+        from llamaprune.model import resolve_source
+
+        refuse_overlap(out, [local_model(resolve_source(phase.model))], phase.out_option)
+    check_writable(out, phase.out_option)
+    sweep_leftovers(out.parent)
+
+
+def local_model(source: Source) -> Path | None:
+    """The checkpoint directory or GGUF file of a model source (None for a hub id)."""
+    if source.kind == "hub":
+        return None
+    return Path(source.path) / source.gguf_file if source.gguf_file else Path(source.path)
+
+
+def refuse_overlap(out: Path, inputs: list[Path | None], option: str = "--out") -> None:
+    """An output that is, contains or lies inside an input (None entries skipped) would replace, or be written
+    into, what the command reads: refused whatever the flags."""
+    target = Path(out).resolve()
+    for path in filter(None, inputs):
+        source = Path(path).resolve()
+        relation = (
+            "is" if target == source
+            else "contains" if source.is_relative_to(target)
+            else "lies inside" if target.is_relative_to(source) and source.is_dir()
+            else None
+        )
+        if relation:
+            raise UsageError(
+                f"{option} {out} {relation} the input {path}; an output never replaces an input, even with "
+                f"--overwrite: choose another {option}"
+            )
+
+
+def check_writable(out: Path, option: str = "--out") -> None:
+    """The output's nearest existing ancestor must be a writable directory, and an output to replace writable
+    itself (it is renamed away): found now, not after the work."""
+    out = Path(out)
+    ancestor = next(path for path in (out.parent, *out.parent.parents) if path.exists() or path == path.parent)
+    fix = f"choose another {option}"
+    if not ancestor.is_dir():
+        raise UsageError(f"{option} {out} lies under {ancestor}, which is a file, not a directory; {fix}")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {out}: {ancestor} is not writable; {fix} or fix its permissions")
+    if out.is_dir() and not out.is_symlink() and not os.access(out, os.W_OK):
+        raise UsageError(f"{out} is not writable, so it cannot be replaced; {fix} or fix its permissions")
+
+
+def sweep_leftovers(parent: Path) -> None:
+    """Remove what killed runs left in ``parent``; name what may be a leftover but cannot be judged."""
+    swept = sweep(parent)
+    for path in swept.removed:
+        log.info("removed %s, the temporary of a run that was killed", path)
+    for path in swept.unknown:
+        log.warning("%s looks like the temporary of an interrupted run (it has no lock to tell); remove it if no "
+                    "llamaprune is writing into %s", path, parent)
 
 
 @dataclass
@@ -119,7 +207,10 @@ def run_phase(phase: Phase, read_inputs: Callable[[Checked], T] | None = None) -
         yield run
         log.debug("llamaprune %s done in %.1f s", phase.command, run.seconds())
     for run_dir in run.also:
-        append_history(run_dir, run.summary)
+        try:
+            append_history(run_dir, run.summary)
+        except (OSError, UsageError) as err:  # the output is in place: a history entry is not worth losing it
+            log.warning("%s is written, but its run %s could not record it: %s", phase.out, run_dir, err)
 
 
 def _output(phase: Phase):

@@ -60,10 +60,11 @@ class ScoreOptions:
     dtype: DType = DType.float32
     device: Device = Device.cpu
     data_dir: str | None = None
+    fisher_windows: int = 8  # windows per gradient group (llamaprune.calibrate): the Fisher term's grouping
 
     def __post_init__(self) -> None:
         parse_criteria(",".join(self.criteria))
-        for name in ("num_samples", "seq_len", "batch_size"):
+        for name in ("num_samples", "seq_len", "batch_size", "fisher_windows"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.seq_len < 2:
@@ -77,8 +78,11 @@ def score(
     seed: int = 0,
     calibration: dict | None = None,
     progress: bool = True,
+    weights_fingerprint: str | None = None,
 ) -> ScoreResult:
-    """Score every group of ``model`` over ``batches`` (LongTensor token ids, each (B, L))."""
+    """Score every group of ``model`` over ``batches``: ``calibrate.GradientGroup``s, or LongTensor token ids
+    (B, L) that are each a group of their own. The tables record ``weights_fingerprint``, that of the checkpoint
+    ``model`` was loaded from (``llamaprune.weights``)."""
     criteria = parse_criteria(",".join(criteria))
     shape = model_shape(model.config)
     specs = param_specs(model, shape)
@@ -90,7 +94,7 @@ def score(
     seconds = time.perf_counter() - start
     peak_bytes, peak_scope = peak.read()
     scores = _group_scores(specs, shape, acc, criteria, seed)
-    meta = table_meta(model.config, shape, criteria, calibration)
+    meta = table_meta(model.config, shape, criteria, calibration, weights_fingerprint)
     return ScoreResult(
         groups=with_meta(_groups_table(shape, scores, criteria), meta),
         layers=with_meta(_layers_table(shape, scores, acc, criteria), meta),
@@ -103,12 +107,13 @@ def score(
     )
 
 
-def table_meta(config, shape: ModelShape, criteria, calibration: dict | None) -> dict:
+def table_meta(config, shape: ModelShape, criteria, calibration: dict | None, weights: str | None = None) -> dict:
     counts = shape.counts()
     return {
         "schema_version": SCHEMA_VERSION,
         "llamaprune_version": __version__,
         "fingerprint": config_fingerprint(config),
+        "weights_fingerprint": weights,
         "params": asdict(counts),
         "hidden_size": shape.hidden_size,
         "head_dim": shape.head_dim,

@@ -35,10 +35,12 @@ def score_entry(result: ScoreResult) -> dict:
 
 
 def score_into(out: Path, options: ScoreOptions, loaded, rows: list[str], load_seconds: float,
-               progress: bool = True) -> tuple[ScoreResult, dict]:
+               progress: bool = True, weights: str | None = None) -> tuple[ScoreResult, dict]:
     """Score an already loaded model on calibration windows drawn from ``rows`` and write the tables into
-    ``out``; returns the result and the run's new manifest, for the command to record."""
-    from llamaprune.data import batches, calibration_windows
+    ``out``; returns the result and the run's new manifest, for the command to record. ``weights``: the
+    checkpoint's fingerprint, recorded in both."""
+    from llamaprune.calibrate import gradient_groups
+    from llamaprune.data import calibration_windows
 
     windows = calibration_windows(loaded.tokenizer, rows, options.num_samples, options.seq_len, options.seed)
     calibration = {
@@ -47,17 +49,20 @@ def score_into(out: Path, options: ScoreOptions, loaded, rows: list[str], load_s
         "seq_len": options.seq_len,
         "seed": options.seed,
         "batch_size": options.batch_size,
+        "fisher_windows": options.fisher_windows,
     }
     log.info("scoring %s with %s on %d x %d tokens", options.model, ",".join(options.criteria),
              options.num_samples, options.seq_len)
-    result = score(loaded.model, batches(windows, options.batch_size), options.criteria, options.seed, calibration,
-                   progress)
+    groups = gradient_groups(windows, options.fisher_windows, options.batch_size)
+    result = score(loaded.model, groups, options.criteria, options.seed, calibration,
+                   progress, weights)
     write_tables(out, result)
     model = {
         "source": options.model,
         "path": loaded.source.path,
         "gguf_file": loaded.source.gguf_file,
         "fingerprint": result.meta["fingerprint"],
+        "weights_fingerprint": weights,
     }
     manifest = new_manifest(
         model,
@@ -74,14 +79,17 @@ def score_into(out: Path, options: ScoreOptions, loaded, rows: list[str], load_s
 
 def score_run(options: ScoreOptions, out: Path, overwrite: bool = False) -> ScoreResult:
     """The ``llamaprune score`` command: load, sample calibration windows, score, write ``out`` atomically."""
-    from llamaprune.data import load_rows
+    from llamaprune.data import load_rows, local_file
     from llamaprune.model import load_model
 
-    phase = Phase("score", Path(out), overwrite, options.model, options.device)
+    phase = Phase("score", Path(out), overwrite, options.model, options.device,
+                  inputs=(local_file(options.dataset, "train", options.data_dir),),
+                  seq_lens=(("--seq-len", options.seq_len),))
     with run_phase(phase, lambda _: load_rows(options.dataset, split="train", data_dir=options.data_dir)) as run:
         start = time.perf_counter()
         loaded = load_model(options.model, options.dtype, options.device)
-        result, manifest = score_into(run.dir, options, loaded, run.inputs, time.perf_counter() - start)
+        result, manifest = score_into(run.dir, options, loaded, run.inputs, time.perf_counter() - start,
+                                      weights=run.checked.weights)
         run.summary.update(score_entry(result))
         run.record(manifest)
     return result

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from llamaprune.artifacts import SCHEMA_VERSION, atomic_write_bytes
 from llamaprune.criteria import CRITERIA
 from llamaprune.errors import MissingInput, UsageError
+from llamaprune.user_files import parquet_errors
 
 GROUPS_FILE = "groups.parquet"
 LAYERS_FILE = "layers.parquet"
@@ -85,11 +86,15 @@ def read_table_meta(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise MissingInput(f"{path} not found; create it with `llamaprune score MODEL --out {path.parent}`")
-    schema = pq.read_schema(path)
+    with parquet_errors(path, f"re-run `llamaprune score MODEL --out {path.parent} --overwrite`"):
+        schema = pq.read_schema(path)
     raw = (schema.metadata or {}).get(META_KEY)
-    if raw is None:
+    try:
+        meta = json.loads(raw) if raw is not None else None
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
         raise UsageError(f"{path} has no llamaprune metadata; it was not written by `llamaprune score`")
-    meta = json.loads(raw)
     if meta.get("schema_version") != SCHEMA_VERSION:
         raise UsageError(
             f"{path} has schema_version {meta.get('schema_version')}, this llamaprune reads {SCHEMA_VERSION}; "

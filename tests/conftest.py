@@ -339,3 +339,45 @@ def assert_one_error_line(result, *fragments):
     assert "Traceback" not in result.output
     for fragment in fragments:
         assert fragment in lines[0]
+
+
+# ---------------------------------------------------------------- file-system conditions
+
+
+@pytest.fixture
+def read_only():
+    """``read_only(path)`` makes a directory unwritable for this process: chmod for a user, ``chattr +i`` for root
+    (whom no mode stops); the test is skipped where neither holds. Undone at teardown."""
+    import subprocess
+
+    made = []
+
+    def undo(path):
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+        else:
+            os.chmod(path, 0o755)
+
+    def make(path):
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "+i", str(path)], capture_output=True)
+        else:
+            os.chmod(path, 0o555)
+        made.append(path)
+        try:
+            (Path(path) / ".probe").touch()
+        except OSError:
+            return path
+        (Path(path) / ".probe").unlink()
+        pytest.skip("no way to make a directory read-only here")
+
+    yield make
+    for path in made:
+        undo(path)
+
+
+def calibration_text(directory, lines: int = 200) -> Path:
+    """A small UTF-8 calibration / evaluation text file."""
+    path = Path(directory) / "calib.txt"
+    path.write_text("\n".join(VALID_TXT.read_text(encoding="utf-8").splitlines()[:lines]), encoding="utf-8")
+    return path

@@ -18,9 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
     "args, says",
     [
         (["eval", "m", "--dtype", "float64"], "float64"),
-        (["plan"], "run_dir"),
+        (["plan"], "RUN_DIR"),
         (["bogus"], "bogus"),
         (["plan", "x", "--ratio", "abc"], "number"),
+        (["plan", "x", "--ratio", "abc"], "Invalid value for '--ratio'"),  # the option is named
     ],
 )
 def test_usage_errors_are_one_line(args, says):

@@ -11,6 +11,7 @@ from conftest import VALID_TXT, group_slices, tiny_config, tiny_model
 from typer.testing import CliRunner
 
 from llamaprune import peak_memory
+from llamaprune.calibrate import gradient_groups
 from llamaprune.cli import app
 from llamaprune.criteria import parse_criteria
 from llamaprune.groups import iter_groups, model_shape
@@ -168,7 +169,8 @@ def test_cli_score_writes_a_run_directory(tmp_path, tiny_checkpoint):
     assert result.exit_code == 0, result.output
     assert {p.name for p in run.iterdir()} >= {"manifest.json", "groups.parquet", "layers.parquet", STATS_FILE, "logs"}
     manifest = json.loads((run / "manifest.json").read_text())
-    assert manifest["calibration"] == {"source": str(calib), "n_samples": 4, "seq_len": 16, "seed": 0, "batch_size": 2}
+    assert manifest["calibration"] == {"source": str(calib), "n_samples": 4, "seq_len": 16, "seed": 0, "batch_size": 2,
+                                       "fisher_windows": 8}
     from transformers import AutoConfig
     fingerprint = config_fingerprint(AutoConfig.from_pretrained(tiny_checkpoint))
     assert manifest["model"]["fingerprint"] == fingerprint
@@ -283,3 +285,29 @@ def test_the_package_level_call_scores():
     model = tiny_model(tiny_config())
     expected = score(model, [], criteria=("magnitude",), progress=False).groups
     assert llamaprune.score(model, [], criteria=("magnitude",), progress=False).groups.equals(expected)
+
+
+def test_taylor_tables_do_not_depend_on_the_batch_size():
+    """The same tokens give the same table: batch sizes 1, 3 and 8 over 11 windows (groups of 8 and 3) agree to
+    1e-6 relative, float32 rounding being all that differs."""
+    model = tiny_model(tiny_config(layers=2, bias=True))
+    windows = torch.randint(0, model.config.vocab_size, (11, 12), generator=torch.Generator().manual_seed(5))
+    tables = {size: score(model, gradient_groups(windows, 8, size), ("taylor", "taylor2"), progress=False).groups
+              for size in (1, 3, 8)}
+    for criterion in ("taylor", "taylor2"):
+        reference = torch.tensor(tables[8].column(criterion).to_pylist(), dtype=torch.float64)
+        for size in (1, 3):
+            other = torch.tensor(tables[size].column(criterion).to_pylist(), dtype=torch.float64)
+            assert torch.allclose(other, reference, rtol=1e-6, atol=0), (criterion, size)
+
+
+def test_full_groups_at_the_default_batch_size_give_the_per_batch_table_of_before():
+    """With --batch-size equal to the group (8, the default) each group is one batch folded at once, weight 1: the
+    table of a batch-by-batch fold, to the bit."""
+    model = tiny_model(tiny_config(layers=2, heads=6, kv_heads=2))
+    windows = torch.randint(0, model.config.vocab_size, (16, 12), generator=torch.Generator().manual_seed(6))
+    grouped = score(model, gradient_groups(windows, 8, 8), ("taylor", "taylor2"), progress=False)
+    per_batch = score(model, list(windows.split(8)), ("taylor", "taylor2"), progress=False)
+    assert grouped.groups.equals(per_batch.groups)
+    last = gradient_groups(windows[:11], 8, 3)[-1]
+    assert [len(b) for b in last.batches] == [3] and last.full == 8  # the last group weighs by its windows

@@ -30,8 +30,8 @@ from llamaprune.plan.options import (
     parse_ratios,
 )
 from llamaprune.plan.order import ranked_groups
-from llamaprune.plan.output import PLANS_DIR, SUMMARY_COLUMNS, summary_rows, write_plans
-from llamaprune.plan.planning import iter_plans, make_plan, make_plans
+from llamaprune.plan.output import PLANS_DIR, SUMMARY_COLUMNS, refuse_existing_plans, summary_rows, write_plans
+from llamaprune.plan.planning import iter_plans, make_plan, make_plans, plan_names
 from llamaprune.plan.tables import KINDS, RunTables, load_run
 
 __all__ = [
@@ -52,7 +52,9 @@ __all__ = [
     "parse_distribution",
     "parse_layers",
     "parse_ratios",
+    "plan_names",
     "ranked_groups",
+    "refuse_existing_plans",
     "summary_rows",
     "write_plans",
 ]

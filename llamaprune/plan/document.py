@@ -82,6 +82,7 @@ def assemble(tables: RunTables, order: Order, removal: np.ndarray, options: Plan
         head_dim=int(tables.meta["head_dim"]),
         layers=tuple(_layer_plan(tables, order, removal, layer, bool(gone[layer])) for layer in range(len(gone))),
         created_by=f"llamaprune {__version__}",
+        weights_fingerprint=tables.meta.get("weights_fingerprint"),
     )
 
 

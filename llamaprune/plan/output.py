@@ -13,13 +13,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from llamaprune.errors import UsageError
 from llamaprune.pruning_plan import Plan, write_plan
 
 PLANS_DIR = "plans"
 
 
 def write_plans(run_dir: Path | str, plans: Iterable[Plan], png: bool = True) -> list[Path]:
-    """Write ``RUN_DIR/plans/<name>.json`` (and ``.png``) for each plan; returns the JSON paths."""
+    """Write ``RUN_DIR/plans/<name>.json`` (and ``.png``) for each plan; returns the JSON paths. Without ``png``
+    an older picture of the same name goes: it would show another plan."""
     paths = []
     for plan in plans:
         path = Path(run_dir) / PLANS_DIR / f"{plan.name}.json"
@@ -28,8 +30,20 @@ def write_plans(run_dir: Path | str, plans: Iterable[Plan], png: bool = True) ->
             from llamaprune.plan_plot import plot_plan
 
             plot_plan(plan, path.with_suffix(".png"))
+        else:
+            path.with_suffix(".png").unlink(missing_ok=True)
         paths.append(path)
     return paths
+
+
+def refuse_existing_plans(run_dir: Path | str, names: Iterable[str], overwrite: bool) -> None:
+    """Refuse, before any plan is made, to replace an existing plan of the same name without ``overwrite``."""
+    existing = [name for name in names if (Path(run_dir) / PLANS_DIR / f"{name}.json").exists()]
+    if existing and not overwrite:
+        raise UsageError(
+            f"{Path(run_dir) / PLANS_DIR / existing[0]}.json already exists; pass --overwrite to replace "
+            f"{'it' if len(existing) == 1 else f'it and {len(existing) - 1} more'} or choose another --name"
+        )
 
 
 SUMMARY_COLUMNS = (

@@ -57,6 +57,14 @@ def iter_plans(
     """``make_plans`` one plan at a time, so that a sweep holds one plan (~2M indices for 70B) at once."""
     tables = source if isinstance(source, RunTables) else load_run(source)
     ratios = list(dict.fromkeys(ratios or [options.ratio]))
-    for ratio in ratios:
-        label = f"{name}-{ratio_text(ratio)}" if name and len(ratios) > 1 else name
+    for ratio, label in zip(ratios, plan_names(options, ratios, name), strict=True):
         yield make_plan(tables, replace(options, ratio=ratio), label)
+
+
+def plan_names(options: PlanOptions, ratios, name: str | None = None) -> list[str]:
+    """The names ``iter_plans`` gives its plans: ``name`` (with the ratio appended when there are several), or
+    the default name of each ratio."""
+    ratios = list(dict.fromkeys(ratios or [options.ratio]))
+    if name:
+        return [f"{name}-{ratio_text(ratio)}" if len(ratios) > 1 else name for ratio in ratios]
+    return [default_plan_name(replace(options, ratio=ratio)) for ratio in ratios]

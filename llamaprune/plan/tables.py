@@ -16,6 +16,7 @@ import numpy as np
 from llamaprune.errors import UsageError
 from llamaprune.plan.options import BLOCK_INFLUENCE
 from llamaprune.table import GROUPS_FILE, LAYERS_FILE, check_fingerprint, file_sha256, read_table_meta
+from llamaprune.user_files import parquet_errors
 
 KINDS = ("attn", "mlp")  # column 0 and 1 of every (layers, 2) array, in the order of SKIPPABLE
 
@@ -58,7 +59,8 @@ def load_run(run_dir: Path | str) -> RunTables:
     groups_path, layers_path = run_dir / GROUPS_FILE, run_dir / LAYERS_FILE
     meta = read_table_meta(groups_path)
     check_fingerprint(read_table_meta(layers_path).get("fingerprint"), meta.get("fingerprint"), str(layers_path))
-    table = pq.ParquetFile(layers_path).read()  # read_table and to_numpy would import pandas (+0.3 s)
+    with parquet_errors(layers_path, f"re-run `llamaprune score MODEL --out {run_dir} --overwrite`"):
+        table = pq.ParquetFile(layers_path).read()  # read_table and to_numpy would import pandas (+0.3 s)
     cols = {name: np.array(table.column(name).to_pylist(), dtype=float) for name in table.column_names}
     if not np.array_equal(cols["layer"], np.arange(table.num_rows)):  # (a null becomes NaN)
         raise UsageError(f"{layers_path} must list layers 0..n-1 in order; re-run `llamaprune score`")
