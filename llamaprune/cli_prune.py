@@ -48,10 +48,10 @@ def prune_command(
     ] = "none",
     compensate: Annotated[
         str, typer.Option("--compensate", help="Error compensation: none, bias or lstsq (see `llamaprune apply`).")
-    ] = "none",
+    ] = "lstsq",
     compensation_samples: Annotated[
         int, typer.Option("--compensation_samples", help="lstsq: calibration windows to refit on.")
-    ] = 128,
+    ] = 1024,
     dataset: Annotated[
         str, typer.Option("--dataset", help="Calibration text: wikitext2, ptb, c4, or a local file.")
     ] = "wikitext2",

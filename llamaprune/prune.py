@@ -77,8 +77,8 @@ class PruneOptions:
     freeze_top_n_layers: int = 0
     remove_empty_layers: bool = False
     normalize: Normalize = Normalize.none
-    compensate: str = "none"  # llamaprune.compensation.Compensation, checked by compensation_options()
-    compensation_samples: int = 128
+    compensate: str = "lstsq"  # llamaprune.compensation.Compensation, checked by compensation_options()
+    compensation_samples: int = 1024
     dataset: str = "wikitext2"
     num_samples: int = 128
     seq_len: int = 128

@@ -71,6 +71,13 @@ def only_plan(run):
     return read_plan(path)
 
 
+
+def compensated(plan, hidden: int) -> int:
+    """The plan's parameters plus the output biases that prune's default compensation (lstsq) adds: one per kept
+    o_proj and down_proj."""
+    kept = [lp for lp in plan.layers if not lp.removed]
+    return plan.params_after + hidden * sum(("attention" not in lp.skip) + ("mlp" not in lp.skip) for lp in kept)
+
 def test_global_run_writes_native_and_seed_files(tiny_checkpoint, tokenizer, texts, tmp_path):
     out = tmp_path / "global"
     args = common(
@@ -128,10 +135,10 @@ def test_global_run_writes_native_and_seed_files(tiny_checkpoint, tokenizer, tex
     assert description["base_model"] == str(tiny_checkpoint) and description["save_model"] == "True"
 
     model = AutoModelForCausalLM.from_pretrained(out / "model")
-    assert model.num_parameters() == plan.params_after
+    assert model.num_parameters() == compensated(plan, model.config.hidden_size)
     report = json.loads((out / "model" / "eval.json").read_text())
     assert report["before"]["num_parameters"] == plan.params_before
-    assert report["after"]["num_parameters"] == plan.params_after
+    assert report["after"]["num_parameters"] == compensated(plan, model.config.hidden_size)
     assert (
         report["after"]["windows"] == 6
         and report["ppl_ratio"] == report["after"]["ppl"] / report["before"]["ppl"]
@@ -205,11 +212,11 @@ def test_layerwise_run_with_lora_writes_the_layer_config_and_the_finetuned_model
     assert config["layers"][1 - top]["mlp_pruning_ratio"] > 0
 
     model = AutoModelForCausalLM.from_pretrained(out / "model")  # finetuning implies saving
-    assert model.num_parameters() == plan.params_after
+    assert model.num_parameters() == compensated(plan, model.config.hidden_size)
     assert (out / "model" / "loss_curve.png").is_file()
     report = json.loads((out / "model" / "eval.json").read_text())
     assert {"before", "after", "finetuned", "recovered_fraction"} <= report.keys()
-    assert report["finetuned"]["num_parameters"] == plan.params_after
+    assert report["finetuned"]["num_parameters"] == compensated(plan, model.config.hidden_size)
     history = read_manifest(out)["history"][-1]
     assert history["finetune"]["method"] == "lora" and history["finetune"]["steps"] > 0
     assert "finetune lora" in result.stdout and "finetuned" in result.stdout
