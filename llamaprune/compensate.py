@@ -13,14 +13,13 @@ checkpoint has one layout (``output_bias`` in its config, docs/ARTIFACTS.md).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from llamaprune.arch import linear_biases
+from llamaprune.arch import COLS, LINEARS, linear_biases
 from llamaprune.choices import parse_choice
 from llamaprune.compensation import Compensation, InputStats, mean_bias, refit
 from llamaprune.errors import UsageError
@@ -29,10 +28,9 @@ from llamaprune.pruning_plan import Plan
 from llamaprune.scoring import STATS_FILE
 from llamaprune.slicing import kept_indices, tensor_route
 
-log = logging.getLogger(__name__)
-
 DEFAULT_DAMP = 1e-3
-OUTPUTS = (("attention", "self_attn.o_proj", "q", "o_in"), ("mlp", "mlp.down_proj", "mlp", "down_in"))
+# The output projection of each block (o_proj, down_proj): the linears whose input columns a plan removes.
+OUTPUTS = tuple(linear for linear in LINEARS if linear.axis == COLS)
 
 
 def output_key(plan: Plan, layer: int, path: str, what: str) -> str:
@@ -41,15 +39,15 @@ def output_key(plan: Plan, layer: int, path: str, what: str) -> str:
     return route[0]
 
 
-def _capture(module: torch.nn.Module, run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the input ``module`` sees, the output of ``run``) for one call of ``run``."""
+def _capture(module: torch.nn.Module, run: Callable[[], object]) -> torch.Tensor:
+    """The input ``module`` sees during one call of ``run``."""
     seen = {}
     handle = module.register_forward_pre_hook(lambda mod, args: seen.__setitem__("x", args[0]))
     try:
-        out = run()
+        run()
     finally:
         handle.remove()
-    return seen["x"], out
+    return seen["x"]
 
 
 def _fit(stats: InputStats, linear: torch.nn.Linear, keep: torch.Tensor, damp: float):
@@ -92,11 +90,11 @@ def _refit_attention(stream, block, hidden, keep, damp, plan, layer, tensors) ->
     o_proj = block.self_attn.o_proj
     stats, kept_inputs = InputStats.of(o_proj.in_features, hidden.device), []
     for h in stream.batches(hidden):
-        z, _ = _capture(o_proj, lambda h=h: stream.attention(block, h))
+        z = _capture(o_proj, lambda h=h: stream.attention(block, h))
         stats.add(z)
         kept_inputs.append(z[..., keep.to(z.device)])
     weight, bias = _fit(stats, o_proj, keep, damp)
-    _store(tensors, plan, layer, "self_attn.o_proj", weight, bias)
+    _store(tensors, plan, layer, "self_attn.o_proj", weight, bias, len(keep) < o_proj.in_features)
     return torch.cat([h + z @ weight.T + bias for h, z in zip(stream.batches(hidden), kept_inputs, strict=True)])
 
 
@@ -104,10 +102,10 @@ def _refit_mlp(stream, block, hidden, keep, damp, plan, layer, tensors) -> torch
     mlp = block.mlp
     stats = InputStats.of(mlp.down_proj.in_features, hidden.device)
     for h in stream.batches(hidden):
-        u, _ = _capture(mlp.down_proj, lambda h=h: stream.mlp(block, h))
+        u = _capture(mlp.down_proj, lambda h=h: stream.mlp(block, h))
         stats.add(u)
     weight, bias = _fit(stats, mlp.down_proj, keep, damp)
-    _store(tensors, plan, layer, "mlp.down_proj", weight, bias)
+    _store(tensors, plan, layer, "mlp.down_proj", weight, bias, len(keep) < mlp.down_proj.in_features)
     keep = keep.to(hidden.device)
     gate, up = mlp.gate_proj, mlp.up_proj
     out = []
@@ -119,8 +117,11 @@ def _refit_mlp(stream, block, hidden, keep, damp, plan, layer, tensors) -> torch
     return torch.cat(out)
 
 
-def _store(tensors: dict, plan: Plan, layer: int, path: str, weight: torch.Tensor, bias: torch.Tensor) -> None:
-    tensors[output_key(plan, layer, path, "weight")] = weight.cpu()
+def _store(tensors: dict, plan: Plan, layer: int, path: str, weight: torch.Tensor, bias: torch.Tensor,
+           removed: bool) -> None:
+    """The refitted weight (only where columns were removed: otherwise the sliced one is the same) and the bias."""
+    if removed:
+        tensors[output_key(plan, layer, path, "weight")] = weight.cpu()
     tensors[output_key(plan, layer, path, "bias")] = bias.cpu()
 
 
@@ -136,7 +137,8 @@ def mean_biases(plan: Plan, stats: dict[str, torch.Tensor], weight_of: Callable[
     for lp in plan.layers:
         if lp.removed:
             continue
-        for block, path, index, input_name in OUTPUTS:
+        for linear in OUTPUTS:
+            block, path, index, input_name = linear.block, linear.path, linear.index, linear.input
             if block in lp.skip:
                 continue
             key = f"layers.{lp.layer}.{input_name}.sum"
