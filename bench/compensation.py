@@ -1,11 +1,13 @@
 """Error compensation on the quality protocol: criterion x allocation x compensation at a ratio, perplexity at
-two context lengths, and what compensation costs against one forward pass over its calibration text.
+two context lengths, and what compensation costs (seconds, peak memory) against one forward pass over its
+calibration text, timed right before it in the same process (the machine's load drifts).
 
 The protocol of the quality comparison with the peers (same model, same text, same windows): SmolLM2-135M,
 calibration windows from WikiText-2 valid, perplexity on the first 256 windows of 128 tokens and the first 64
 windows of 512 tokens of the WikiText-2 raw test split (as ``llamaprune eval --max-windows``). One scoring pass
 (``--run``: a run directory from ``llamaprune score``, or scored here) feeds every plan. Compensation time is
-given as a ratio to a bare forward pass over the same calibration windows, timed in the same process.
+given as a ratio to a bare forward pass over the same calibration windows, timed in the same process; the
+model is in memory here (the streamed path of ``llamaprune apply`` holds one layer: bench/apply.py).
 
     python bench/compensation.py --run artifacts/smollm2 --calibration-samples 1024
     python bench/compensation.py --tiny        # tiny random model (smoke test)
@@ -31,6 +33,7 @@ from llamaprune.compensate import CompensationOptions  # noqa: E402
 from llamaprune.data import calibration_windows, evaluation_windows, load_rows  # noqa: E402
 from llamaprune.evaluate import perplexity  # noqa: E402
 from llamaprune.model import LoadedModel, Source, load_model  # noqa: E402
+from llamaprune.peak_memory import PeakMemory  # noqa: E402
 from llamaprune.plan import PlanOptions, load_run, make_plan  # noqa: E402
 from llamaprune.scoring import score  # noqa: E402
 from llamaprune.scoring_run import write_tables  # noqa: E402
@@ -48,12 +51,14 @@ CASES = [
 ]
 
 
-def forward_seconds(model, windows: torch.Tensor, batch_size: int) -> float:
+def forward_pass(model, windows: torch.Tensor, batch_size: int) -> tuple[float, int]:
+    """Seconds and peak memory (bytes) of one forward pass of the decoder over ``windows``."""
+    peak = PeakMemory("cpu", "forward")
     start = time.perf_counter()
     with torch.no_grad():
         for batch in windows.split(batch_size):
             model.model(input_ids=batch, use_cache=False)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, peak.read()[0]
 
 
 def main(argv=None) -> list[dict]:
@@ -86,14 +91,12 @@ def main(argv=None) -> list[dict]:
         write_tables(run_dir, result)
     tables = load_run(run_dir)
     calibration = calibration_windows(tokenizer, rows, args.calibration_samples, 128, 0)
-    forward = forward_seconds(model, calibration, 8)
     test_rows = load_rows("wikitext2", split="test", data_dir=args.data_dir)
     n128, n512 = (int(x) for x in args.windows.split(","))
     evals = {128: evaluation_windows(tokenizer, test_rows, 128, n128), 512: evaluation_windows(tokenizer, test_rows,
                                                                                                 512, n512)}
     dense = {length: perplexity(model, w, 4, progress=False).ppl for length, w in evals.items()}
-    print(f"dense: ppl@128 {dense[128]:.2f}, ppl@512 {dense[512]:.2f}; forward over {len(calibration)} x 128 "
-          f"calibration tokens {forward:.1f} s", flush=True)
+    print(f"dense: ppl@128 {dense[128]:.2f}, ppl@512 {dense[512]:.2f}", flush=True)
     chosen = [CASES[int(i)] for i in args.cases.split(",")] if args.cases else CASES
     source = LoadedModel(model, tokenizer, Source("bench", "dir", ""))
     rows_out = []
@@ -101,10 +104,13 @@ def main(argv=None) -> list[dict]:
         for label, plan_fields, method in chosen:
             plan = make_plan(tables, PlanOptions(ratio=ratio, **plan_fields))
             compensation = CompensationOptions(method, str(valid), args.calibration_samples, 128)
+            forward, forward_peak = forward_pass(model, calibration, 8) if method == "lstsq" else (None, None)
+            peak = PeakMemory("cpu", "compensation")
             start = time.perf_counter()
             replace = compensation.tensors(plan, model.config, loaded=source, rows=rows, run_dir=run_dir,
                                            progress=False)
             seconds = time.perf_counter() - start
+            compensation_peak = peak.read()[0]
             pruned = apply_plan(model, plan, replace)
             row = {
                 "case": label, "ratio": ratio, "achieved_ratio": round(plan.achieved_ratio, 4),
@@ -112,12 +118,13 @@ def main(argv=None) -> list[dict]:
                 "ppl128": round(perplexity(pruned, evals[128], 4, progress=False).ppl, 2),
                 "ppl512": round(perplexity(pruned, evals[512], 4, progress=False).ppl, 2),
                 "compensation_seconds": round(seconds, 1),
-                "compensation_vs_forward": round(seconds / forward, 2) if method != "none" else None,
             }
+            if forward is not None:
+                row.update(forward_seconds=round(forward, 1), compensation_vs_forward=round(seconds / forward, 2),
+                           compensation_peak_mib=compensation_peak >> 20, forward_peak_mib=forward_peak >> 20)
             rows_out.append(row)
             print(json.dumps(row), flush=True)
-            Path(args.out).write_text(json.dumps({"dense": dense, "forward_seconds": forward, "rows": rows_out},
-                                                 indent=2) + "\n")
+            Path(args.out).write_text(json.dumps({"dense": dense, "rows": rows_out}, indent=2) + "\n")
     return rows_out
 
 

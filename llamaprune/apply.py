@@ -37,6 +37,8 @@ from llamaprune.runs import Checked, Phase, run_phase
 from llamaprune.table import check_fingerprint
 
 log = logging.getLogger(__name__)
+# Inside the output's temporary directory: refitted tensors wait there, one file per layer, until streamed.
+SPILL_DIR = ".compensation"
 
 
 @dataclass(frozen=True)
@@ -176,7 +178,8 @@ def apply(options: ApplyOptions) -> dict:
             log.info("loading %s to prune it in memory", options.model)
             loaded = load_model(options.model, options.load_dtype, options.device)
         started = time.perf_counter()
-        replace = compensation.tensors(plan, config, source.path, loaded, calibration, run_dir)
+        spill = tmp / SPILL_DIR if loaded is None else None
+        replace = compensation.tensors(plan, config, source.path, loaded, calibration, run_dir, spill=spill)
         if replace:
             seconds = round(time.perf_counter() - started, 3)
             run.summary["compensation"] = {**plain_value(compensation), "seconds": seconds}
@@ -187,6 +190,7 @@ def apply(options: ApplyOptions) -> dict:
                 target.dtype = DType(options.dtype).value
             tied = bool(getattr(config, "tie_word_embeddings", False))
             stream_checkpoint(files, plan, tmp, options.shard_bytes, options.dtype, tied, replace)
+            shutil.rmtree(spill, ignore_errors=True)
             write_config(target, tmp)
             write_tokenizer_files(source.path, tmp)
         else:

@@ -244,9 +244,10 @@ def with_replacements(
             t = dataclasses.replace(t, computed=True)
         out.append(t)
     added = 0
-    for key, tensor in replace.items():
+    for key in replace:
         if key in by_key:
             continue
+        tensor = replace[key]
         weight = by_key[key.rsplit(".", 1)[0] + ".weight"]
         code = weight.dtype if dtype is None else DTYPE_CODES[DType(dtype)]
         out.append(TensorSlice(weight.source, key, key, code, code, tuple(tensor.shape), weight.layer, computed=True))

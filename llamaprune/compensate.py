@@ -13,7 +13,7 @@ checkpoint has one layout (``output_bias`` in its config, docs/ARTIFACTS.md).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from llamaprune.layer_stream import LAYERS_PREFIX, LayerStream, read_tensors, te
 from llamaprune.pruning_plan import Plan
 from llamaprune.scoring import STATS_FILE
 from llamaprune.slicing import kept_indices, tensor_route
+from llamaprune.tensor_spill import SpilledTensors
 
 DEFAULT_DAMP = 1e-3
 # The output projection of each block (o_proj, down_proj): the linears whose input columns a plan removes.
@@ -58,19 +59,21 @@ def _fit(stats: InputStats, linear: torch.nn.Linear, keep: torch.Tensor, damp: f
 
 
 def refit_layers(stream: LayerStream, plan: Plan, windows: torch.Tensor, damp: float,
-                 progress: bool = True) -> dict[str, torch.Tensor]:
+                 progress: bool = True, spill: Path | None = None) -> Mapping[str, torch.Tensor]:
     """Sequential least-squares compensation: the calibration windows run through the pruned model layer by
     layer; each kept o_proj / down_proj is refitted (``compensation.refit``) so that, on the activations of the
-    already pruned layers below, it reproduces what the unpruned sub-block outputs there."""
+    already pruned layers below, it reproduces what the unpruned sub-block outputs there. With ``spill`` (a
+    directory), each layer's tensors go to disk as soon as they are fitted, so memory holds one layer."""
     from tqdm.auto import tqdm
 
     indices = kept_indices(plan)
-    tensors: dict[str, torch.Tensor] = {}
+    fitted = SpilledTensors(spill)
     with torch.no_grad():
         hidden = stream.embed(windows)
         for lp in tqdm(plan.layers, desc="compensate", unit="layer", disable=not progress):
             if lp.removed:
                 continue
+            tensors: dict[str, torch.Tensor] = {}
             with stream.layer(lp.layer) as block:
                 if "attention" not in lp.skip:
                     hidden = _refit_attention(stream, block, hidden, indices[lp.layer]["q"], damp, plan, lp.layer,
@@ -83,7 +86,8 @@ def refit_layers(stream: LayerStream, plan: Plan, windows: torch.Tensor, damp: f
                     f"the calibration activations became NaN or infinite at layer {lp.layer}: check that the "
                     f"checkpoint's weights are finite, or compensate with --compensate bias or other calibration text"
                 )
-    return tensors
+            fitted.add(tensors)
+    return fitted
 
 
 def _refit_attention(stream, block, hidden, keep, damp, plan, layer, tensors) -> torch.Tensor:
@@ -155,9 +159,8 @@ def mean_biases(plan: Plan, stats: dict[str, torch.Tensor], weight_of: Callable[
                 new_bias = bias if bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype)
                 tensors[output_key(plan, lp.layer, path, "bias")] = new_bias
                 continue
-            new_weight, new_bias = mean_bias(stats[key] / tokens, weight, keep, bias)
-            tensors[output_key(plan, lp.layer, path, "weight")] = new_weight
-            tensors[output_key(plan, lp.layer, path, "bias")] = new_bias
+            # the kept columns are as the plan slices them: only the bias is new
+            tensors[output_key(plan, lp.layer, path, "bias")] = mean_bias(stats[key] / tokens, weight, keep, bias)[1]
     return tensors
 
 
@@ -202,10 +205,11 @@ class CompensationOptions:
         return load_rows(self.calibration, split="train", data_dir=self.data_dir)
 
     def tensors(self, plan: Plan, config, source_path: str | None = None, loaded=None, rows: list[str] | None = None,
-                run_dir: Path | None = None, progress: bool = True) -> dict[str, torch.Tensor]:
+                run_dir: Path | None = None, progress: bool = True,
+                spill: Path | None = None) -> Mapping[str, torch.Tensor]:
         """What the method writes instead of the sliced o_proj / down_proj tensors (empty for ``none``), for the
         safetensors checkpoint directory ``source_path`` (read layer by layer) or an in-memory model
-        (``loaded``, a ``model.LoadedModel``)."""
+        (``loaded``, a ``model.LoadedModel``). ``spill``: a directory where refitted tensors wait on disk."""
         if self.method is Compensation.none:
             return {}
         if self.method is Compensation.bias:
@@ -229,7 +233,7 @@ class CompensationOptions:
                                                  device=self.device)
             tokenizer = AutoTokenizer.from_pretrained(source_path)
         windows = calibration_windows(tokenizer, rows, self.num_samples, self.seq_len, self.seed)
-        return refit_layers(stream, plan, windows, self.damp, progress)
+        return refit_layers(stream, plan, windows, self.damp, progress, spill)
 
 
 def stats_file(run_dir: Path | None) -> Path:

@@ -113,6 +113,20 @@ def test_the_refit_reduces_each_layer_s_error_on_its_calibration_inputs():
     assert (logits(refitted, windows) - dense).square().sum() < (logits(plain, windows) - dense).square().sum()
 
 
+def test_refitted_layers_wait_on_disk_one_file_per_layer(tmp_path):
+    """With a spill directory nothing refitted stays in memory, and what is read back equals the in-memory fit."""
+    config = tiny_config(layers=3, heads=4, kv_heads=2, intermediate=32)
+    model = tiny_model(config)
+    plan = plan_from_kept(config, [([0], list(range(0, 32, 2))), ([1], list(range(16))), ([0, 1], list(range(20)))])
+    windows = ids(config.vocab_size, batch=4, length=16, seed=3)
+    held = refit_layers(LayerStream.from_model(model), plan, windows, 1e-3, False)
+    spilled = refit_layers(LayerStream.from_model(model), plan, windows, 1e-3, False, spill=tmp_path / "spill")
+    assert not spilled.held and len(list((tmp_path / "spill").iterdir())) == 3
+    assert sorted(spilled) == sorted(held)
+    for key in held:
+        assert torch.equal(spilled[key], held[key]), key
+
+
 def write_checkpoint(tmp_path, tokenizer, config):
     model = tiny_model(config)
     model.save_pretrained(tmp_path / "model", max_shard_size="20KB")
@@ -132,6 +146,7 @@ def test_compensated_checkpoints_stream_like_in_memory_and_load_back(tmp_path, t
     compensation = CompensationOptions("lstsq", str(VALID_TXT), num_samples=8, seq_len=16)
     streamed = apply(ApplyOptions(plan_path, str(path), tmp_path / "streamed", compensation=compensation))
     assert streamed["streamed"] and streamed["compensation"]["method"] == "lstsq"
+    assert not (tmp_path / "streamed" / ".compensation").exists()
     from llamaprune.model import LoadedModel, Source
 
     loaded = LoadedModel(model, tokenizer, Source("m", "dir", str(path)))
