@@ -87,7 +87,7 @@ class GradientGroup:
     full group (each batch's mean loss is weighted by its windows / ``full``)."""
 
     batches: tuple[torch.Tensor, ...]
-    full: int
+    full: float
 
 
 def gradient_groups(windows: torch.Tensor, fisher_windows: int, batch_size: int) -> list[GradientGroup]:
@@ -120,9 +120,9 @@ def param_specs(model, shape: ModelShape) -> list[ParamSpec]:
 
 
 def install_hooks(model, shape: ModelShape, specs: list[ParamSpec], acc: Accumulators, statistics: tuple[str, ...],
-                  gradients: bool, gate: _Gate | None = None) -> list:
-    """Hooks that route every batch's tensors into ``acc`` (gradients only while ``gate`` is open); returns
-    their handles."""
+                  gradients: bool, gate: _Gate | None = None, accumulate: torch.dtype = torch.float32) -> list:
+    """Hooks that route every batch's tensors into ``acc`` (gradients only while ``gate`` is open, w*G summed in
+    ``accumulate``); returns their handles."""
     gate = gate or _Gate()
     handles = []
     layers = model.base_model.layers
@@ -152,7 +152,7 @@ def install_hooks(model, shape: ModelShape, specs: list[ParamSpec], acc: Accumul
 
     if gradients:
         for spec in specs:
-            acc.gradients[spec.name] = new_state(spec.param, spec.num_groups)
+            acc.gradients[spec.name] = new_state(spec.param, spec.num_groups, accumulate)
 
             def grad_hook(param, spec=spec):
                 if gate.open:
@@ -164,10 +164,12 @@ def install_hooks(model, shape: ModelShape, specs: list[ParamSpec], acc: Accumul
 
 
 def calibrate(model, groups: Iterable[GradientGroup | torch.Tensor], shape: ModelShape, specs: list[ParamSpec],
-              statistics: tuple[str, ...], gradients: bool, progress: bool = False) -> Accumulators:
+              statistics: tuple[str, ...], gradients: bool, progress: bool = False,
+              accumulate: torch.dtype = torch.float32, sharded=None) -> Accumulators:
     """Run ``groups`` (``GradientGroup``s, or (B, L) LongTensors of token ids, each a group of its own) through
     ``model`` once, with a backward pass when ``gradients``; the model's mode, requires_grad flags and .grad
-    are restored afterwards."""
+    are restored afterwards. ``sharded`` (a ``sharded_scoring.ShardedGradients``, for an FSDP model) folds the
+    gradient shards after each group instead of the per-parameter hooks."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
@@ -177,7 +179,9 @@ def calibrate(model, groups: Iterable[GradientGroup | torch.Tensor], shape: Mode
     for p in model.parameters():
         p.requires_grad_(gradients and id(p) in prunable)
     gate = _Gate()
-    handles = install_hooks(model, shape, specs, acc, statistics, gradients, gate)
+    handles = install_hooks(model, shape, specs, acc, statistics, gradients and sharded is None, gate, accumulate)
+    if gradients and sharded is not None:
+        acc.gradients.update(sharded.states(accumulate))
     was_training = model.training
     model.eval()
     try:
@@ -187,6 +191,8 @@ def calibrate(model, groups: Iterable[GradientGroup | torch.Tensor], shape: Mode
             for i, batch in enumerate(group.batches):
                 gate.open = i == len(group.batches) - 1
                 _run_batch(model, batch.to(device), acc, gradients, len(batch) / group.full, step)
+            if gradients and sharded is not None:
+                sharded.fold(acc)
     finally:
         for handle in handles:
             handle.remove()

@@ -159,15 +159,26 @@ def score_command(
     fisher_windows: Annotated[
         int, typer.Option(help="Windows per gradient group of taylor/taylor2 (fixed, so --batch-size changes nothing).")
     ] = 8,
+    accumulate: Annotated[
+        str, typer.Option(help="dtype of the w*G sums of taylor/taylor2: fp32, or bf16 at half the memory.")
+    ] = "fp32",
+    fsdp: Annotated[
+        bool, typer.Option(help="Under torchrun: shard parameters, gradients and w*G sums across the processes.")
+    ] = False,
 ) -> None:
-    """Measure importance and cost of every attention group and MLP channel (phase 1)."""
+    """Measure importance and cost of every attention group and MLP channel (phase 1). Under
+    `torchrun --nproc-per-node N -m llamaprune score ...` the processes share the calibration windows."""
     from llamaprune.criteria import parse_criteria
+    from llamaprune.distributed import ranks_from_env
     from llamaprune.scoring import ScoreOptions
     from llamaprune.scoring_run import score_run
 
     options = ScoreOptions(model, dataset, num_samples, seq_len, batch_size, parse_criteria(criteria), seed, dtype,
-                           device, data_dir, fisher_windows)
+                           device, data_dir, fisher_windows, accumulate, fsdp)
     result = score_run(options, out, overwrite)
+    ranks = ranks_from_env()
+    if ranks is not None and not ranks.main:  # the first process reports the run it wrote
+        return
     typer.echo(
         f"scored {result.groups.num_rows} groups over {result.tokens} tokens in {result.seconds:.1f} s "
         f"(peak memory {result.peak_memory_bytes / 2**20:.0f} MiB) -> {out}"

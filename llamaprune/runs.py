@@ -196,11 +196,13 @@ class PhaseRun(Generic[T]):
 
 
 @contextmanager
-def run_phase(phase: Phase, read_inputs: Callable[[Checked], T] | None = None) -> Iterator[PhaseRun[T]]:
-    """Pre-flight, then a temporary directory with the command's log that becomes ``phase.out`` only if the
-    block succeeds (an in-place phase writes into ``phase.out`` itself, its files each written atomically)."""
+def run_phase(phase: Phase, read_inputs: Callable[[Checked], T] | None = None,
+              checked: Checked[T] | None = None) -> Iterator[PhaseRun[T]]:
+    """Pre-flight (unless ``checked``, its result, is given), then a temporary directory with the command's
+    log that becomes ``phase.out`` only if the block succeeds (an in-place phase writes into ``phase.out``
+    itself, its files each written atomically)."""
     started = time.perf_counter()
-    checked = preflight(phase, read_inputs)
+    checked = checked if checked is not None else preflight(phase, read_inputs)
     with _output(phase) as directory, command_log(directory, phase.log_name):
         run = PhaseRun(phase, directory, checked, {"command": phase.command}, started)
         log.debug("llamaprune %s -> %s", phase.command, phase.out)

@@ -12,7 +12,9 @@ Embeddings, norms and lm_head get no gradient at all.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from enum import Enum
 
 import pyarrow as pa
 import torch
@@ -21,7 +23,9 @@ from llamaprune import __version__
 from llamaprune.arch import ATTN, MLP
 from llamaprune.artifacts import SCHEMA_VERSION
 from llamaprune.calibrate import RECORDED_STATISTICS, Accumulators, ParamSpec, calibrate, param_specs
+from llamaprune.choices import parse_choice
 from llamaprune.criteria import CRITERIA, REGISTRY, TABLE, input_stats, needs_gradients, parse_criteria
+from llamaprune.distributed import Ranks
 from llamaprune.errors import UsageError
 from llamaprune.groups import ModelShape, group_id, iter_groups, model_shape
 from llamaprune.importance.influence import block_influence
@@ -44,6 +48,18 @@ class ScoreResult:
     peak_memory_bytes: int
     peak_memory_scope: str  # "scoring", or "process" where the peak could not be reset (llamaprune.peak_memory)
     tokens: int
+    accumulator_bytes: int = 0  # what this process's accumulators held (the w*G sums dominate)
+
+
+class Accumulate(str, Enum):
+    """The dtype of the w*G sums: float32, or bfloat16 at half the memory."""
+
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32 if self is Accumulate.fp32 else torch.bfloat16
 
 
 @dataclass(frozen=True)
@@ -61,9 +77,12 @@ class ScoreOptions:
     device: Device = Device.cpu
     data_dir: str | None = None
     fisher_windows: int = 8  # windows per gradient group (llamaprune.calibrate): the Fisher term's grouping
+    accumulate: Accumulate = Accumulate.fp32  # dtype of the w*G sums of the gradient criteria
+    fsdp: bool = False  # under torchrun: parameters, gradients and w*G sums sharded (llamaprune.sharded_scoring)
 
     def __post_init__(self) -> None:
         parse_criteria(",".join(self.criteria))
+        object.__setattr__(self, "accumulate", parse_choice(Accumulate, self.accumulate, "--accumulate"))
         for name in ("num_samples", "seq_len", "batch_size", "fisher_windows"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -79,21 +98,33 @@ def score(
     calibration: dict | None = None,
     progress: bool = True,
     weights_fingerprint: str | None = None,
+    accumulate: Accumulate = Accumulate.fp32,
+    ranks: Ranks | None = None,
 ) -> ScoreResult:
     """Score every group of ``model`` over ``batches``: ``calibrate.GradientGroup``s, or LongTensor token ids
     (B, L) that are each a group of their own. The tables record ``weights_fingerprint``, that of the checkpoint
-    ``model`` was loaded from (``llamaprune.weights``)."""
+    ``model`` was loaded from (``llamaprune.weights``). Under torchrun (``ranks``) each process passes its share
+    of the batches and gets the table of all of them; a model sharded by ``sharded_scoring.shard_model`` has
+    its gradients folded shard by shard."""
+    from llamaprune.distributed import reduce_accumulators
+    from llamaprune.sharded_scoring import ShardedGradients, gathered, is_sharded
+
     criteria = parse_criteria(",".join(criteria))
     shape = model_shape(model.config)
     specs = param_specs(model, shape)
     statistics = tuple(dict.fromkeys(RECORDED_STATISTICS + input_stats(criteria)))
     device = next(model.parameters()).device
+    sharded = ShardedGradients(specs, ranks) if is_sharded(model) else None
     peak = PeakMemory(device, "scoring")
     start = time.perf_counter()
-    acc = calibrate(model, batches, shape, specs, statistics, needs_gradients(criteria), progress)
+    acc = calibrate(model, batches, shape, specs, statistics, needs_gradients(criteria), progress,
+                    Accumulate(accumulate).dtype, sharded)
+    accumulator_bytes = _nbytes(acc)
+    if ranks is not None:
+        reduce_accumulators(acc, sharded)
     seconds = time.perf_counter() - start
     peak_bytes, peak_scope = peak.read()
-    scores = _group_scores(specs, shape, acc, criteria, seed)
+    scores = _group_scores(map(gathered, specs) if sharded else specs, shape, acc, criteria, seed)
     meta = table_meta(model.config, shape, criteria, calibration, weights_fingerprint)
     return ScoreResult(
         groups=with_meta(_groups_table(shape, scores, criteria), meta),
@@ -104,7 +135,14 @@ def score(
         peak_memory_bytes=peak_bytes,
         peak_memory_scope=peak_scope,
         tokens=acc.tokens,
+        accumulator_bytes=accumulator_bytes,
     )
+
+
+def _nbytes(acc: Accumulators) -> int:
+    tensors = [*acc.inputs.values(), *acc.cosines.values()]
+    tensors += [t for state in acc.gradients.values() for t in (state.wg, state.fisher)]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def table_meta(config, shape: ModelShape, criteria, calibration: dict | None, weights: str | None = None) -> dict:
@@ -122,9 +160,10 @@ def table_meta(config, shape: ModelShape, criteria, calibration: dict | None, we
     }
 
 
-def _group_scores(specs: list[ParamSpec], shape: ModelShape, acc: Accumulators, criteria,
+def _group_scores(specs: Iterable[ParamSpec], shape: ModelShape, acc: Accumulators, criteria,
                   seed: int) -> dict[tuple[int, str, str], torch.Tensor]:
-    """(layer, kind, criterion) -> float64 per-group scores, each from its registered formula."""
+    """(layer, kind, criterion) -> float64 per-group scores, each from its registered formula; ``specs`` is
+    walked once (a sharded model's are gathered one at a time)."""
     scores: dict[tuple[int, str, str], torch.Tensor] = {}
     per_param = [(c, REGISTRY[c].load()) for c in criteria if REGISTRY[c].scope != TABLE]
     for spec in specs:

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from llamaprune.artifacts import SCHEMA_VERSION, new_manifest, plain_value
-from llamaprune.runs import Phase, run_phase
+from llamaprune.distributed import Ranks
+from llamaprune.errors import UsageError
+from llamaprune.model import resolve_device
+from llamaprune.runs import Checked, Phase, preflight, run_phase
 from llamaprune.scoring import STATS_FILE, ScoreOptions, ScoreResult, score
 from llamaprune.table import GROUPS_FILE, LAYERS_FILE, write_table
 
@@ -34,13 +38,17 @@ def score_entry(result: ScoreResult) -> dict:
     return {"command": "score", "seconds": result.seconds}
 
 
-def score_into(out: Path, options: ScoreOptions, loaded, rows: list[str], load_seconds: float,
-               progress: bool = True, weights: str | None = None) -> tuple[ScoreResult, dict]:
+def score_into(out: Path | None, options: ScoreOptions, loaded, rows: list[str], load_seconds: float,
+               progress: bool = True, weights: str | None = None,
+               ranks: Ranks | None = None) -> tuple[ScoreResult, dict]:
     """Score an already loaded model on calibration windows drawn from ``rows`` and write the tables into
-    ``out``; returns the result and the run's new manifest, for the command to record. ``weights``: the
-    checkpoint's fingerprint, recorded in both."""
+    ``out`` (None: a process of a distributed run other than the first, which writes nothing); returns the
+    result and the run's new manifest, for the command to record. ``weights``: the checkpoint's fingerprint,
+    recorded in both."""
     from llamaprune.calibrate import gradient_groups
     from llamaprune.data import calibration_windows
+    from llamaprune.distributed import share
+    from llamaprune.sharded_scoring import is_sharded, sharded_groups
 
     windows = calibration_windows(loaded.tokenizer, rows, options.num_samples, options.seq_len, options.seed)
     calibration = {
@@ -53,9 +61,14 @@ def score_into(out: Path, options: ScoreOptions, loaded, rows: list[str], load_s
     }
     log.info("scoring %s with %s on %d x %d tokens", options.model, ",".join(options.criteria),
              options.num_samples, options.seq_len)
-    groups = gradient_groups(windows, options.fisher_windows, options.batch_size)
+    if is_sharded(loaded.model):
+        groups = sharded_groups(windows, options.fisher_windows, ranks)
+    else:
+        groups = share(gradient_groups(windows, options.fisher_windows, options.batch_size), ranks)
     result = score(loaded.model, groups, options.criteria, options.seed, calibration,
-                   progress, weights)
+                   progress and (ranks is None or ranks.main), weights, options.accumulate, ranks)
+    if out is None:
+        return result, {}
     write_tables(out, result)
     model = {
         "source": options.model,
@@ -73,23 +86,58 @@ def score_into(out: Path, options: ScoreOptions, loaded, rows: list[str], load_s
         timings={"load_seconds": load_seconds, "score_seconds": result.seconds},
         peak_memory_bytes=result.peak_memory_bytes,
         peak_memory_scope=result.peak_memory_scope,
+        accumulators={"dtype": options.accumulate.value, "bytes": result.accumulator_bytes},
+        processes={"count": ranks.world if ranks else 1, "fsdp": options.fsdp},
     )
     return result, manifest
 
 
 def score_run(options: ScoreOptions, out: Path, overwrite: bool = False) -> ScoreResult:
-    """The ``llamaprune score`` command: load, sample calibration windows, score, write ``out`` atomically."""
+    """The ``llamaprune score`` command: load, sample calibration windows, score, write ``out`` atomically.
+    Under torchrun every process checks its input and scores its share; the first one writes ``out``."""
     from llamaprune.data import load_rows, local_file
-    from llamaprune.model import load_model
+    from llamaprune.distributed import agree, process_group, ranks_from_env
 
+    ranks = ranks_from_env()
+    if options.fsdp and ranks is None:
+        raise UsageError("--fsdp shards the model across the processes of a torchrun job; launch it with "
+                         "`torchrun --nproc-per-node N -m llamaprune score ...`, or drop --fsdp")
     phase = Phase("score", Path(out), overwrite, options.model, options.device,
                   inputs=(local_file(options.dataset, "train", options.data_dir),),
                   seq_lens=(("--seq-len", options.seq_len),))
-    with run_phase(phase, lambda _: load_rows(options.dataset, split="train", data_dir=options.data_dir)) as run:
-        start = time.perf_counter()
-        loaded = load_model(options.model, options.dtype, options.device)
-        result, manifest = score_into(run.dir, options, loaded, run.inputs, time.perf_counter() - start,
-                                      weights=run.checked.weights)
-        run.summary.update(score_entry(result))
-        run.record(manifest)
+    main = ranks is None or ranks.main
+    with process_group(ranks, resolve_device(options.device)):
+        checked, error = None, None
+        try:  # only the first process checks (and sweeps) the output; every one checks what it reads
+            checked = preflight(phase if main else replace(phase, in_place=True),
+                                lambda _: load_rows(options.dataset, split="train", data_dir=options.data_dir))
+        except UsageError as err:
+            error = err
+        agree(ranks, error)
+        if not main:
+            return score_into(None, options, _load(options, checked, ranks), checked.inputs, 0.0,
+                              weights=checked.weights, ranks=ranks)[0]
+        with run_phase(phase, checked=checked) as run:
+            start = time.perf_counter()
+            loaded = _load(options, checked, ranks)
+            result, manifest = score_into(run.dir, options, loaded, run.inputs, time.perf_counter() - start,
+                                          weights=run.checked.weights, ranks=ranks)
+            run.summary.update(score_entry(result))
+            run.record(manifest)
     return result
+
+
+def _load(options: ScoreOptions, checked: Checked, ranks: Ranks | None):
+    """The model on this process's device; under --fsdp, only this process's shard of each parameter."""
+    from llamaprune.model import LoadedModel, load_model, load_tokenizer, torch_dtype
+    from llamaprune.sharded_scoring import load_sharded
+
+    if not options.fsdp:
+        return load_model(options.model, options.dtype, options.device)
+    source = checked.source
+    if source.kind != "dir" or source.gguf_file:
+        raise UsageError(f"--fsdp reads each process's shard from a safetensors checkpoint directory, and "
+                         f"{options.model} is not one; save it with `save_pretrained` and score that directory")
+    model = load_sharded(Path(source.path), checked.config, torch_dtype(options.dtype),
+                         resolve_device(options.device), ranks)
+    return LoadedModel(model, load_tokenizer(source), source)

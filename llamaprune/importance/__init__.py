@@ -16,8 +16,14 @@ import torch
 from llamaprune.arch import ROWS
 
 
+def index_sums(score: torch.Tensor, axis: str) -> torch.Tensor:
+    """Sum an elementwise score over each row (or column), in float64: per-index sums add up over shards of a
+    weight's other axis, and group into ``group_sum``."""
+    if score.dim() == 2:
+        return score.sum(dim=1 if axis == ROWS else 0, dtype=torch.float64)
+    return score.double()
+
+
 def group_sum(score: torch.Tensor, axis: str, num_groups: int) -> torch.Tensor:
     """Sum an elementwise score over each group's contiguous block of rows or columns, in float64."""
-    if score.dim() == 2:
-        score = score.sum(dim=1 if axis == ROWS else 0, dtype=torch.float64)
-    return score.double().view(num_groups, -1).sum(dim=1)
+    return index_sums(score, axis).view(num_groups, -1).sum(dim=1)

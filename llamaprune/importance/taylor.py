@@ -27,16 +27,19 @@ if TYPE_CHECKING:
 
 @dataclass
 class GradientState:
-    """Running sums for one parameter: w*G elementwise (float32), and the per-group Fisher term."""
+    """Running sums for one parameter: w*G elementwise (float32 unless asked otherwise), and the per-group Fisher
+    term. Sharded scoring (``llamaprune.sharded_scoring``) hands the formulas ``wg`` already reduced to per-index
+    sums of |w*G|, which group the same way."""
 
     wg: torch.Tensor
     fisher: torch.Tensor
 
 
-def new_state(weight: torch.Tensor, num_groups: int) -> GradientState:
-    """Zeroed sums for one parameter; allocated before the first backward so they sit together in memory."""
+def new_state(weight: torch.Tensor, num_groups: int, dtype: torch.dtype = torch.float32) -> GradientState:
+    """Zeroed sums for one parameter (w*G in ``dtype``: bfloat16 halves the one weight-sized state); allocated
+    before the first backward so they sit together in memory."""
     return GradientState(
-        wg=torch.zeros(weight.shape, dtype=torch.float32, device=weight.device),
+        wg=torch.zeros(weight.shape, dtype=dtype, device=weight.device),
         fisher=torch.zeros(num_groups, dtype=torch.float64, device=weight.device),
     )
 

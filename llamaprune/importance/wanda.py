@@ -21,14 +21,15 @@ if TYPE_CHECKING:
 
 
 def accumulate_sq_norm(x: torch.Tensor, acc: torch.Tensor | None) -> torch.Tensor:
-    """acc[j] += sum over tokens of x[..., j]^2, in float32."""
-    sq = x.detach().float().reshape(-1, x.shape[-1]).square().sum(dim=0)
+    """acc[j] += sum over tokens of x[..., j]^2, in float64: the fluctuation criterion subtracts the squared
+    mean from it, which float32 sums over many tokens would not survive."""
+    sq = x.detach().float().reshape(-1, x.shape[-1]).square().sum(dim=0, dtype=torch.float64)
     return sq if acc is None else acc.add_(sq)
 
 
 def wanda_score(weight: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
     """Elementwise |W_ij| * ||x_j|| for a (out, in) weight."""
-    return weight.detach().float().abs() * sq_norm.sqrt()[None, :]
+    return weight.detach().float().abs() * sq_norm.sqrt().float()[None, :]
 
 
 def wanda_bias_score(bias: torch.Tensor, tokens: int) -> torch.Tensor:

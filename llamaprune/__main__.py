@@ -1,0 +1,5 @@
+"""``python -m llamaprune``: the CLI, as ``torchrun -m llamaprune`` launches it."""
+
+from llamaprune.cli import main
+
+main()
