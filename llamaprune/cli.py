@@ -24,7 +24,7 @@ import typer
 from llamaprune.cli_finetune import finetune_command, report_finetune
 from llamaprune.cli_options import DataDir, DeviceOpt, DTypeOpt
 from llamaprune.cli_prune import prune_command
-from llamaprune.criteria import CRITERIA, help_text
+from llamaprune.criteria import CRITERIA, FORWARD_ONLY, help_text
 from llamaprune.errors import UsageError
 from llamaprune.model import Device, DType
 
@@ -159,6 +159,11 @@ def score_command(
     fisher_windows: Annotated[
         int, typer.Option(help="Windows per gradient group of taylor/taylor2 (fixed, so --batch-size changes nothing).")
     ] = 8,
+    stream: Annotated[
+        bool, typer.Option(help="Read one decoder layer at a time from a safetensors checkpoint directory, so memory "
+                                "holds about one layer, not the model; forward-only criteria "
+                                f"({','.join(FORWARD_ONLY)}).")
+    ] = False,
 ) -> None:
     """Measure importance and cost of every attention group and MLP channel (phase 1)."""
     from llamaprune.criteria import parse_criteria
@@ -166,7 +171,7 @@ def score_command(
     from llamaprune.scoring_run import score_run
 
     options = ScoreOptions(model, dataset, num_samples, seq_len, batch_size, parse_criteria(criteria), seed, dtype,
-                           device, data_dir, fisher_windows)
+                           device, data_dir, fisher_windows, stream)
     result = score_run(options, out, overwrite)
     typer.echo(
         f"scored {result.groups.num_rows} groups over {result.tokens} tokens in {result.seconds:.1f} s "

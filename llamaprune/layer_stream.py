@@ -16,7 +16,7 @@ statistic that is gathered layer by layer). A model already in memory is walked 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 LAYERS_PREFIX = "model.layers."
+EMBEDDINGS = "model.embed_tokens."
 
 
 def tensor_files(path: Path) -> dict[str, Path]:
@@ -66,22 +67,25 @@ class LayerStream:
 
     @classmethod
     def from_checkpoint(cls, path: Path, config, dtype: torch.dtype = torch.float32, batch_size: int = 8,
-                        device: str = "cpu"):
+                        device: str = "cpu", head: bool = True):
         """A skeleton of the model on the meta device with its embeddings, final norm and head loaded (on
-        ``device``, where each layer goes in its turn)."""
+        ``device``, where each layer goes in its turn). ``head`` False, for a pass that makes no logits
+        (scoring): the final norm and head are never read, and the embeddings only while ``embed`` runs."""
         from transformers import AutoModelForCausalLM
 
         files = tensor_files(path)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         stream = cls(model, files, batch_size, device)
+        rotary = model.model.rotary_emb
+        model.model.rotary_emb = type(rotary)(config=model.config).to(device)  # its buffers are computed, not stored
+        if not head:
+            return stream
         outside = {k: v for k, v in files.items() if not k.startswith(LAYERS_PREFIX)}
         stream._load(model, outside, dtype)
-        rotary = model.model.rotary_emb
-        model.model.rotary_emb = type(rotary)(config=model.config)  # its buffers are computed, not stored
         if getattr(config, "tie_word_embeddings", False):
             model.tie_weights()
-        for name in ("embed_tokens", "norm", "rotary_emb"):
+        for name in ("embed_tokens", "norm"):
             getattr(model.model, name).to(device)
         model.lm_head.to(device)
         return stream
@@ -95,24 +99,27 @@ class LayerStream:
         module.load_state_dict({k[len(prefix):]: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
 
     @contextmanager
-    def layer(self, index: int) -> Iterator[nn.Module]:
-        """Decoder layer ``index``, with its weights, for the duration of the block."""
-        block = self.model.model.layers[index]
-        if self.files is None:
-            yield block
+    def _materialized(self, module: nn.Module, prefix: str) -> Iterator[nn.Module]:
+        """``module`` with its checkpoint tensors (named ``prefix``...) read for the block and dropped after it; as
+        it is where it is loaded already (an in-memory model, a stream's resident embeddings)."""
+        if self.files is None or not next(module.parameters()).is_meta:
+            yield module
             return
-        prefix = f"{LAYERS_PREFIX}{index}."
         dtype = self.model.model.embed_tokens.weight.dtype
-        self._load(block, {k: v for k, v in self.files.items() if k.startswith(prefix)}, dtype, prefix)
-        block.to(self.device)
+        self._load(module, {k: v for k, v in self.files.items() if k.startswith(prefix)}, dtype, prefix)
+        module.to(self.device)
         try:
-            yield block
+            yield module
         finally:
-            self.model.model.layers[index] = block.to("meta")
+            module.to("meta")
+
+    def layer(self, index: int) -> AbstractContextManager[nn.Module]:
+        """Decoder layer ``index``, with its weights, for the duration of the block."""
+        return self._materialized(self.model.model.layers[index], f"{LAYERS_PREFIX}{index}.")
 
     def embed(self, windows: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.model.model.embed_tokens(windows.to(self.device))
+        with torch.no_grad(), self._materialized(self.model.model.embed_tokens, EMBEDDINGS) as embed_tokens:
+            return embed_tokens(windows.to(self.device))
 
     def context(self, hidden: torch.Tensor) -> dict:
         """Positions and causal mask of a batch of full windows (no padding, no cache)."""
@@ -142,13 +149,10 @@ class LayerStream:
         return list(hidden.split(self.batch_size))
 
     def run_layer(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        """``hidden`` after the whole layer, batch by batch."""
-        out = []
+        """``hidden`` after the whole layer, batch by batch through the block's own forward, so that its hooks see
+        its input and output as in a whole-model pass (scoring's block influence)."""
         with torch.no_grad():
-            for h in self.batches(hidden):
-                h = h + self.attention(block, h)
-                out.append(h + self.mlp(block, h))
-        return torch.cat(out)
+            return torch.cat([block(h, **self.context(h)) for h in self.batches(hidden)])
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

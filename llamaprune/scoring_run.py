@@ -35,12 +35,15 @@ def score_entry(result: ScoreResult) -> dict:
 
 
 def score_into(out: Path, options: ScoreOptions, loaded, rows: list[str], load_seconds: float,
-               progress: bool = True, weights: str | None = None) -> tuple[ScoreResult, dict]:
+               progress: bool = True, weights: str | None = None, config=None) -> tuple[ScoreResult, dict]:
     """Score an already loaded model on calibration windows drawn from ``rows`` and write the tables into
     ``out``; returns the result and the run's new manifest, for the command to record. ``weights``: the
-    checkpoint's fingerprint, recorded in both."""
+    checkpoint's fingerprint, recorded in both. With ``options.stream``, ``loaded`` has no model: the layers of
+    its source (``config``'s) are read one at a time (``llamaprune.scoring_stream``)."""
     from llamaprune.calibrate import gradient_groups
     from llamaprune.data import calibration_windows
+    from llamaprune.model import resolve_device, torch_dtype
+    from llamaprune.scoring_stream import score_streamed
 
     windows = calibration_windows(loaded.tokenizer, rows, options.num_samples, options.seq_len, options.seed)
     calibration = {
@@ -53,9 +56,13 @@ def score_into(out: Path, options: ScoreOptions, loaded, rows: list[str], load_s
     }
     log.info("scoring %s with %s on %d x %d tokens", options.model, ",".join(options.criteria),
              options.num_samples, options.seq_len)
-    groups = gradient_groups(windows, options.fisher_windows, options.batch_size)
-    result = score(loaded.model, groups, options.criteria, options.seed, calibration,
-                   progress, weights)
+    if options.stream:
+        result = score_streamed(Path(loaded.source.path), config, windows, options.criteria, options.seed,
+                                calibration, torch_dtype(options.dtype), resolve_device(options.device),
+                                options.batch_size, progress, weights)
+    else:
+        groups = gradient_groups(windows, options.fisher_windows, options.batch_size)
+        result = score(loaded.model, groups, options.criteria, options.seed, calibration, progress, weights)
     write_tables(out, result)
     model = {
         "source": options.model,
@@ -78,18 +85,24 @@ def score_into(out: Path, options: ScoreOptions, loaded, rows: list[str], load_s
 
 
 def score_run(options: ScoreOptions, out: Path, overwrite: bool = False) -> ScoreResult:
-    """The ``llamaprune score`` command: load, sample calibration windows, score, write ``out`` atomically."""
+    """The ``llamaprune score`` command: load (with ``options.stream``, the config and tokenizer only), sample
+    calibration windows, score, write ``out`` atomically."""
     from llamaprune.data import load_rows, local_file
-    from llamaprune.model import load_model
+    from llamaprune.model import LoadedModel, load_model, load_tokenizer, resolve_source
+    from llamaprune.scoring_stream import check_source
 
+    if options.stream:  # before the pre-flight, which would try to reach a hub id
+        check_source(resolve_source(options.model))
     phase = Phase("score", Path(out), overwrite, options.model, options.device,
                   inputs=(local_file(options.dataset, "train", options.data_dir),),
                   seq_lens=(("--seq-len", options.seq_len),))
     with run_phase(phase, lambda _: load_rows(options.dataset, split="train", data_dir=options.data_dir)) as run:
         start = time.perf_counter()
-        loaded = load_model(options.model, options.dtype, options.device)
+        source = run.checked.source
+        loaded = (LoadedModel(None, load_tokenizer(source), source) if options.stream
+                  else load_model(options.model, options.dtype, options.device))
         result, manifest = score_into(run.dir, options, loaded, run.inputs, time.perf_counter() - start,
-                                      weights=run.checked.weights)
+                                      weights=run.checked.weights, config=run.checked.config)
         run.summary.update(score_entry(result))
         run.record(manifest)
     return result
