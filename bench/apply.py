@@ -176,9 +176,9 @@ def measure_times(src: Path, out: Path, plan: Path, repeats: int) -> dict:
     return runs
 
 
-def in_subprocess(kind: str, *args) -> dict:
-    """Run one step in a fresh interpreter, so its peak RSS is its own."""
-    cmd = [sys.executable, __file__, "--measure", kind, *map(str, args)]
+def in_subprocess(kind: str, *args, script: str = __file__) -> dict:
+    """Run one step of ``script`` (``--measure KIND ARGS``) in a fresh interpreter, so its peak RSS is its own."""
+    cmd = [sys.executable, script, "--measure", kind, *map(str, args)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"{kind} failed:\n{done.stderr[-3000:]}")

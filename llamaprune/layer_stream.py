@@ -16,7 +16,7 @@ statistic that is gathered layer by layer). A model already in memory is walked 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 LAYERS_PREFIX = "model.layers."
-EMBEDDINGS = "model.embed_tokens."
+EMBEDDINGS = "model.embed_tokens.weight"
 
 
 def tensor_files(path: Path) -> dict[str, Path]:
@@ -51,6 +51,15 @@ def read_tensors(files: dict[str, Path], keys: list[str]) -> dict[str, torch.Ten
     return out
 
 
+def read_rows(files: dict[str, Path], key: str, rows: list[int]) -> torch.Tensor:
+    """Rows ``rows`` of the checkpoint's tensor ``key``, each read alone: the rest of the tensor is never read."""
+    from safetensors import safe_open
+
+    with safe_open(files[key], framework="pt") as f:
+        tensor = f.get_slice(key)
+        return torch.cat([tensor[row : row + 1] for row in rows])
+
+
 @dataclass
 class LayerStream:
     """A model's embeddings, head and decoder layers, the layers materialized one at a time when ``files``
@@ -70,7 +79,7 @@ class LayerStream:
                         device: str = "cpu", head: bool = True):
         """A skeleton of the model on the meta device with its embeddings, final norm and head loaded (on
         ``device``, where each layer goes in its turn). ``head`` False, for a pass that makes no logits
-        (scoring): the final norm and head are never read, and the embeddings only while ``embed`` runs."""
+        (scoring): the final norm and head are never read, nor the embeddings but the rows ``embed`` needs."""
         from transformers import AutoModelForCausalLM
 
         files = tensor_files(path)
@@ -99,27 +108,31 @@ class LayerStream:
         module.load_state_dict({k[len(prefix):]: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
 
     @contextmanager
-    def _materialized(self, module: nn.Module, prefix: str) -> Iterator[nn.Module]:
-        """``module`` with its checkpoint tensors (named ``prefix``...) read for the block and dropped after it; as
-        it is where it is loaded already (an in-memory model, a stream's resident embeddings)."""
-        if self.files is None or not next(module.parameters()).is_meta:
-            yield module
-            return
-        dtype = self.model.model.embed_tokens.weight.dtype
-        self._load(module, {k: v for k, v in self.files.items() if k.startswith(prefix)}, dtype, prefix)
-        module.to(self.device)
-        try:
-            yield module
-        finally:
-            module.to("meta")
-
-    def layer(self, index: int) -> AbstractContextManager[nn.Module]:
+    def layer(self, index: int) -> Iterator[nn.Module]:
         """Decoder layer ``index``, with its weights, for the duration of the block."""
-        return self._materialized(self.model.model.layers[index], f"{LAYERS_PREFIX}{index}.")
+        block = self.model.model.layers[index]
+        if self.files is None:
+            yield block
+            return
+        prefix = f"{LAYERS_PREFIX}{index}."
+        dtype = self.model.model.embed_tokens.weight.dtype
+        self._load(block, {k: v for k, v in self.files.items() if k.startswith(prefix)}, dtype, prefix)
+        block.to(self.device)
+        try:
+            yield block
+        finally:
+            self.model.model.layers[index] = block.to("meta")
 
     def embed(self, windows: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), self._materialized(self.model.model.embed_tokens, EMBEDDINGS) as embed_tokens:
-            return embed_tokens(windows.to(self.device))
+        """The windows' input embeddings; where the embeddings were left unread (``head`` False), only the rows of
+        the tokens the windows use are read, so the vocabulary's matrix is never in memory."""
+        embed_tokens = self.model.model.embed_tokens
+        if not embed_tokens.weight.is_meta:
+            with torch.no_grad():
+                return embed_tokens(windows.to(self.device))
+        tokens, where = windows.unique(return_inverse=True)
+        rows = read_rows(self.files, EMBEDDINGS, tokens.tolist()).to(embed_tokens.weight.dtype)
+        return rows.to(self.device)[where.to(self.device)]
 
     def context(self, hidden: torch.Tensor) -> dict:
         """Positions and causal mask of a batch of full windows (no padding, no cache)."""
