@@ -278,11 +278,17 @@ def main() -> None:
     size = SMALL if args.small else LARGE
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench-apply-") as tmp:
         figures = run(size, Path(tmp))
-    print(report(figures))
-    if args.small:
-        print("(--small: a smoke test of this script; fixed costs dominate, so the ratios say nothing)")
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    publish(report(figures), figures, "--small" if args.small else None, args.json)
+
+
+def publish(text: str, figures: dict, smoke: str | None, out: Path | None) -> None:
+    """Print the report, saying so where a smoke-test flag (``smoke``) made its ratios meaningless, and write the
+    figures to ``out`` where asked."""
+    print(text)
+    if smoke:
+        print(f"({smoke}: a smoke test of this script; fixed costs dominate, so the ratios say nothing)")
+    if out:
+        out.write_text(json.dumps(figures, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from apply import LARGE, SMALL, build_checkpoint, in_subprocess, rss_bytes  # noqa: E402
+from apply import LARGE, SMALL, build_checkpoint, in_subprocess, publish, rss_bytes  # noqa: E402
 
 PEAK_GOAL = 0.3  # streamed peak RSS / checkpoint size
 SHARED = ROOT.parent / "shared" / "data"
@@ -150,11 +150,7 @@ def main() -> None:
     calibration = args.data_dir / "wikitext-2-tokens" / "valid.txt"
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench-score-stream-") as tmp:
         figures = run(Path(tmp), args.tiny, calibration, args.num_samples, args.seq_len, args.batch_size)
-    print(report(figures))
-    if args.tiny:
-        print("(--tiny: a smoke test of this script; fixed costs dominate, so the ratios say nothing)")
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    publish(report(figures), figures, "--tiny" if args.tiny else None, args.json)
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ def score(
     criteria = parse_criteria(",".join(criteria))
     shape = model_shape(model.config)
     specs = param_specs(model, shape)
-    statistics = tuple(dict.fromkeys(RECORDED_STATISTICS + input_stats(criteria)))
+    statistics = statistics_of(criteria)
     device = next(model.parameters()).device
     peak = PeakMemory(device, "scoring")
     start = time.perf_counter()
@@ -124,6 +124,11 @@ def score_result(shape: ModelShape, specs: list[ParamSpec], scores, acc: Accumul
         peak_memory_scope=peak_scope,
         tokens=acc.tokens,
     )
+
+
+def statistics_of(criteria) -> tuple[str, ...]:
+    """The input statistics a pass folds: those always recorded, and those ``criteria`` read."""
+    return tuple(dict.fromkeys(RECORDED_STATISTICS + input_stats(criteria)))
 
 
 def table_meta(config, shape: ModelShape, criteria, calibration: dict | None, weights: str | None = None) -> dict:

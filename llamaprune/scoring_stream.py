@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from llamaprune.calibrate import RECORDED_STATISTICS, Accumulators, layer_hooks, layer_param_specs
-from llamaprune.criteria import FORWARD_ONLY, input_stats, parse_criteria
+from llamaprune.calibrate import Accumulators, layer_hooks, layer_param_specs
+from llamaprune.criteria import FORWARD_ONLY, parse_criteria
 from llamaprune.errors import UsageError
 from llamaprune.groups import model_shape
 from llamaprune.layer_stream import LayerStream
@@ -31,6 +31,7 @@ from llamaprune.scoring import (
     check_streamable,
     param_group_scores,
     score_result,
+    statistics_of,
     table_meta,
     table_scores,
 )
@@ -60,7 +61,7 @@ def score_streamed(path: Path, config, windows: torch.Tensor, criteria: tuple[st
     criteria = parse_criteria(",".join(criteria))
     check_streamable(criteria)
     shape = model_shape(config)
-    statistics = tuple(dict.fromkeys(RECORDED_STATISTICS + input_stats(criteria)))
+    statistics = statistics_of(criteria)
     peak = PeakMemory(device, "scoring")
     start = time.perf_counter()
     stream = LayerStream.from_checkpoint(Path(path), config, dtype, batch_size, device, head=False)
