@@ -176,9 +176,9 @@ def measure_times(src: Path, out: Path, plan: Path, repeats: int) -> dict:
     return runs
 
 
-def in_subprocess(kind: str, *args) -> dict:
-    """Run one step in a fresh interpreter, so its peak RSS is its own."""
-    cmd = [sys.executable, __file__, "--measure", kind, *map(str, args)]
+def in_subprocess(kind: str, *args, script: str = __file__) -> dict:
+    """Run one step of ``script`` (``--measure KIND ARGS``) in a fresh interpreter, so its peak RSS is its own."""
+    cmd = [sys.executable, script, "--measure", kind, *map(str, args)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"{kind} failed:\n{done.stderr[-3000:]}")
@@ -278,11 +278,17 @@ def main() -> None:
     size = SMALL if args.small else LARGE
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench-apply-") as tmp:
         figures = run(size, Path(tmp))
-    print(report(figures))
-    if args.small:
-        print("(--small: a smoke test of this script; fixed costs dominate, so the ratios say nothing)")
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    publish(report(figures), figures, "--small" if args.small else None, args.json)
+
+
+def publish(text: str, figures: dict, smoke: str | None, out: Path | None) -> None:
+    """Print the report, saying so where a smoke-test flag (``smoke``) made its ratios meaningless, and write the
+    figures to ``out`` where asked."""
+    print(text)
+    if smoke:
+        print(f"({smoke}: a smoke test of this script; fixed costs dominate, so the ratios say nothing)")
+    if out:
+        out.write_text(json.dumps(figures, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Run every benchmark and write ``bench/RESULTS.md``: quality (bench/quality.py) and cost (score, plan, apply).
+"""Run every benchmark and write ``bench/RESULTS.md``: quality (bench/quality.py) and cost (score,
+plan, apply, streamed scoring).
 
     python bench/run.py --quick      # about 16 minutes on 2 CPU cores (make bench)
     python bench/run.py              # full: every test window, seq_len 128 and 512, larger cost runs
@@ -34,6 +35,7 @@ def cost_runs(args) -> list[tuple[str, list[str]]]:
                                                       "--seq-len", "32"]),
             ("Planning cost (bench/plan.py --only 8b)", [py, str(BENCH / "plan.py"), "--only", "8b", "--repeat", "1"]),
             ("Apply cost (bench/apply.py --small)", [py, str(BENCH / "apply.py"), "--small"]),
+            ("Streamed scoring memory (bench/score_stream.py --tiny)", [py, str(BENCH / "score_stream.py"), "--tiny"]),
         ]
     samples, repeat = ("16", "1") if args.quick else ("128", "3")
     return [
@@ -43,6 +45,8 @@ def cost_runs(args) -> list[tuple[str, list[str]]]:
          [py, str(BENCH / "plan.py"), "--repeat", repeat]),
         ("Apply cost (bench/apply.py, synthetic ~1B-parameter multi-shard checkpoint)",
          [py, str(BENCH / "apply.py")]),
+        ("Streamed scoring memory (bench/score_stream.py, the same synthetic checkpoint, 8 x 64 tokens)",
+         [py, str(BENCH / "score_stream.py")]),
     ]
 
 

@@ -28,7 +28,7 @@ import torch
 from llamaprune.arch import INPUT_READERS, LINEARS, ROWS, Linear
 from llamaprune.data import batches
 from llamaprune.errors import UsageError
-from llamaprune.groups import ModelShape
+from llamaprune.groups import LayerShape, ModelShape
 from llamaprune.importance.fluctuation import accumulate_sum
 from llamaprune.importance.influence import accumulate_cosine
 from llamaprune.importance.taylor import GradientState, fold_gradient, new_state
@@ -105,29 +105,31 @@ class _Gate:
 
 def param_specs(model, shape: ModelShape) -> list[ParamSpec]:
     """Every prunable weight and bias of the decoder layers, layer by layer in the order of the layer table."""
-    specs = []
     layers = model.base_model.layers
-    for i, layer_shape in enumerate(shape.layers):
-        for linear in LINEARS:
-            groups = layer_shape.groups(linear.kind)
-            if not groups:
-                continue
-            module = layers[i].get_submodule(linear.path)
-            specs.append(ParamSpec(f"layers.{i}.{linear.path}.weight", module.weight, i, linear, groups))
-            if module.bias is not None and linear.axis == ROWS:  # an output bias of o/down belongs to no group
-                specs.append(ParamSpec(f"layers.{i}.{linear.path}.bias", module.bias, i, linear, groups))
+    return [spec for i, layer_shape in enumerate(shape.layers) for spec in layer_param_specs(layers[i], i, layer_shape)]
+
+
+def layer_param_specs(block, layer: int, layer_shape: LayerShape) -> list[ParamSpec]:
+    """The prunable weights and biases of decoder block ``block`` (layer ``layer``): per block, so a layer-streamed
+    pass can score a layer while only its weights are loaded."""
+    specs = []
+    for linear in LINEARS:
+        groups = layer_shape.groups(linear.kind)
+        if not groups:
+            continue
+        module = block.get_submodule(linear.path)
+        specs.append(ParamSpec(f"layers.{layer}.{linear.path}.weight", module.weight, layer, linear, groups))
+        if module.bias is not None and linear.axis == ROWS:  # an output bias of o/down belongs to no group
+            specs.append(ParamSpec(f"layers.{layer}.{linear.path}.bias", module.bias, layer, linear, groups))
     return specs
 
 
-def install_hooks(model, shape: ModelShape, specs: list[ParamSpec], acc: Accumulators, statistics: tuple[str, ...],
-                  gradients: bool, gate: _Gate | None = None, accumulate: torch.dtype = torch.float32) -> list:
-    """Hooks that route every batch's tensors into ``acc`` (gradients only while ``gate`` is open, w*G summed in
-    ``accumulate``); returns their handles."""
-    gate = gate or _Gate()
-    handles = []
-    layers = model.base_model.layers
+def layer_hooks(block, layer: int, layer_shape: LayerShape, acc: Accumulators, statistics: tuple[str, ...]) -> list:
+    """Forward hooks of one decoder block: its linears' inputs folded into ``statistics`` and its input/output
+    cosines (block influence), into ``acc``; returns their handles. Per block, so that the whole-model pass and
+    the layer-streamed one (``llamaprune.scoring_stream``) fold the same tensors the same way."""
 
-    def input_hook(layer: int, key: str):
+    def input_hook(key: str):
         def hook(module, args):
             for name in statistics:
                 slot = (layer, key, name)
@@ -135,20 +137,26 @@ def install_hooks(model, shape: ModelShape, specs: list[ParamSpec], acc: Accumul
 
         return hook
 
-    def influence_hook(layer: int):
-        def hook(module, args, kwargs, output):
-            x_in = args[0] if args else kwargs["hidden_states"]
-            x_out = output[0] if isinstance(output, tuple) else output
-            acc.cosines[layer] = accumulate_cosine(x_in, x_out, acc.cosines.get(layer))
+    def influence_hook(module, args, kwargs, output):
+        x_in = args[0] if args else kwargs["hidden_states"]
+        x_out = output[0] if isinstance(output, tuple) else output
+        acc.cosines[layer] = accumulate_cosine(x_in, x_out, acc.cosines.get(layer))
 
-        return hook
+    handles = [block.register_forward_hook(influence_hook, with_kwargs=True)]
+    for key, linear in INPUT_READERS.items():
+        if layer_shape.groups(linear.kind):
+            handles.append(block.get_submodule(linear.path).register_forward_pre_hook(input_hook(key)))
+    return handles
 
-    for i, layer_shape in enumerate(shape.layers):
-        block = layers[i]
-        handles.append(block.register_forward_hook(influence_hook(i), with_kwargs=True))
-        for key, linear in INPUT_READERS.items():
-            if layer_shape.groups(linear.kind):
-                handles.append(block.get_submodule(linear.path).register_forward_pre_hook(input_hook(i, key)))
+
+def install_hooks(model, shape: ModelShape, specs: list[ParamSpec], acc: Accumulators, statistics: tuple[str, ...],
+                  gradients: bool, gate: _Gate | None = None, accumulate: torch.dtype = torch.float32) -> list:
+    """Hooks that route every batch's tensors into ``acc`` (gradients only while ``gate`` is open, w*G summed in
+    ``accumulate``); returns their handles."""
+    gate = gate or _Gate()
+    layers = model.base_model.layers
+    handles = [handle for i, layer_shape in enumerate(shape.layers)
+               for handle in layer_hooks(layers[i], i, layer_shape, acc, statistics)]
 
     if gradients:
         for spec in specs:

@@ -24,7 +24,7 @@ import typer
 from llamaprune.cli_finetune import finetune_command, report_finetune
 from llamaprune.cli_options import DataDir, DeviceOpt, DTypeOpt
 from llamaprune.cli_prune import prune_command
-from llamaprune.criteria import CRITERIA, help_text
+from llamaprune.criteria import CRITERIA, FORWARD_ONLY, help_text
 from llamaprune.errors import UsageError
 from llamaprune.model import Device, DType
 
@@ -165,6 +165,11 @@ def score_command(
     fsdp: Annotated[
         bool, typer.Option(help="Under torchrun: shard parameters, gradients and w*G sums across the processes.")
     ] = False,
+    stream: Annotated[
+        bool, typer.Option(help="Read one decoder layer at a time from a safetensors checkpoint directory, so memory "
+                                "holds about one layer, not the model; forward-only criteria "
+                                f"({','.join(FORWARD_ONLY)}).")
+    ] = False,
 ) -> None:
     """Measure importance and cost of every attention group and MLP channel (phase 1). Under
     `torchrun --nproc-per-node N -m llamaprune score ...` the processes share the calibration windows."""
@@ -174,7 +179,7 @@ def score_command(
     from llamaprune.scoring_run import score_run
 
     options = ScoreOptions(model, dataset, num_samples, seq_len, batch_size, parse_criteria(criteria), seed, dtype,
-                           device, data_dir, fisher_windows, accumulate, fsdp)
+                           device, data_dir, fisher_windows, accumulate, fsdp, stream)
     result = score_run(options, out, overwrite)
     ranks = ranks_from_env()
     if ranks is not None and not ranks.main:  # the first process reports the run it wrote

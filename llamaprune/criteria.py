@@ -68,6 +68,8 @@ REGISTRY = {
     )
 }
 CRITERIA = tuple(REGISTRY)
+# What a layer-streamed pass (``score --stream``) can score: the criteria that need no gradients.
+FORWARD_ONLY = tuple(c.name for c in REGISTRY.values() if not c.gradients)
 # Every name a criterion goes by, seed names first: what ``prune --importance_method`` accepts.
 NAMES = tuple(name for c in REGISTRY.values() for name in (*c.aliases, c.name))
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 LAYERS_PREFIX = "model.layers."
+EMBEDDINGS = "model.embed_tokens.weight"
 
 
 def tensor_files(path: Path) -> dict[str, Path]:
@@ -50,6 +51,37 @@ def read_tensors(files: dict[str, Path], keys: list[str]) -> dict[str, torch.Ten
     return out
 
 
+def read_rows(files: dict[str, Path], key: str, rows: list[int]) -> torch.Tensor:
+    """Rows ``rows`` of the checkpoint's 2-D tensor ``key``, each read at its offset in the file: the rest of the
+    tensor is never read (a safetensors slice reads the whole tensor first)."""
+    from llamaprune.checkpoint import SAFETENSORS_DTYPES
+    from llamaprune.weights import read_header
+
+    header = read_header(files[key])
+    info = header.tensors[key]
+    dtype, width = SAFETENSORS_DTYPES[info["dtype"]], info["shape"][1]
+    size, start = width * dtype.itemsize, header.data_start + info["data_offsets"][0]
+    out = bytearray(len(rows) * size)
+    with open(files[key], "rb") as f:
+        for i, row in enumerate(rows):
+            f.seek(start + row * size)
+            out[i * size : (i + 1) * size] = f.read(size)
+    return torch.frombuffer(out, dtype=dtype).view(len(rows), width)
+
+
+def trim_heap() -> None:
+    """Hand the heap's free pages back to the OS (glibc's ``malloc_trim``; nothing elsewhere). A layer's
+    temporaries are freed into heap blocks that glibc keeps (its mmap threshold rises after large frees), so
+    without it the resident set grows by tens of MB a layer instead of staying at about one layer."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 @dataclass
 class LayerStream:
     """A model's embeddings, head and decoder layers, the layers materialized one at a time when ``files``
@@ -66,22 +98,25 @@ class LayerStream:
 
     @classmethod
     def from_checkpoint(cls, path: Path, config, dtype: torch.dtype = torch.float32, batch_size: int = 8,
-                        device: str = "cpu"):
+                        device: str = "cpu", head: bool = True):
         """A skeleton of the model on the meta device with its embeddings, final norm and head loaded (on
-        ``device``, where each layer goes in its turn)."""
+        ``device``, where each layer goes in its turn). ``head`` False, for a pass that makes no logits
+        (scoring): the final norm and head are never read, nor the embeddings but the rows ``embed`` needs."""
         from transformers import AutoModelForCausalLM
 
         files = tensor_files(path)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         stream = cls(model, files, batch_size, device)
+        rotary = model.model.rotary_emb
+        model.model.rotary_emb = type(rotary)(config=model.config).to(device)  # its buffers are computed, not stored
+        if not head:
+            return stream
         outside = {k: v for k, v in files.items() if not k.startswith(LAYERS_PREFIX)}
         stream._load(model, outside, dtype)
-        rotary = model.model.rotary_emb
-        model.model.rotary_emb = type(rotary)(config=model.config)  # its buffers are computed, not stored
         if getattr(config, "tie_word_embeddings", False):
             model.tie_weights()
-        for name in ("embed_tokens", "norm", "rotary_emb"):
+        for name in ("embed_tokens", "norm"):
             getattr(model.model, name).to(device)
         model.lm_head.to(device)
         return stream
@@ -109,10 +144,18 @@ class LayerStream:
             yield block
         finally:
             self.model.model.layers[index] = block.to("meta")
+            trim_heap()
 
     def embed(self, windows: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.model.model.embed_tokens(windows.to(self.device))
+        """The windows' input embeddings; where the embeddings were left unread (``head`` False), only the rows of
+        the tokens the windows use are read, so the vocabulary's matrix is never in memory."""
+        embed_tokens = self.model.model.embed_tokens
+        if not embed_tokens.weight.is_meta:
+            with torch.no_grad():
+                return embed_tokens(windows.to(self.device))
+        tokens, where = windows.unique(return_inverse=True)
+        rows = read_rows(self.files, EMBEDDINGS, tokens.tolist()).to(embed_tokens.weight.dtype)
+        return rows.to(self.device)[where.to(self.device)]
 
     def context(self, hidden: torch.Tensor) -> dict:
         """Positions and causal mask of a batch of full windows (no padding, no cache)."""
@@ -142,13 +185,10 @@ class LayerStream:
         return list(hidden.split(self.batch_size))
 
     def run_layer(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        """``hidden`` after the whole layer, batch by batch."""
-        out = []
+        """``hidden`` after the whole layer, batch by batch through the block's own forward, so that its hooks see
+        its input and output as in a whole-model pass (scoring's block influence)."""
         with torch.no_grad():
-            for h in self.batches(hidden):
-                h = h + self.attention(block, h)
-                out.append(h + self.mlp(block, h))
-        return torch.cat(out)
+            return torch.cat([block(h, **self.context(h)) for h in self.batches(hidden)])
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -24,7 +24,7 @@ from llamaprune.arch import ATTN, MLP
 from llamaprune.artifacts import SCHEMA_VERSION
 from llamaprune.calibrate import RECORDED_STATISTICS, Accumulators, ParamSpec, calibrate, param_specs
 from llamaprune.choices import parse_choice
-from llamaprune.criteria import CRITERIA, REGISTRY, TABLE, input_stats, needs_gradients, parse_criteria
+from llamaprune.criteria import CRITERIA, FORWARD_ONLY, REGISTRY, TABLE, input_stats, needs_gradients, parse_criteria
 from llamaprune.distributed import Ranks
 from llamaprune.errors import UsageError
 from llamaprune.groups import ModelShape, group_id, iter_groups, model_shape
@@ -79,15 +79,28 @@ class ScoreOptions:
     fisher_windows: int = 8  # windows per gradient group (llamaprune.calibrate): the Fisher term's grouping
     accumulate: Accumulate = Accumulate.fp32  # dtype of the w*G sums of the gradient criteria
     fsdp: bool = False  # under torchrun: parameters, gradients and w*G sums sharded (llamaprune.sharded_scoring)
+    stream: bool = False  # read one decoder layer at a time (llamaprune.scoring_stream): forward-only criteria
 
     def __post_init__(self) -> None:
         parse_criteria(",".join(self.criteria))
         object.__setattr__(self, "accumulate", parse_choice(Accumulate, self.accumulate, "--accumulate"))
+        if self.stream:
+            check_streamable(self.criteria)
         for name in ("num_samples", "seq_len", "batch_size", "fisher_windows"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.seq_len < 2:
             raise UsageError(f"--seq-len must be at least 2, got {self.seq_len}")
+
+
+def check_streamable(criteria) -> None:
+    """Gradients need the whole model at once: a layer-streamed pass scores only the forward-only criteria."""
+    if needs_gradients(criteria):
+        backward = ",".join(c for c in criteria if REGISTRY[c].gradients)
+        raise UsageError(
+            f"--stream runs forward passes only, and {backward} needs gradients; score the forward-only criteria "
+            f"with --criteria {','.join(FORWARD_ONLY)}, or drop --stream"
+        )
 
 
 def score(
@@ -112,7 +125,7 @@ def score(
     criteria = parse_criteria(",".join(criteria))
     shape = model_shape(model.config)
     specs = param_specs(model, shape)
-    statistics = tuple(dict.fromkeys(RECORDED_STATISTICS + input_stats(criteria)))
+    statistics = statistics_of(criteria)
     device = next(model.parameters()).device
     sharded = ShardedGradients(specs, ranks) if is_sharded(model) else None
     peak = PeakMemory(device, "scoring")
@@ -126,16 +139,23 @@ def score(
     peak_bytes, peak_scope = peak.read()
     scores = _group_scores(map(gathered, specs) if sharded else specs, shape, acc, criteria, seed)
     meta = table_meta(model.config, shape, criteria, calibration, weights_fingerprint)
+    return score_result(shape, specs, scores, acc, meta, seconds, peak_bytes, peak_scope, accumulator_bytes)
+
+
+def score_result(shape: ModelShape, specs: list[ParamSpec], scores, acc: Accumulators, meta: dict, seconds: float,
+                 peak_bytes: int, peak_scope: str, accumulator_bytes: int | None = None) -> ScoreResult:
+    """The tables, with ``meta``, and stats of a finished pass, whole-model or layer-streamed;
+    ``accumulator_bytes``: what the accumulators held before any reduction (default: what they hold now)."""
     return ScoreResult(
-        groups=with_meta(_groups_table(shape, scores, criteria), meta),
-        layers=with_meta(_layers_table(shape, scores, acc, criteria), meta),
+        groups=with_meta(_groups_table(shape, scores, meta["criteria"]), meta),
+        layers=with_meta(_layers_table(shape, scores, acc, meta["criteria"]), meta),
         stats=_stats(specs, scores, acc),
         meta=meta,
         seconds=seconds,
         peak_memory_bytes=peak_bytes,
         peak_memory_scope=peak_scope,
         tokens=acc.tokens,
-        accumulator_bytes=accumulator_bytes,
+        accumulator_bytes=_nbytes(acc) if accumulator_bytes is None else accumulator_bytes,
     )
 
 
@@ -143,6 +163,11 @@ def _nbytes(acc: Accumulators) -> int:
     tensors = [*acc.inputs.values(), *acc.cosines.values()]
     tensors += [t for state in acc.gradients.values() for t in (state.wg, state.fisher)]
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def statistics_of(criteria) -> tuple[str, ...]:
+    """The input statistics a pass folds: those always recorded, and those ``criteria`` read."""
+    return tuple(dict.fromkeys(RECORDED_STATISTICS + input_stats(criteria)))
 
 
 def table_meta(config, shape: ModelShape, criteria, calibration: dict | None, weights: str | None = None) -> dict:
@@ -164,6 +189,15 @@ def _group_scores(specs: Iterable[ParamSpec], shape: ModelShape, acc: Accumulato
                   seed: int) -> dict[tuple[int, str, str], torch.Tensor]:
     """(layer, kind, criterion) -> float64 per-group scores, each from its registered formula; ``specs`` is
     walked once (a sharded model's are gathered one at a time)."""
+    scores = {**param_group_scores(specs, acc, criteria), **table_scores(shape, criteria, seed)}
+    check_finite(scores)
+    return scores
+
+
+def param_group_scores(specs: Iterable[ParamSpec], acc: Accumulators,
+                       criteria) -> dict[tuple[int, str, str], torch.Tensor]:
+    """The per-parameter criteria's scores of ``specs`` (all the model's, or one layer's while only its weights are
+    loaded): (layer, kind, criterion) -> float64 per-group scores, a group's weights and biases added up."""
     scores: dict[tuple[int, str, str], torch.Tensor] = {}
     per_param = [(c, REGISTRY[c].load()) for c in criteria if REGISTRY[c].scope != TABLE]
     for spec in specs:
@@ -171,6 +205,12 @@ def _group_scores(specs: Iterable[ParamSpec], shape: ModelShape, acc: Accumulato
             key = (spec.layer, spec.kind, criterion)
             value = formula(spec, acc).cpu()
             scores[key] = value if key not in scores else scores[key] + value
+    return scores
+
+
+def table_scores(shape: ModelShape, criteria, seed: int) -> dict[tuple[int, str, str], torch.Tensor]:
+    """The table-scope criteria's scores (random): one draw over every group of the model, in table order."""
+    scores: dict[tuple[int, str, str], torch.Tensor] = {}
     for criterion in (c for c in criteria if REGISTRY[c].scope == TABLE):
         draws = torch.from_numpy(REGISTRY[criterion].load()(sum(1 for _ in iter_groups(shape)), seed))
         offset = 0
@@ -179,13 +219,17 @@ def _group_scores(specs: Iterable[ParamSpec], shape: ModelShape, acc: Accumulato
                 count = layer_shape.groups(kind)
                 scores[(layer, kind, criterion)] = draws[offset : offset + count]
                 offset += count
+    return scores
+
+
+def check_finite(scores: dict[tuple[int, str, str], torch.Tensor]) -> None:
+    """A NaN or infinite score is bad input (a dtype too narrow for the model), named by layer and kind."""
     for (layer, kind, criterion), value in scores.items():
         if not torch.isfinite(value).all():
             raise UsageError(
                 f"non-finite {criterion} importance in layer {layer} ({kind}); score in float32 "
                 f"(--dtype float32) or with a smaller --batch-size"
             )
-    return scores
 
 
 def _groups_table(shape: ModelShape, scores, criteria) -> pa.Table:

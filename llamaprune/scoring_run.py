@@ -39,15 +39,18 @@ def score_entry(result: ScoreResult) -> dict:
 
 
 def score_into(out: Path | None, options: ScoreOptions, loaded, rows: list[str], load_seconds: float,
-               progress: bool = True, weights: str | None = None,
+               progress: bool = True, weights: str | None = None, config=None,
                ranks: Ranks | None = None) -> tuple[ScoreResult, dict]:
     """Score an already loaded model on calibration windows drawn from ``rows`` and write the tables into
     ``out`` (None: a process of a distributed run other than the first, which writes nothing); returns the
     result and the run's new manifest, for the command to record. ``weights``: the checkpoint's fingerprint,
-    recorded in both."""
+    recorded in both. With ``options.stream``, ``loaded`` has no model: the layers of its source (``config``'s)
+    are read one at a time (``llamaprune.scoring_stream``)."""
     from llamaprune.calibrate import gradient_groups
     from llamaprune.data import calibration_windows
     from llamaprune.distributed import share
+    from llamaprune.model import torch_dtype
+    from llamaprune.scoring_stream import score_streamed
     from llamaprune.sharded_scoring import is_sharded, sharded_groups
 
     windows = calibration_windows(loaded.tokenizer, rows, options.num_samples, options.seq_len, options.seed)
@@ -61,12 +64,17 @@ def score_into(out: Path | None, options: ScoreOptions, loaded, rows: list[str],
     }
     log.info("scoring %s with %s on %d x %d tokens", options.model, ",".join(options.criteria),
              options.num_samples, options.seq_len)
-    if is_sharded(loaded.model):
-        groups = sharded_groups(windows, options.fisher_windows, ranks)
+    if options.stream:
+        result = score_streamed(Path(loaded.source.path), config, windows, options.criteria, options.seed,
+                                calibration, torch_dtype(options.dtype), resolve_device(options.device),
+                                options.batch_size, progress, weights)
     else:
-        groups = share(gradient_groups(windows, options.fisher_windows, options.batch_size), ranks)
-    result = score(loaded.model, groups, options.criteria, options.seed, calibration,
-                   progress and (ranks is None or ranks.main), weights, options.accumulate, ranks)
+        if is_sharded(loaded.model):
+            groups = sharded_groups(windows, options.fisher_windows, ranks)
+        else:
+            groups = share(gradient_groups(windows, options.fisher_windows, options.batch_size), ranks)
+        result = score(loaded.model, groups, options.criteria, options.seed, calibration,
+                       progress and (ranks is None or ranks.main), weights, options.accumulate, ranks)
     if out is None:
         return result, {}
     write_tables(out, result)
@@ -93,15 +101,22 @@ def score_into(out: Path | None, options: ScoreOptions, loaded, rows: list[str],
 
 
 def score_run(options: ScoreOptions, out: Path, overwrite: bool = False) -> ScoreResult:
-    """The ``llamaprune score`` command: load, sample calibration windows, score, write ``out`` atomically.
-    Under torchrun every process checks its input and scores its share; the first one writes ``out``."""
+    """The ``llamaprune score`` command: load (with ``options.stream``, the config and tokenizer only), sample
+    calibration windows, score, write ``out`` atomically. Under torchrun every process checks its input and
+    scores its share; the first one writes ``out``."""
     from llamaprune.data import load_rows, local_file
     from llamaprune.distributed import agree, process_group, ranks_from_env
+    from llamaprune.model import resolve_source
+    from llamaprune.scoring_stream import check_source
 
     ranks = ranks_from_env()
     if options.fsdp and ranks is None:
         raise UsageError("--fsdp shards the model across the processes of a torchrun job; launch it with "
                          "`torchrun --nproc-per-node N -m llamaprune score ...`, or drop --fsdp")
+    if options.stream and ranks is not None:
+        raise UsageError("--stream scores in one process, one layer at a time; run it without torchrun")
+    if options.stream:  # before the pre-flight, which would try to reach a hub id
+        check_source(resolve_source(options.model))
     phase = Phase("score", Path(out), overwrite, options.model, options.device,
                   inputs=(local_file(options.dataset, "train", options.data_dir),),
                   seq_lens=(("--seq-len", options.seq_len),))
@@ -116,22 +131,25 @@ def score_run(options: ScoreOptions, out: Path, overwrite: bool = False) -> Scor
         agree(ranks, error)
         if not main:
             return score_into(None, options, _load(options, checked, ranks), checked.inputs, 0.0,
-                              weights=checked.weights, ranks=ranks)[0]
+                              weights=checked.weights, config=checked.config, ranks=ranks)[0]
         with run_phase(phase, checked=checked) as run:
             start = time.perf_counter()
             loaded = _load(options, checked, ranks)
             result, manifest = score_into(run.dir, options, loaded, run.inputs, time.perf_counter() - start,
-                                          weights=run.checked.weights, ranks=ranks)
+                                          weights=run.checked.weights, config=checked.config, ranks=ranks)
             run.summary.update(score_entry(result))
             run.record(manifest)
     return result
 
 
 def _load(options: ScoreOptions, checked: Checked, ranks: Ranks | None):
-    """The model on this process's device; under --fsdp, only this process's shard of each parameter."""
+    """The model on this process's device; under --fsdp, only this process's shard of each parameter; with
+    --stream, none (its layers are read in turn)."""
     from llamaprune.model import LoadedModel, load_model, load_tokenizer, torch_dtype
     from llamaprune.sharded_scoring import load_sharded
 
+    if options.stream:
+        return LoadedModel(None, load_tokenizer(checked.source), checked.source)
     if not options.fsdp:
         return load_model(options.model, options.dtype, options.device)
     source = checked.source

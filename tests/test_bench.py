@@ -36,3 +36,16 @@ def test_compensation_bench_runs_tiny(tmp_path):
 
     rows = json.loads(out.read_text())["rows"]
     assert [r["compensation"] for r in rows] == ["none", "lstsq", "bias"]
+
+
+def test_streamed_scoring_bench_runs_tiny(tmp_path):
+    out = tmp_path / "score_stream.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "score_stream.py"), "--tiny", "--json", str(out)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "streamed peak RSS / checkpoint size" in done.stdout
+    import json
+
+    figures = json.loads(out.read_text())
+    assert figures["peaks"]["stream"]["scoring_peak_scope"] in ("scoring", "process")
+    assert figures["stream_over_checkpoint"] > 0 and figures["full_over_checkpoint"] > 0
