@@ -40,7 +40,8 @@ class Size:
     intermediate_size: int
     vocab_size: int
     shard_size: str
-    repeats: int
+    repeats: int = 1
+    tie_word_embeddings: bool = False
 
 
 LARGE = Size(2048, 16, 32, 8, 8192, 32000, "1GB", repeats=5)  # 1.1e9 parameters, 2.2 GB in bfloat16
@@ -57,12 +58,14 @@ def llama_config(size: Size):
         num_key_value_heads=size.num_key_value_heads,
         intermediate_size=size.intermediate_size,
         vocab_size=size.vocab_size,
+        tie_word_embeddings=size.tie_word_embeddings,
         dtype="bfloat16",
     )
 
 
-def build_checkpoint(path: Path, size: Size) -> None:
-    """Random bfloat16 weights, generated and written one shard at a time (never the whole model)."""
+def build_checkpoint(path: Path, size: Size, device: str = "cpu") -> None:
+    """Random bfloat16 weights, generated and written one shard at a time (never the whole model); drawn on
+    ``device`` (an 8B checkpoint draws in seconds on a GPU, minutes on a few CPU cores)."""
     import torch
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
@@ -71,11 +74,16 @@ def build_checkpoint(path: Path, size: Size) -> None:
     config = llama_config(size)
     with torch.device("meta"):
         shapes = LlamaForCausalLM(config).to(torch.bfloat16).state_dict()
+    if size.tie_word_embeddings:
+        del shapes["lm_head.weight"]  # the embedding is the head: stored once
     split = split_torch_state_dict_into_shards(shapes, max_shard_size=size.shard_size)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(device).manual_seed(0)
     path.mkdir(parents=True)
     for name, keys in split.filename_to_tensors.items():
-        shard = {k: torch.randn(shapes[k].shape, generator=generator).mul_(0.02).to(torch.bfloat16) for k in keys}
+        shard = {
+            k: torch.randn(shapes[k].shape, generator=generator, device=device).mul_(0.02).to(torch.bfloat16).cpu()
+            for k in keys
+        }
         save_file(shard, path / name, metadata={"format": "pt"})
         del shard
     index = {

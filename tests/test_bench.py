@@ -24,7 +24,22 @@ def test_gpu_script_runs_on_cpu(tmp_path):
     done = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--device", "cpu", "--dtype", "float32", "--tiny"],
                           capture_output=True, text=True, cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "bench/quality" in done.stdout and "ratios (goal)" in done.stdout
+    assert "bench/quality" in done.stdout and "ratios (goal)" in done.stdout and "bench/scale" in done.stdout
+
+
+def test_scale_bench_runs_tiny(tmp_path):
+    """Every phase through the CLI on the tiny shape; needs `score --stream` and `score --accumulate`."""
+    out = tmp_path / "scale.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "scale.py"), "--shape", "tiny", "--device", "cpu",
+                           "--dir", str(tmp_path), "--json", str(out)], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    import json
+
+    rows = {r["phase"]: r for r in json.loads(out.read_text())}
+    assert list(rows) == ["build", "score --stream (forward-only)", "score taylor2", "plan --ratio 0.2",
+                          "apply --compensate lstsq", "eval"]
+    assert all(rows[p]["recorded_peak_bytes"] > 0 for p in ("score --stream (forward-only)", "score taylor2"))
+    assert rows["apply --compensate lstsq"]["compensation_seconds"] > 0
 
 
 def test_compensation_bench_runs_tiny(tmp_path):
