@@ -34,6 +34,8 @@ from llamaprune.runs import Phase, preflight
 from llamaprune.temporaries import temporary_dir
 
 log = logging.getLogger(__name__)
+# GGUFWriter logs its internals (endianness, temporary file names) at INFO, which the CLI would print.
+logging.getLogger("gguf").setLevel(logging.WARNING)
 
 
 class ExportFormat(str, Enum):
@@ -124,7 +126,7 @@ def export(options: ExportOptions) -> dict:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
         add_metadata(writer, config, arch, written_shapes(shapes, arch), FILE_TYPES[outtype])
         add_provenance(writer, checkpoint, source)
-        vocab = add_vocab(writer, checkpoint, source_gguf(checkpoint, source), config.vocab_size)
+        log.info("tokenizer from %s", add_vocab(writer, checkpoint, source_gguf(checkpoint, source), config.vocab_size))
         for t in tensors:
             writer.add_tensor_info(t.name, t.stored_shape, _numpy_type(t.qtype), t.nbytes,
                                    None if t.qtype in (QType.F32, QType.F16) else t.qtype)
@@ -134,7 +136,6 @@ def export(options: ExportOptions) -> dict:
         for t in tensors:
             writer.write_tensor_data(tensor_data(t, files))
         writer.close()
-    log.info("tokenizer from %s", vocab)
     return {"architecture": gguf.MODEL_ARCH_NAMES[arch], "tensors": len(tensors), "bytes": out.stat().st_size,
             "outtype": outtype.value, "out": str(out)}
 
@@ -273,7 +274,6 @@ def add_metadata(writer: gguf.GGUFWriter, config, arch: gguf.MODEL_ARCH, shapes:
         return values if per_layer else values[0]
 
     head_dim = _head_dim(config)
-    writer.add_architecture()
     writer.add_block_count(len(shapes))
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
