@@ -404,11 +404,14 @@ def apply_command(
 @one_line_errors
 def export_command(
     checkpoint: Annotated[
-        Path, typer.Argument(metavar="PRUNED_DIR", help="Checkpoint written by `llamaprune apply` (or a plain llama one).")
+        Path,
+        typer.Argument(metavar="PRUNED_DIR", help="Checkpoint written by `llamaprune apply` (or a plain llama one)."),
     ],
     out: Annotated[Path, typer.Option(help="The file to write, e.g. pruned.gguf.")],
     output: Annotated[str, typer.Option("--format", help="gguf (llama.cpp).")] = "gguf",
-    outtype: Annotated[str, typer.Option(help="Weight type: f32, f16, bf16 or q8_0 (norms and biases stay f32).")] = "f32",
+    outtype: Annotated[
+        str, typer.Option(help="Weight type: f32, f16, bf16 or q8_0 (norms and biases stay f32).")
+    ] = "f32",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT file.")] = False,
 ) -> None:
     """Write a checkpoint as one GGUF file that llama.cpp runs with nothing else: llama architecture when every

@@ -155,7 +155,9 @@ def architecture(config) -> gguf.MODEL_ARCH:
     """``llama`` for a plain llama config; ``deci`` for our heterogeneous or output-biased type."""
     base = getattr(config, "base_model_type", config.model_type)
     if base != "llama" or getattr(config, "sliding_window", None) is not None:
-        raise UsageError(f"export supports llama checkpoints, not {base}; export a checkpoint pruned from a llama model")
+        raise UsageError(
+            f"export supports llama checkpoints, not {base}; export a checkpoint pruned from a llama model"
+        )
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") not in ("default", "linear"):
         raise UsageError(f"rope type {rope['rope_type']!r} is not exported yet; export supports default and linear")

@@ -3,6 +3,8 @@ transformers; the file's metadata says what llama.cpp needs; bad input is one li
 
 from __future__ import annotations
 
+import itertools
+
 import gguf
 import numpy as np
 import pytest
@@ -152,7 +154,7 @@ def test_llama_cpp_runs_the_export_like_transformers(tmp_path, tokenizer, shape)
     assert relative_error(got, transformers_logits(pruned, TOKENS)) < REL_TOL
     llm.reset()
     model = load_pruned(pruned)
-    greedy = [t for t, _ in zip(llm.generate(TOKENS[:4], temp=0.0, top_k=1), range(8))]
+    greedy = list(itertools.islice(llm.generate(TOKENS[:4], temp=0.0, top_k=1), 8))
     expected = model.generate(torch.tensor([TOKENS[:4]]), max_new_tokens=8, do_sample=False)[0, 4:].tolist()
     assert greedy == expected
 
@@ -197,3 +199,14 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tokenizer, gpt2_chec
     assert result.exit_code == 0, result.output
     assert fields(out)["general.file_type"] == gguf.LlamaFileType.MOSTLY_F16
     assert sorted(p.name for p in out.parent.iterdir()) == ["m.gguf"]
+
+
+def test_the_pre_tokenizer_is_named_as_llama_cpp_s_converter_names_it():
+    """The hash of CHECK_TEXT's tokens names SmolLM2's pre-tokenizer as its own GGUF file does."""
+    from transformers import AutoTokenizer
+
+    from llamaprune.gguf_vocab import pre_tokenizer
+    from llamaprune.model import embedded_checkpoint, embedded_gguf
+
+    assert pre_tokenizer(AutoTokenizer.from_pretrained(embedded_checkpoint())) == "smollm"
+    assert fields(embedded_gguf())["tokenizer.ggml.pre"] == "smollm"
