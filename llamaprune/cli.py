@@ -405,5 +405,28 @@ def apply_command(
         report_finetune(run_finetune(recovery), recovery.options, evaluation, out)
 
 
+@app.command("export")
+@one_line_errors
+def export_command(
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(metavar="PRUNED_DIR", help="Checkpoint written by `llamaprune apply` (or a plain llama one)."),
+    ],
+    out: Annotated[Path, typer.Option(help="The file to write, e.g. pruned.gguf.")],
+    output: Annotated[str, typer.Option("--format", help="gguf (llama.cpp).")] = "gguf",
+    outtype: Annotated[
+        str, typer.Option(help="Weight type: f32, f16, bf16 or q8_0 (norms and biases stay f32).")
+    ] = "f32",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT file.")] = False,
+) -> None:
+    """Write a checkpoint as one GGUF file that llama.cpp runs with nothing else: llama architecture when every
+    layer has one shape, deci (per-layer widths, output biases) otherwise."""
+    from llamaprune.gguf_export import ExportOptions, export
+
+    summary = export(ExportOptions(checkpoint, out, output, outtype, overwrite))
+    typer.echo(f"{summary['architecture']} {summary['outtype']}: {summary['tensors']} tensors, "
+               f"{summary['bytes'] / 2**20:.1f} MiB -> {out}")
+
+
 app.command("finetune")(one_line_errors(finetune_command))
 app.command("prune")(one_line_errors(prune_command))

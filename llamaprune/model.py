@@ -21,6 +21,8 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
@@ -240,12 +242,37 @@ def embedded_checkpoint() -> Path:
     target = cache_dir() / EMBEDDED
     if _is_checkpoint(target):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{EMBEDDED}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _cache_lock():
         if not _is_checkpoint(target):
             _build_embedded(target)
     return target
+
+
+def embedded_gguf() -> Path:
+    """The embedded default's GGUF file, kept in the cache beside its checkpoint: ``export`` copies its tokenizer
+    metadata as llama.cpp wrote it (fetched on first use, under the same lock as the checkpoint)."""
+    target = cache_dir() / EMBEDDED_GGUF
+    if target.is_file():
+        return target
+    with _cache_lock():
+        return _cached_gguf()
+
+
+def _cached_gguf() -> Path:
+    """The cached GGUF file, fetched if missing; the caller holds the cache lock."""
+    target = cache_dir() / EMBEDDED_GGUF
+    if not target.is_file():
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{EMBEDDED}-") as tmp:
+            os.replace(_fetch_embedded_gguf(Path(tmp)), target)
+    return target
+
+
+@contextmanager
+def _cache_lock() -> Iterator[None]:
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with open(cache_dir() / f".{EMBEDDED}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _is_checkpoint(path: Path) -> bool:
@@ -253,8 +280,8 @@ def _is_checkpoint(path: Path) -> bool:
 
 
 def _build_embedded(target: Path) -> None:
+    gguf_path = _cached_gguf()
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{EMBEDDED}-") as tmp:
-        gguf_path = _fetch_embedded_gguf(Path(tmp))
         log.info("dequantizing %s into %s (once)", gguf_path.name, target)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -1,0 +1,212 @@
+"""GGUF export: pruned checkpoints of every shape run in llama.cpp with the logits and greedy tokens of
+transformers; the file's metadata says what llama.cpp needs; bad input is one line and writes nothing."""
+
+from __future__ import annotations
+
+import itertools
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from conftest import VALID_TXT, assert_one_error_line, tiny_config, tiny_model
+from typer.testing import CliRunner
+
+from llamaprune.apply import ApplyOptions, apply
+from llamaprune.artifacts import atomic_write_json
+from llamaprune.checkpoint import load_pruned
+from llamaprune.compensate import CompensationOptions
+from llamaprune.gguf_export import ExportOptions, export
+from llamaprune.pruning_plan import plan_from_kept, write_plan
+
+TOKENS = [5, 71, 200, 13, 44, 301, 9, 120, 66, 250, 17, 88]
+REL_TOL = 1e-3  # max |llama.cpp - transformers| over all logits, divided by max |transformers logit|
+SHAPES = {
+    # name: (layers, kept (KV heads, MLP channels) per layer, removed layers, compensation)
+    "uniform": (2, [([0], list(range(12))), ([1], list(range(4, 16)))], (), None),
+    "heterogeneous": (3, [([0, 1], list(range(24))), ([1], [3, 7, 9]), ([0], list(range(0, 24, 2)))], (), None),
+    "skips": (4, [([], list(range(10))), ([0], []), ([1], [1, 2]), ([0, 1], [5, 6, 7])], (2,), None),
+    "compensated": (2, [([1], [0, 4, 5, 20]), ([], [3, 7])], (), "lstsq"),
+}
+
+
+def pruned_checkpoint(tmp_path, tokenizer, shape: str):
+    layers, kept, removed, compensation = SHAPES[shape]
+    config = tiny_config(heads=4, kv_heads=2, vocab=len(tokenizer), layers=layers)
+    source = tmp_path / "source"
+    tiny_model(config).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    run = tmp_path / "run"
+    atomic_write_json(run / "manifest.json", {"schema_version": 1, "history": []})
+    plan_path = run / "plans" / f"{shape}.json"
+    write_plan(plan_from_kept(config, kept, removed, name=shape), plan_path)
+    options = CompensationOptions(compensation or "none", str(VALID_TXT) if compensation else None, 8, 16)
+    apply(ApplyOptions(plan_path, str(source), tmp_path / "pruned", compensation=options))
+    return tmp_path / "pruned"
+
+
+def fields(path) -> dict:
+    reader = gguf.GGUFReader(path)
+    return {name: field.contents() for name, field in reader.fields.items()}
+
+
+@pytest.mark.parametrize(
+    "shape, arch", [("uniform", "llama"), ("heterogeneous", "deci"), ("skips", "deci"), ("compensated", "deci")]
+)
+def test_metadata_says_what_llama_cpp_needs(tmp_path, tokenizer, shape, arch):
+    pruned = pruned_checkpoint(tmp_path, tokenizer, shape)
+    summary = export(ExportOptions(pruned, tmp_path / "m.gguf"))
+    meta = fields(tmp_path / "m.gguf")
+    assert summary["architecture"] == meta["general.architecture"] == arch
+    assert meta[f"{arch}.attention.key_length"] == meta[f"{arch}.rope.dimension_count"] == 8
+    assert meta["llamaprune.plan"] == shape and meta["tokenizer.ggml.model"] == "gpt2"
+    assert len(meta["tokenizer.ggml.tokens"]) == len(tokenizer)
+    assert meta["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
+    if shape == "skips":  # layer 0: a zero KV group stands in; layer 1: one zero MLP channel; layer 2 removed
+        assert meta["deci.attention.head_count"] == [1, 2, 4]
+        assert meta["deci.attention.head_count_kv"] == [1, 1, 2]
+        assert meta["deci.feed_forward_length"] == [10, 1, 3]
+    if shape == "compensated":
+        names = {t.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+        assert {"blk.0.attn_output.bias", "blk.0.ffn_down.bias", "blk.1.ffn_down.bias"} <= names
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".m.gguf")]
+
+
+def graph_logits(path, tokens: list[int]) -> np.ndarray:
+    """llama.cpp's llama / deci graph (src/models/deci.cpp) read back from an f32 file in numpy: NORM rope on
+    adjacent pairs, per-layer widths, ``n_head == 0`` taking the layer input unnormed, ``n_ff == 0`` skipping the
+    rest of the layer. It checks the file's conventions (of any type) where llama.cpp itself is not installed."""
+    reader = gguf.GGUFReader(path)
+    meta = {name: field.contents() for name, field in reader.fields.items()}
+    weights = {t.name: gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64) for t in reader.tensors}
+    arch = meta["general.architecture"]
+    n_layers, d = meta[f"{arch}.block_count"], meta[f"{arch}.attention.key_length"]
+    eps, base = meta[f"{arch}.attention.layer_norm_rms_epsilon"], meta[f"{arch}.rope.freq_base"]
+
+    def per_layer(key: str, layer: int) -> int:
+        value = meta[f"{arch}.{key}"]
+        return value[layer] if isinstance(value, list) else value
+
+    def norm(x, w):
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+
+    def rope(x):  # (tokens, heads, d): pairs (2i, 2i+1) turn by pos * base^(-2i/d)
+        angle = np.arange(len(x))[:, None] * base ** (-np.arange(0, d, 2) / d)[None]
+        cos, sin = np.cos(angle)[:, None], np.sin(angle)[:, None]
+        even, odd = x[..., 0::2], x[..., 1::2]
+        return np.stack([even * cos - odd * sin, even * sin + odd * cos], -1).reshape(x.shape)
+
+    def linear(x, name):
+        out = x @ weights[f"{name}.weight"].T
+        return out + weights[f"{name}.bias"] if f"{name}.bias" in weights else out
+
+    x, n = weights["token_embd.weight"][tokens], len(tokens)
+    for i in range(n_layers):
+        heads, kv_heads, n_ff = (per_layer(k, i) for k in ("attention.head_count", "attention.head_count_kv",
+                                                            "feed_forward_length"))
+        cur = x if heads == 0 else norm(x, weights[f"blk.{i}.attn_norm.weight"])
+        if heads:
+            q = rope(linear(cur, f"blk.{i}.attn_q").reshape(n, heads, d))
+            k = rope(linear(cur, f"blk.{i}.attn_k").reshape(n, kv_heads, d)).repeat(heads // kv_heads, 1)
+            v = linear(cur, f"blk.{i}.attn_v").reshape(n, kv_heads, d).repeat(heads // kv_heads, 1)
+            scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(d) + np.triu(np.full((n, n), -np.inf), 1)
+            probs = np.exp(scores - scores.max(-1, keepdims=True))
+            attn = np.einsum("hqk,khd->qhd", probs / probs.sum(-1, keepdims=True), v).reshape(n, heads * d)
+            cur = linear(attn, f"blk.{i}.attn_output")
+        if n_ff == 0:
+            continue
+        ffn_in = cur + x if heads else cur
+        h = norm(ffn_in, weights[f"blk.{i}.ffn_norm.weight"])
+        gate = linear(h, f"blk.{i}.ffn_gate")
+        x = linear(gate / (1 + np.exp(-gate)) * linear(h, f"blk.{i}.ffn_up"), f"blk.{i}.ffn_down") + ffn_in
+    head = weights.get("output.weight", weights["token_embd.weight"])
+    return norm(x, weights["output_norm.weight"]) @ head.T
+
+
+def transformers_logits(pruned, tokens: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return load_pruned(pruned)(input_ids=torch.tensor([tokens])).logits[0].double().numpy()
+
+
+def relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_the_file_computes_what_transformers_does_in_llama_cpp_s_graph(tmp_path, tokenizer, shape):
+    pruned = pruned_checkpoint(tmp_path, tokenizer, shape)
+    export(ExportOptions(pruned, tmp_path / "m.gguf"))
+    assert relative_error(graph_logits(tmp_path / "m.gguf", TOKENS), transformers_logits(pruned, TOKENS)) < 1e-5
+
+
+def llama_cpp_logits(path, tokens: list[int]) -> np.ndarray:
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: llama.cpp checks skipped")
+    llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=64, verbose=False, seed=0)
+    llm.eval(tokens)
+    return np.array(llm.scores[: len(tokens)]), llm
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_llama_cpp_runs_the_export_like_transformers(tmp_path, tokenizer, shape):
+    pruned = pruned_checkpoint(tmp_path, tokenizer, shape)
+    export(ExportOptions(pruned, tmp_path / "m.gguf"))
+    got, llm = llama_cpp_logits(tmp_path / "m.gguf", TOKENS)
+    assert relative_error(got, transformers_logits(pruned, TOKENS)) < REL_TOL
+    llm.reset()
+    model = load_pruned(pruned)
+    greedy = list(itertools.islice(llm.generate(TOKENS[:4], temp=0.0, top_k=1), 8))
+    expected = model.generate(torch.tensor([TOKENS[:4]]), max_new_tokens=8, do_sample=False)[0, 4:].tolist()
+    assert greedy == expected
+
+
+@pytest.mark.parametrize("outtype", ["f16", "bf16", "q8_0"])
+def test_smaller_types_stay_close(tmp_path, tokenizer, outtype):
+    pruned = pruned_checkpoint(tmp_path, tokenizer, "skips")
+    export(ExportOptions(pruned, tmp_path / "m.gguf", outtype=outtype))
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    assert types["blk.0.attn_norm.weight"] == "F32" and types["blk.2.ffn_up.weight"] == outtype.upper()
+    assert types["blk.1.ffn_down.weight"] == ("F16" if outtype == "q8_0" else outtype.upper())  # 1 column
+    want = transformers_logits(pruned, TOKENS)
+    assert relative_error(graph_logits(tmp_path / "m.gguf", TOKENS), want) < 0.02
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return
+    assert relative_error(llama_cpp_logits(tmp_path / "m.gguf", TOKENS)[0], want) < 0.02
+
+
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tokenizer, gpt2_checkpoint):
+    from llamaprune.cli import app
+
+    pruned = pruned_checkpoint(tmp_path, tokenizer, "uniform")
+    runner = CliRunner()
+    out = tmp_path / "out" / "m.gguf"
+
+    def invoke(*args):
+        return runner.invoke(app, ["export", *map(str, args)])
+
+    assert_one_error_line(invoke(pruned, "--format", "onnx", "--out", out), "--format 'onnx' is not one of: gguf")
+    assert_one_error_line(invoke(pruned, "--out", out, "--outtype", "q4_0"), "--outtype 'q4_0'")
+    assert_one_error_line(invoke(tmp_path / "nowhere", "--out", out), "model not found")
+    assert_one_error_line(invoke(gpt2_checkpoint, "--out", out), "unsupported architecture GPT2LMHeadModel")
+    assert_one_error_line(invoke(pruned, "--out", pruned / "m.gguf"), "lies inside the input")
+    assert not out.parent.exists()
+    out.parent.mkdir()
+    out.write_bytes(b"old")
+    assert_one_error_line(invoke(pruned, "--out", out), "already exists", "--overwrite")
+    assert out.read_bytes() == b"old"
+    result = invoke(pruned, "--out", out, "--overwrite", "--outtype", "f16")
+    assert result.exit_code == 0, result.output
+    assert fields(out)["general.file_type"] == gguf.LlamaFileType.MOSTLY_F16
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.gguf"]
+
+
+def test_the_pre_tokenizer_is_named_as_llama_cpp_s_converter_names_it():
+    """The hash of CHECK_TEXT's tokens names SmolLM2's pre-tokenizer as its own GGUF file does."""
+    from transformers import AutoTokenizer
+
+    from llamaprune.gguf_vocab import pre_tokenizer
+    from llamaprune.model import embedded_checkpoint, embedded_gguf
+
+    assert pre_tokenizer(AutoTokenizer.from_pretrained(embedded_checkpoint())) == "smollm"
+    assert fields(embedded_gguf())["tokenizer.ggml.pre"] == "smollm"
