@@ -175,3 +175,17 @@ def test_without_lm_eval_tasks_name_the_install_command(tmp_path):
     assert done.stderr.strip().splitlines() == [
         "error: --tasks needs lm-evaluation-harness, which is not installed; run pip install 'llamaprune[eval]'"
     ]
+
+
+def test_prune_tasks_measure_the_dense_and_the_pruned_model(tiny_checkpoint, local_task, text_file, tmp_path):
+    out = tmp_path / "run"
+    common = ["prune", "--base_model", tiny_checkpoint, "--dataset", text_file, "--eval_dataset", text_file,
+              "--num_samples", 4, "--seq_len", 16, "--eval_seq_len", 16, "--max_windows", 2, "--compensate", "none",
+              "--output_dir", out, "--tasks", TASK, "--tasks_dir", local_task, "--tasks_limit", 5]
+    assert_one_error_line(run(*common), "add --test_after_prune")
+    result = run(*common, "--test_after_prune")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "eval.json").read_text())
+    before, after = (report[key]["tasks"]["results"][TASK] for key in ("before", "after"))
+    assert before["samples"] == after["samples"] == 5
+    assert f"{TASK}: acc {before['acc']:.3f} -> {after['acc']:.3f}, acc_norm" in result.stdout
