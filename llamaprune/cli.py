@@ -3,6 +3,7 @@
 (``llamaprune.cli_prune``) live in modules of their own and are registered on the same app below.
 
     $ llamaprune eval smollm2-135m --dataset wikitext2 --seq-len 128 --max-windows 200 --out eval.json
+    $ llamaprune eval artifacts/run1/model --tasks piqa,arc_easy,hellaswag --tasks-limit 200 --out eval.json
 
 Bad input (``UsageError``) and failed file operations (OSError: a path unreadable, unwritable, or a full disk)
 print as one ``error:`` line and exit with code 2; any other exception is a bug: traceback, exit code 1. SIGTERM
@@ -22,7 +23,7 @@ from typing import Annotated
 import typer
 
 from llamaprune.cli_finetune import finetune_command, report_finetune
-from llamaprune.cli_options import DataDir, DeviceOpt, DTypeOpt
+from llamaprune.cli_options import DataDir, DeviceOpt, DTypeOpt, TasksDirOpt, TasksLimitOpt, TasksOpt
 from llamaprune.cli_prune import prune_command
 from llamaprune.criteria import CRITERIA, FORWARD_ONLY, help_text
 from llamaprune.errors import UsageError
@@ -114,20 +115,25 @@ def eval_command(
     device: DeviceOpt = Device.cpu,
     data_dir: DataDir = None,
     out: Annotated[Path | None, typer.Option(help="Write the result as JSON here.")] = None,
+    tasks: TasksOpt = None,
+    tasks_limit: TasksLimitOpt = None,
+    tasks_dir: TasksDirOpt = None,
 ) -> None:
-    """Perplexity of a model on the test split of a text source."""
+    """Perplexity of a model on the test split of a text source (and zero-shot accuracy on lm-eval's --tasks)."""
     from llamaprune.artifacts import atomic_write_json
     from llamaprune.evaluate import EvalOptions, evaluate_dataset
     from llamaprune.model import load_model, warn_long_context
     from llamaprune.runs import check_model, check_writable, local_model, refuse_overlap
+    from llamaprune.zero_shot import task_lines, task_options, zero_shot
 
-    options = EvalOptions(dataset, seq_len, max_windows, batch_size, data_dir)
+    zero_shot_tasks = task_options(tasks, tasks_limit, tasks_dir)
+    options = EvalOptions(dataset, seq_len, max_windows, batch_size, data_dir, zero_shot_tasks)
     checked = check_model(model, device, tokenizer=True)
     if out is not None:
         refuse_overlap(out, [local_model(checked.source), options.test_file])
         check_writable(out)
     warn_long_context(checked.config, seq_len, "--seq-len")
-    rows = options.test_rows()  # a bad dataset fails before the weights load
+    rows = options.test_rows()  # a bad dataset or task name fails before the weights load
     loaded = load_model(model, dtype, device)
     result = evaluate_dataset(loaded.model, loaded.tokenizer, options, rows=rows)
     report = {dataset: result.to_dict()}
@@ -135,6 +141,10 @@ def eval_command(
         f"{dataset}: perplexity {result.ppl:.3f} over {result.windows} windows of {seq_len} tokens "
         f"({result.tokens_per_s:.0f} tokens/s)"
     )
+    if zero_shot_tasks is not None:
+        report["tasks"] = zero_shot(loaded.model, loaded.tokenizer, zero_shot_tasks, batch_size)
+        for line in task_lines(report):
+            typer.echo(line)
     if out is not None:
         atomic_write_json(out, report)
     else:
@@ -337,6 +347,9 @@ def apply_command(
     max_windows: Annotated[int | None, typer.Option(help="Evaluate at most this many windows.")] = None,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
     data_dir: DataDir = None,
+    tasks: TasksOpt = None,
+    tasks_limit: TasksLimitOpt = None,
+    tasks_dir: TasksDirOpt = None,
     compensate: Annotated[
         str, typer.Option(help="Error compensation: none, bias (input means from the plan's run), or lstsq "
                                "(refit o_proj/down_proj layer by layer on --calibration text).")
@@ -364,10 +377,14 @@ def apply_command(
     from llamaprune.apply import ApplyOptions, apply
     from llamaprune.compensate import CompensationOptions
     from llamaprune.evaluate import EvalOptions
+    from llamaprune.zero_shot import task_lines, task_options
 
     evaluation = None
+    zero_shot_tasks = task_options(tasks, tasks_limit, tasks_dir)
     if eval_dataset:
-        evaluation = EvalOptions(eval_dataset, seq_len, max_windows, batch_size, data_dir)
+        evaluation = EvalOptions(eval_dataset, seq_len, max_windows, batch_size, data_dir, zero_shot_tasks)
+    elif zero_shot_tasks is not None:
+        raise UsageError("--tasks runs beside the perplexity of --eval; add --eval DATASET, e.g. --eval wikitext2")
     recovery = None
     if finetune:
         from llamaprune.finetune import FinetuneOptions
@@ -401,6 +418,9 @@ def apply_command(
             f"over {new['windows']} windows of {seq_len} tokens; forward {old['tokens_per_s']:.0f} -> "
             f"{new['tokens_per_s']:.0f} tokens/s (x{report['tokens_per_s_ratio']:.2f}) -> {plan_out / 'eval.json'}"
         )
+        if zero_shot_tasks is not None:
+            for line in task_lines(old, new):
+                typer.echo(line)
     if recovery is not None:
         report_finetune(run_finetune(recovery), recovery.options, evaluation, out)
 

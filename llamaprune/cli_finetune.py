@@ -75,7 +75,8 @@ def finetune_command(
 
 
 def report_finetune(summary: dict, options, evaluation, out: Path) -> None:
-    """What ``finetune`` (and ``apply --finetune``) print: training, then perplexity before and after."""
+    """What ``finetune`` (and ``apply --finetune``) print: training, then perplexity (and task accuracies) before
+    and after."""
     typer.echo(
         f"{options.method.value}: {summary['steps']} steps over {summary['train_examples']} examples "
         f"({summary['tokens_per_s']:.0f} tokens/s), best validation loss {summary['best_validation_loss']:.4f} "
@@ -88,3 +89,8 @@ def report_finetune(summary: dict, options, evaluation, out: Path) -> None:
             f"(x{report['ppl_ratio']:.3f}) over {report['after']['windows']} windows of {evaluation.seq_len} tokens "
             f"-> {out / 'eval.json'}"
         )
+        if evaluation.tasks is not None:
+            from llamaprune.zero_shot import task_lines
+
+            for line in task_lines(report["before"], report["after"]):
+                typer.echo(line)

@@ -17,3 +17,10 @@ DataDir = Annotated[
 ]
 DTypeOpt = Annotated[DType, typer.Option("--dtype", help="Weight dtype.")]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="cpu, cuda or auto.")]
+TasksOpt = Annotated[
+    str | None,
+    typer.Option("--tasks", help="Also zero-shot lm-eval tasks, comma-separated, e.g. piqa,arc_easy,hellaswag "
+                                 "(needs pip install 'llamaprune[eval]')."),
+]
+TasksLimitOpt = Annotated[int | None, typer.Option("--tasks-limit", help="At most N examples per task (quick runs).")]
+TasksDirOpt = Annotated[str | None, typer.Option("--tasks-dir", help="Directory of extra lm-eval task YAMLs.")]

@@ -70,6 +70,16 @@ def prune_command(
     max_windows: Annotated[
         int | None, typer.Option("--max_windows", help="Evaluate at most this many windows.")
     ] = None,
+    tasks: Annotated[
+        str | None, typer.Option("--tasks", help="With --test_after_prune: zero-shot lm-eval tasks too, e.g. "
+                                                 "piqa,arc_easy (needs pip install 'llamaprune[eval]').")
+    ] = None,
+    tasks_limit: Annotated[
+        int | None, typer.Option("--tasks_limit", "--tasks-limit", help="At most N examples per task.")
+    ] = None,
+    tasks_dir: Annotated[
+        str | None, typer.Option("--tasks_dir", "--tasks-dir", help="Directory of extra lm-eval task YAMLs.")
+    ] = None,
     save_model: Annotated[
         bool, typer.Option("--save_model", help="Save the pruned model in <run>/model.")
     ] = False,
@@ -116,7 +126,8 @@ def prune_command(
         remove_empty_layers=remove_empty_layers, normalize=normalize, compensate=compensate,
         compensation_samples=compensation_samples, dataset=dataset, num_samples=num_samples, seq_len=seq_len,
         gradient_batch_size=gradient_batch_size, test_after_prune=test_after_prune, eval_dataset=eval_dataset,
-        eval_seq_len=eval_seq_len, max_windows=max_windows, save_model=save_model or output_model,
+        eval_seq_len=eval_seq_len, max_windows=max_windows, tasks=tasks, tasks_limit=tasks_limit,
+        tasks_dir=tasks_dir, save_model=save_model or output_model,
         finetune=finetune, finetune_method=finetune_method, finetune_dataset=finetune_dataset,
         finetune_samples=finetune_samples, finetune_seq_len=finetune_seq_len, finetune_lr=finetune_lr,
         lora_r=lora_r, lora_alpha=lora_alpha, output_dir=output_dir, data_dir=data_dir, device=device,

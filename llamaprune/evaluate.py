@@ -1,4 +1,5 @@
-"""Perplexity: exp of the mean next-token NLL over non-overlapping windows of a text.
+"""Perplexity: exp of the mean next-token NLL over non-overlapping windows of a text; with ``tasks``, zero-shot
+accuracies through lm-eval (``llamaprune.zero_shot``) beside it.
 
     >>> windows = evaluation_windows(tokenizer, load_rows("wikitext2"), seq_len=128)   # doctest: +SKIP
     >>> perplexity(model, windows, batch_size=8).ppl                                   # doctest: +SKIP
@@ -14,6 +15,7 @@ from pathlib import Path
 from llamaprune.artifacts import plain_value
 from llamaprune.data import evaluation_windows, load_rows, local_file
 from llamaprune.errors import UsageError
+from llamaprune.zero_shot import TaskOptions, zero_shot
 
 EVAL_FILE = "eval.json"  # where apply, finetune and prune write perplexity before/after
 
@@ -78,13 +80,15 @@ def perplexity(model, windows, batch_size: int = 8, progress: bool = True) -> Pe
 
 @dataclass(frozen=True)
 class EvalOptions:
-    """What ``llamaprune eval`` (and ``apply --eval``) measure: test split of ``dataset``, windows of seq_len."""
+    """What ``llamaprune eval`` (and ``apply --eval``) measure: test split of ``dataset``, windows of seq_len;
+    ``tasks``: lm-eval's tasks too."""
 
     dataset: str = "wikitext2"
     seq_len: int = 128
     max_windows: int | None = None
     batch_size: int = 8
     data_dir: str | None = None
+    tasks: TaskOptions | None = None
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
@@ -100,17 +104,23 @@ class EvalOptions:
         return local_file(self.dataset, split="test", data_dir=self.data_dir)
 
     def test_rows(self) -> list[str]:
-        """The rows evaluated; read them before loading a model so that a bad dataset fails fast."""
+        """The rows evaluated (and the task names checked): read them before loading a model so that bad input
+        fails fast."""
+        if self.tasks is not None:
+            self.tasks.check()
         return load_rows(self.dataset, split="test", data_dir=self.data_dir)
 
 
 def measure(model, tokenizer, options: EvalOptions, rows: list[str], progress: bool = True) -> dict:
-    """Perplexity, forward speed and size of ``model``; one warm-up batch first so one-off costs do not
-    skew tokens/s."""
+    """Perplexity, forward speed and size of ``model`` (and its zero-shot accuracies when tasks are asked for);
+    one warm-up batch first so one-off costs do not skew tokens/s."""
     windows = evaluation_windows(tokenizer, rows, options.seq_len, options.max_windows)
     perplexity(model, windows[: options.batch_size], options.batch_size, progress=False)
     result = perplexity(model, windows, options.batch_size, progress=progress)
-    return {**result.to_dict(), "num_parameters": model.num_parameters()}
+    measured = {**result.to_dict(), "num_parameters": model.num_parameters()}
+    if options.tasks is not None:
+        measured["tasks"] = zero_shot(model, tokenizer, options.tasks, options.batch_size)
+    return measured
 
 
 def compare(options: EvalOptions, before: dict, after: dict) -> dict:

@@ -31,6 +31,7 @@ from llamaprune.model import Device, DType
 from llamaprune.plan import LayerStrategy, Normalize, PlanOptions, Strategy
 from llamaprune.runs import Phase, PhaseRun, run_phase
 from llamaprune.scoring import ScoreOptions
+from llamaprune.zero_shot import task_lines, task_options
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,9 @@ class PruneOptions:
     eval_dataset: str = "wikitext2"
     eval_seq_len: int = 128
     max_windows: int | None = None
+    tasks: str | None = None  # comma-separated lm-eval tasks, measured beside perplexity
+    tasks_limit: int | None = None
+    tasks_dir: str | None = None
     save_model: bool = False
     finetune: bool = False
     finetune_method: Method = Method.lora
@@ -117,6 +121,8 @@ class PruneOptions:
             raise UsageError(
                 f"--save_ckpt_log_name {name!r} must be a plain directory name, e.g. llama_prune_20"
             )
+        if self.tasks is not None and not self.test_after_prune:
+            raise UsageError("--tasks is measured with perplexity after pruning; add --test_after_prune")
         # Every phase checks its own options: bad input fails here, before any data or weights load.
         self.score_options(), self.plan_options(), self.eval_options(), self.finetune_options()
         self.compensation_options()
@@ -177,7 +183,8 @@ class PruneOptions:
                                    seed=self.seed, data_dir=self.data_dir)
 
     def eval_options(self) -> EvalOptions:
-        return EvalOptions(self.eval_dataset, self.eval_seq_len, self.max_windows, data_dir=self.data_dir)
+        return EvalOptions(self.eval_dataset, self.eval_seq_len, self.max_windows, data_dir=self.data_dir,
+                           tasks=task_options(self.tasks, self.tasks_limit, self.tasks_dir))
 
     def finetune_options(self) -> FinetuneOptions:
         return FinetuneOptions(
@@ -371,6 +378,8 @@ def summary_lines(summary: dict) -> list[str]:
         lines.append(
             f"{ppl} ({options['dataset']}, {report['after']['windows']} windows of {options['seq_len']})"
         )
+        if options.get("tasks"):  # dense -> pruned (-> finetuned)
+            lines += task_lines(report["before"], report["after"], *filter(None, [report.get("finetuned")]))
     if "model_dir" in summary:
         lines.append(f"model: {summary['model_dir']}")
     lines.append(f"done in {summary['seconds']:.1f} s")
