@@ -69,17 +69,39 @@ def read_rows(files: dict[str, Path], key: str, rows: list[int]) -> torch.Tensor
     return torch.frombuffer(out, dtype=dtype).view(len(rows), width)
 
 
-def trim_heap() -> None:
-    """Hand the heap's free pages back to the OS (glibc's ``malloc_trim``; nothing elsewhere). A layer's
-    temporaries are freed into heap blocks that glibc keeps (its mmap threshold rises after large frees), so
-    without it the resident set grows by tens of MB a layer instead of staying at about one layer."""
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def _libc():
+    """glibc, or None (another C library, another OS)."""
     import ctypes
     import ctypes.util
 
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
+
+
+def trim_heap() -> None:
+    """Hand the heap's free pages back to the OS (glibc's ``malloc_trim``; nothing elsewhere). A layer's
+    temporaries are freed into heap blocks that glibc keeps (its mmap threshold rises after large frees), so
+    without it the resident set grows by tens of MB a layer instead of staying at about one layer."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def unmap_large_frees(threshold: int = 1 << 20) -> None:
+    """From now on, give each allocation of ``threshold`` bytes or more its own mapping, returned to the OS as soon
+    as it is freed (glibc's ``mallopt(M_MMAP_THRESHOLD)``, process-wide; nothing elsewhere). glibc otherwise raises
+    that threshold to the size of each large block freed (up to 32 MB), so the MB-sized temporaries of a layer's
+    forward and of its criteria then live in the heap, whose free pages only ``trim_heap`` hands back: between
+    two trims the resident set held ~0.15 GB more than the layer in the 1.2B benchmark (bench/RESULTS.md)."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, threshold)
 
 
 @dataclass

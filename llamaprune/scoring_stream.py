@@ -22,7 +22,7 @@ from llamaprune.calibrate import Accumulators, layer_hooks, layer_param_specs
 from llamaprune.criteria import FORWARD_ONLY, parse_criteria
 from llamaprune.errors import UsageError
 from llamaprune.groups import model_shape
-from llamaprune.layer_stream import LayerStream
+from llamaprune.layer_stream import LayerStream, trim_heap, unmap_large_frees
 from llamaprune.model import Source
 from llamaprune.peak_memory import PeakMemory
 from llamaprune.scoring import (
@@ -62,6 +62,8 @@ def score_streamed(path: Path, config, windows: torch.Tensor, criteria: tuple[st
     check_streamable(criteria)
     shape = model_shape(config)
     statistics = statistics_of(criteria)
+    unmap_large_frees()  # a layer's temporaries go back to the OS when freed, not to the heap
+    trim_heap()  # tokenizing the calibration text leaves tens of MB of freed heap behind
     peak = PeakMemory(device, "scoring")
     start = time.perf_counter()
     stream = LayerStream.from_checkpoint(Path(path), config, dtype, batch_size, device, head=False)

@@ -91,6 +91,19 @@ def test_criteria_match_brute_force(kwargs):
         assert p.grad is None and p.requires_grad
 
 
+def test_weight_criteria_taken_a_few_rows_at_a_time_match_brute_force(monkeypatch):
+    from llamaprune import importance
+
+    monkeypatch.setattr(importance, "BLOCK_ELEMENTS", 50)  # blocks of one to a few rows, the last one ragged
+    model = tiny_model(tiny_config(layers=2))
+    batches = _batches(model.config.vocab_size)
+    result = score(model, batches, criteria=("wanda", "magnitude", "fluctuation"), progress=False)
+    expected = _brute_force(model, batches)
+    for row in result.groups.to_pylist():
+        for criterion in ("wanda", "magnitude", "fluctuation"):
+            assert row[criterion] == pytest.approx(expected[row["group_id"]][criterion], rel=1e-5), row["group_id"]
+
+
 def test_block_influence_and_layer_sums():
     model = tiny_model(tiny_config(layers=3))
     batches = _batches(model.config.vocab_size)

@@ -1,7 +1,8 @@
 """Importance criteria: one module per criterion, pure tensor math that tests check against closed forms.
 
 Every criterion produces an elementwise score over a weight (or bias) and is reduced to one number per
-group with :func:`group_sum`; hooks in ``llamaprune.calibrate`` only route tensors here. Each module's
+group with :func:`group_sum` (or, for a score computed from the weight alone, :func:`weight_group_sum`, which
+takes it a block of rows at a time); hooks in ``llamaprune.calibrate`` only route tensors here. Each module's
 ``*_groups`` function is the formula that ``llamaprune.criteria`` registers.
 
     >>> import torch
@@ -10,6 +11,8 @@ group with :func:`group_sum`; hooks in ``llamaprune.calibrate`` only route tenso
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -27,3 +30,30 @@ def index_sums(score: torch.Tensor, axis: str) -> torch.Tensor:
 def group_sum(score: torch.Tensor, axis: str, num_groups: int) -> torch.Tensor:
     """Sum an elementwise score over each group's contiguous block of rows or columns, in float64."""
     return index_sums(score, axis).view(num_groups, -1).sum(dim=1)
+
+
+# Elements of a weight whose elementwise score is in memory at once (``block_index_sums``): 8 MB in float64.
+BLOCK_ELEMENTS = 1 << 20
+
+
+def block_index_sums(weight: torch.Tensor, axis: str, score: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``index_sums(score(weight), axis)``, the elementwise ``score`` taken over blocks of the weight's rows, so its
+    float32/float64 copy of the weight is never whole in memory: a 2048 x 8192 weight's would be 67/134 MB, more
+    than the bfloat16 layer it came from holds in one projection (``score --stream``'s peak). The sums are those of
+    the whole score to float64 rounding."""
+    if weight.dim() != 2:
+        return index_sums(score(weight), axis)
+    rows = max(1, BLOCK_ELEMENTS // max(1, weight.shape[1]))
+    parts = [index_sums(score(block), axis) for block in weight.split(rows)]
+    if axis == ROWS:
+        return torch.cat(parts)
+    total = parts[0]
+    for part in parts[1:]:
+        total += part
+    return total
+
+
+def weight_group_sum(weight: torch.Tensor, axis: str, num_groups: int,
+                     score: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``group_sum(score(weight), axis, num_groups)``, computed a block of rows at a time (``block_index_sums``)."""
+    return block_index_sums(weight, axis, score).view(num_groups, -1).sum(dim=1)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from llamaprune.arch import COLS
-from llamaprune.importance import group_sum
+from llamaprune.importance import block_index_sums, group_sum
 
 if TYPE_CHECKING:
     from llamaprune.calibrate import Accumulators, ParamSpec
@@ -33,7 +33,7 @@ def fluctuation_score(weight: torch.Tensor, sq_norm: torch.Tensor, sums: torch.T
     """Per input column j of a (out, in) weight: the variance of x_j over the tokens times ||W[:, j]||^2."""
     mean = sums / tokens
     variance = (sq_norm.double() / tokens - mean.square()).clamp_(min=0)
-    return variance * weight.detach().double().square().sum(dim=0)
+    return variance * block_index_sums(weight, COLS, lambda block: block.detach().double().square())
 
 
 def fluctuation_groups(spec: ParamSpec, acc: Accumulators) -> torch.Tensor:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from llamaprune.importance import group_sum
+from llamaprune.importance import weight_group_sum
 
 if TYPE_CHECKING:
     from llamaprune.calibrate import Accumulators, ParamSpec
@@ -23,4 +23,4 @@ def magnitude_score(weight: torch.Tensor) -> torch.Tensor:
 
 def magnitude_groups(spec: ParamSpec, acc: Accumulators) -> torch.Tensor:
     """The ``magnitude`` formula of one parameter: per-group sum of |w|."""
-    return group_sum(magnitude_score(spec.param), spec.axis, spec.num_groups)
+    return weight_group_sum(spec.param, spec.axis, spec.num_groups, magnitude_score)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from llamaprune.importance import group_sum
+from llamaprune.importance import group_sum, weight_group_sum
 
 if TYPE_CHECKING:
     from llamaprune.calibrate import Accumulators, ParamSpec
@@ -39,7 +39,6 @@ def wanda_bias_score(bias: torch.Tensor, tokens: int) -> torch.Tensor:
 def wanda_groups(spec: ParamSpec, acc: Accumulators) -> torch.Tensor:
     """The ``wanda`` formula of one parameter: a weight against its input's norms, a bias against sqrt(tokens)."""
     if spec.is_bias:
-        value = wanda_bias_score(spec.param, acc.tokens)
-    else:
-        value = wanda_score(spec.param, acc.inputs[(spec.layer, spec.input, "sq_norm")])
-    return group_sum(value, spec.axis, spec.num_groups)
+        return group_sum(wanda_bias_score(spec.param, acc.tokens), spec.axis, spec.num_groups)
+    sq_norm = acc.inputs[(spec.layer, spec.input, "sq_norm")]
+    return weight_group_sum(spec.param, spec.axis, spec.num_groups, lambda block: wanda_score(block, sq_norm))
