@@ -8,7 +8,7 @@ llama-cpp-python.
     $ llamaprune score smollm2-135m --out run --num-samples 8 --seq-len 64 --criteria taylor
     $ llamaprune plan run --ratio 0.2 --criterion taylor
     $ llamaprune apply run/plans/global-taylor-0.20.json --model smollm2-135m --out pruned
-    $ .venv/bin/python bench/gguf.py pruned --dense smollm2-135m --work /tmp/gguf-bench
+    $ .venv/bin/python bench/gguf_speed.py pruned --dense smollm2-135m --work /tmp/gguf-bench
 """
 
 from __future__ import annotations
