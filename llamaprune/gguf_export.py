@@ -28,6 +28,7 @@ from llamaprune.checkpoint import PLAN_FILE, TIED_HEAD
 from llamaprune.choices import parse_choice
 from llamaprune.errors import UsageError
 from llamaprune.gguf_vocab import add_vocab
+from llamaprune.groups import model_shape
 from llamaprune.layer_stream import LAYERS_PREFIX, read_tensors, tensor_files
 from llamaprune.model import EMBEDDED, Source, embedded_gguf
 from llamaprune.runs import Phase, preflight
@@ -165,19 +166,9 @@ def architecture(config) -> gguf.MODEL_ARCH:
 
 
 def layer_shapes(config) -> list[LayerShape]:
-    """Each decoder layer's widths as stored in the checkpoint."""
-    layers = config.per_layer_config if getattr(config, "is_heterogeneous", False) else [config] * (
-        config.num_hidden_layers)
-    shapes = []
-    for layer in layers:
-        skip = set(getattr(layer, "skip", None) or ())
-        attention = "attention" not in skip
-        shapes.append(LayerShape(
-            layer.num_attention_heads if attention else 0,
-            layer.num_key_value_heads if attention else 0,
-            0 if "mlp" in skip else layer.intermediate_size,
-        ))
-    return shapes
+    """Each decoder layer's widths as stored in the checkpoint (``groups.model_shape``'s, 0 for a skipped block)."""
+    return [LayerShape(layer.num_attention_heads if layer.kv_groups else 0, layer.kv_groups, layer.mlp_channels)
+            for layer in model_shape(config).layers]
 
 
 def written_shapes(shapes: list[LayerShape], arch: gguf.MODEL_ARCH) -> list[LayerShape]:
