@@ -13,7 +13,7 @@ checkpoint has one layout (``output_bias`` in its config, docs/ARTIFACTS.md).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +21,9 @@ import torch
 
 from llamaprune.arch import COLS, LINEARS, linear_biases
 from llamaprune.choices import parse_choice
-from llamaprune.compensation import Compensation, InputStats, mean_bias, refit
+from llamaprune.compensation import Compensation, FitSums, mean_bias, non_finite, refit
 from llamaprune.errors import UsageError
-from llamaprune.layer_stream import LAYERS_PREFIX, LayerStream, read_tensors, tensor_files
+from llamaprune.layer_stream import LAYERS_PREFIX, LayerStream, read_tensors, tensor_files, unmap_large_frees
 from llamaprune.pruning_plan import Plan
 from llamaprune.scoring import STATS_FILE
 from llamaprune.slicing import kept_indices, tensor_route
@@ -51,11 +51,20 @@ def _capture(module: torch.nn.Module, run: Callable[[], object]) -> torch.Tensor
     return seen["x"]
 
 
-def _fit(stats: InputStats, linear: torch.nn.Linear, keep: torch.Tensor, damp: float):
+def _fitted(linear: torch.nn.Linear, keep: torch.Tensor, damp: float, inputs: Callable[[], Iterator[torch.Tensor]],
+            where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The refitted kept columns and output bias of ``linear`` from the batches of its calibration inputs that
+    ``inputs`` yields; where nothing of its input was removed, the layer as it is (a zero bias where it had
+    none). The batches are drawn either way: the attention pass gathers its kept inputs while they run."""
     weight, bias = linear.weight.detach(), linear.bias
-    if len(keep) == weight.shape[1]:  # nothing removed: the layer as it is (a zero bias where it had none)
+    if len(keep) == weight.shape[1]:
+        for _ in inputs():
+            pass
         return weight, bias.detach() if bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype)
-    return refit(stats, weight, keep, damp, bias)
+    sums = FitSums.of(weight, keep, bias)
+    for x in inputs():
+        sums.add(x)
+    return refit(sums, damp, where)
 
 
 def refit_layers(stream: LayerStream, plan: Plan, windows: torch.Tensor, damp: float,
@@ -82,42 +91,40 @@ def refit_layers(stream: LayerStream, plan: Plan, windows: torch.Tensor, damp: f
                     hidden = _refit_mlp(stream, block, hidden, indices[lp.layer]["mlp"], damp, plan, lp.layer,
                                         tensors)
             if not torch.isfinite(hidden).all():
-                raise UsageError(
-                    f"the calibration activations became NaN or infinite at layer {lp.layer}: check that the "
-                    f"checkpoint's weights are finite, or compensate with --compensate bias or other calibration text"
-                )
+                raise non_finite(f"layer {lp.layer}")
             fitted.add(tensors)
     return fitted
 
 
 def _refit_attention(stream, block, hidden, keep, damp, plan, layer, tensors) -> torch.Tensor:
     o_proj = block.self_attn.o_proj
-    stats, kept_inputs = InputStats.of(o_proj.in_features, hidden.device), []
-    for h in stream.batches(hidden):
-        z = _capture(o_proj, lambda h=h: stream.attention(block, h))
-        stats.add(z)
-        kept_inputs.append(z[..., keep.to(z.device)])
-    weight, bias = _fit(stats, o_proj, keep, damp)
+    kept_inputs = []
+
+    def inputs() -> Iterator[torch.Tensor]:
+        for h in stream.batches(hidden):
+            z = _capture(o_proj, lambda h=h: stream.attention(block, h))
+            kept_inputs.append(z[..., keep.to(z.device)])
+            yield z
+
+    weight, bias = _fitted(o_proj, keep, damp, inputs, f"layer {layer}")
     _store(tensors, plan, layer, "self_attn.o_proj", weight, bias, len(keep) < o_proj.in_features)
     return torch.cat([h + z @ weight.T + bias for h, z in zip(stream.batches(hidden), kept_inputs, strict=True)])
 
 
 def _refit_mlp(stream, block, hidden, keep, damp, plan, layer, tensors) -> torch.Tensor:
     mlp = block.mlp
-    stats = InputStats.of(mlp.down_proj.in_features, hidden.device)
-    for h in stream.batches(hidden):
-        u = _capture(mlp.down_proj, lambda h=h: stream.mlp(block, h))
-        stats.add(u)
-    weight, bias = _fit(stats, mlp.down_proj, keep, damp)
+
+    def inputs() -> Iterator[torch.Tensor]:
+        for h in stream.batches(hidden):
+            yield _capture(mlp.down_proj, lambda h=h: stream.mlp(block, h))
+
+    weight, bias = _fitted(mlp.down_proj, keep, damp, inputs, f"layer {layer}")
     _store(tensors, plan, layer, "mlp.down_proj", weight, bias, len(keep) < mlp.down_proj.in_features)
     keep = keep.to(hidden.device)
-    gate, up = mlp.gate_proj, mlp.up_proj
     out = []
-    for h in stream.batches(hidden):
+    for h in stream.batches(hidden):  # the pruned MLP: the full gate and up projections, then the kept channels
         x = block.post_attention_layernorm(h)
-        g = torch.nn.functional.linear(x, gate.weight[keep], None if gate.bias is None else gate.bias[keep])
-        v = torch.nn.functional.linear(x, up.weight[keep], None if up.bias is None else up.bias[keep])
-        out.append(h + (mlp.act_fn(g) * v) @ weight.T + bias)
+        out.append(h + (mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))[..., keep] @ weight.T + bias)
     return torch.cat(out)
 
 
@@ -230,8 +237,9 @@ class CompensationOptions:
             from transformers import AutoTokenizer
 
             stream = LayerStream.from_checkpoint(Path(source_path), config, batch_size=self.batch_size,
-                                                 device=self.device)
+                                                 device=self.device, head=False)
             tokenizer = AutoTokenizer.from_pretrained(source_path)
+            unmap_large_frees()  # a layer's temporaries go back to the OS when freed, not to the heap
         windows = calibration_windows(tokenizer, rows, self.num_samples, self.seq_len, self.seed)
         return refit_layers(stream, plan, windows, self.damp, progress, spill)
 

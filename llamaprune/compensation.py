@@ -10,8 +10,8 @@ layers below it (the OBS / SlimGPT family).
 
     >>> import torch
     >>> x, w = torch.randn(64, 4, dtype=torch.float64), torch.randn(3, 4)
-    >>> stats = InputStats.of(4).add(x)
-    >>> kept, bias = refit(stats, w, keep=torch.tensor([0, 1, 2, 3]), damp=0.01)
+    >>> sums = FitSums.of(w, keep=torch.tensor([0, 1, 2, 3])).add(x)
+    >>> kept, bias = refit(sums, damp=0.01)
     >>> torch.allclose(kept, w, atol=1e-5), float(bias.abs().max()) < 1e-5
     (True, True)
 """
@@ -23,6 +23,8 @@ from enum import Enum
 
 import torch
 
+from llamaprune.errors import UsageError
+
 
 class Compensation(str, Enum):
     """none: slice only; bias: the removed columns' mean as an output bias; lstsq: refit the kept columns."""
@@ -32,27 +34,40 @@ class Compensation(str, Enum):
     lstsq = "lstsq"
 
 
-@dataclass
-class InputStats:
-    """Running sums of a linear layer's inputs: Gram matrix, per-feature sums, token count (float64)."""
+ROWS_PER_BLOCK = 1 << 22  # elements of the float64 weight copy made at a time while accumulating
 
-    gram: torch.Tensor
-    sums: torch.Tensor
-    count: int = 0
+
+@dataclass
+class FitSums:
+    """Running float64 sums for refitting one linear layer's kept input columns ``keep``: ``system``, the Gram
+    matrix of the kept inputs with a constant 1 appended (the bias), and ``cross``, that augmented input times the
+    unpruned layer's output. Only the kept columns' Gram is held, never the whole layer's: (k+1)^2 + (k+1)·out
+    numbers, the most compensation keeps besides the layer itself."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    keep: torch.Tensor
+    system: torch.Tensor
+    cross: torch.Tensor
 
     @classmethod
-    def of(cls, features: int, device: torch.device | str = "cpu") -> InputStats:
-        return cls(
-            torch.zeros(features, features, dtype=torch.float64, device=device),
-            torch.zeros(features, dtype=torch.float64, device=device),
-        )
+    def of(cls, weight: torch.Tensor, keep: torch.Tensor, bias: torch.Tensor | None = None) -> FitSums:
+        k, (outputs, _) = len(keep), weight.shape
+        zeros = dict(dtype=torch.float64, device=weight.device)
+        return cls(weight.detach(), None if bias is None else bias.detach(), keep.to(weight.device),
+                   torch.zeros(k + 1, k + 1, **zeros), torch.zeros(k + 1, outputs, **zeros))
 
-    def add(self, x: torch.Tensor) -> InputStats:
-        """Fold a batch of inputs (..., features); returns self."""
-        flat = x.detach().reshape(-1, x.shape[-1]).double()
-        self.gram.addmm_(flat.T, flat)
-        self.sums.add_(flat.sum(dim=0))
-        self.count += flat.shape[0]
+    def add(self, x: torch.Tensor) -> FitSums:
+        """Fold a batch of the layer's inputs (..., in_features); returns self."""
+        flat = x.detach().reshape(-1, x.shape[-1]).to(self.system.device, torch.float64)
+        augmented = torch.cat([flat[:, self.keep], flat.new_ones(len(flat), 1)], dim=1)
+        self.system.addmm_(augmented.T, augmented)
+        rows = max(1, ROWS_PER_BLOCK // self.weight.shape[1])
+        for start in range(0, self.weight.shape[0], rows):
+            output = flat @ self.weight[start : start + rows].double().T
+            if self.bias is not None:
+                output += self.bias[start : start + rows].double()
+            self.cross[:, start : start + rows].addmm_(augmented.T, output)
         return self
 
 
@@ -74,30 +89,32 @@ def mean_bias(
     return weight[:, keep.to(weight.device)].contiguous(), extra.to(weight.dtype)
 
 
-def refit(
-    stats: InputStats, weight: torch.Tensor, keep: torch.Tensor, damp: float, bias: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def non_finite(where: str) -> UsageError:
+    return UsageError(
+        f"the calibration activations became NaN or infinite at {where}: check that the checkpoint's weights are "
+        f"finite, or compensate with --compensate bias or other calibration text"
+    )
+
+
+def refit(sums: FitSums, damp: float, where: str = "a layer") -> tuple[torch.Tensor, torch.Tensor]:
     """Kept columns W_K' and output bias b' minimizing, over the calibration inputs x,
-    ||x_K W_K'^T + b' - (x W^T + b)||^2 + λ ||W_K' - W_K||^2, solved in float64 from the Gram matrix.
+    ||x_K W_K'^T + b' - (x W^T + b)||^2 + λ ||W_K' - W_K||^2, solved in float64 (Cholesky) from ``sums``.
     The ridge pulls towards the original columns (keeping every column returns them unchanged); ``damp`` is λ
-    relative to the mean diagonal of the kept inputs' Gram matrix."""
-    gram, sums, count = stats.gram, stats.sums, float(stats.count)
-    keep = keep.to(gram.device)
-    k = len(keep)
-    w = weight.detach().to(gram.device, torch.float64)
-    system = torch.empty(k + 1, k + 1, dtype=torch.float64, device=gram.device)
-    system[:k, :k] = gram[keep][:, keep]
-    system[:k, k] = sums[keep]
-    system[k, :k] = sums[keep]
-    system[k, k] = count
-    ridge = damp * float(torch.diagonal(system[:k, :k]).mean()) if k else 0.0
-    system[:k, :k] += ridge * torch.eye(k, dtype=torch.float64, device=gram.device)
-    target = torch.empty(k + 1, w.shape[0], dtype=torch.float64, device=gram.device)
-    target[:k] = gram[keep] @ w.T + ridge * w[:, keep].T
-    target[k] = sums @ w.T
-    if bias is not None:
-        b = bias.detach().to(gram.device, torch.float64)
-        target[:k] += sums[keep, None] * b[None, :]
-        target[k] += count * b
-    solution = torch.linalg.solve(system, target)
-    return solution[:k].T.to(weight.dtype).contiguous(), solution[k].to(weight.dtype)
+    relative to the mean diagonal of the kept inputs' Gram matrix. ``sums`` is spent: its system is changed.
+    ``where`` names the layer in errors."""
+    system, target, k = sums.system, sums.cross, len(sums.keep)
+    if not torch.isfinite(system[k]).all():  # the inputs' sums: any NaN or infinity among the inputs is there
+        raise non_finite(where)
+    kept = sums.weight[:, sums.keep].T.double()
+    ridge = damp * float(torch.diagonal(system)[:k].mean()) if k else 0.0
+    torch.diagonal(system)[:k] += ridge
+    target[:k] += ridge * kept
+    factor, info = torch.linalg.cholesky_ex(system)
+    if info:
+        raise UsageError(
+            f"the least-squares refit of {where} is singular (some of its {k} kept inputs are constant or "
+            f"collinear on the calibration text, and --damp is {damp}): give --damp a positive value such as 1e-3"
+        )
+    solution = torch.cholesky_solve(target, factor)
+    dtype = sums.weight.dtype
+    return solution[:k].T.to(dtype).contiguous(), solution[k].to(dtype)

@@ -123,7 +123,8 @@ class LayerStream:
                         device: str = "cpu", head: bool = True):
         """A skeleton of the model on the meta device with its embeddings, final norm and head loaded (on
         ``device``, where each layer goes in its turn). ``head`` False, for a pass that makes no logits
-        (scoring): the final norm and head are never read, nor the embeddings but the rows ``embed`` needs."""
+        (scoring, compensation): the final norm and head are never read, nor the embeddings but the rows that
+        ``embed`` needs."""
         from transformers import AutoModelForCausalLM
 
         files = tensor_files(path)

@@ -26,7 +26,8 @@ from typer.testing import CliRunner
 from llamaprune.apply import ApplyOptions, apply, apply_plan
 from llamaprune.artifacts import atomic_write_json
 from llamaprune.compensate import CompensationOptions, refit_layers
-from llamaprune.compensation import InputStats, mean_bias, refit
+from llamaprune.compensation import FitSums, mean_bias, refit
+from llamaprune.errors import UsageError
 from llamaprune.layer_stream import LayerStream
 from llamaprune.pruning_plan import plan_from_kept, write_plan
 
@@ -46,7 +47,7 @@ def squared_error(x, w_kept, b_kept, w, b):
 
 def test_refit_equals_numpy_least_squares_and_never_loses_to_none_or_bias():
     x, w, b = inputs_and_weight()
-    kept, bias = refit(InputStats.of(8).add(x), w, KEEP, damp=0.0, bias=b)
+    kept, bias = refit(FitSums.of(w, KEEP, b).add(x), damp=0.0)
     design = np.hstack([x[:, KEEP].numpy(), np.ones((len(x), 1))])
     solution = np.linalg.lstsq(design, (x @ w.double().T + b.double()).numpy(), rcond=None)[0]
     np.testing.assert_allclose(kept.double().numpy(), solution[:-1].T, rtol=1e-6, atol=1e-6)
@@ -58,12 +59,20 @@ def test_refit_equals_numpy_least_squares_and_never_loses_to_none_or_bias():
 
 def test_refit_keeping_everything_is_the_identity_and_the_ridge_pulls_towards_it():
     x, w, b = inputs_and_weight(seed=1)
-    kept, bias = refit(InputStats.of(8).add(x), w, torch.arange(8), damp=0.1, bias=b)
+    kept, bias = refit(FitSums.of(w, torch.arange(8), b).add(x), damp=0.1)
     torch.testing.assert_close(kept, w, rtol=0, atol=1e-6)
     torch.testing.assert_close(bias, b, rtol=0, atol=1e-6)
-    stats = InputStats.of(8).add(x)
-    far = refit(stats, w, KEEP, damp=1e6)[0]
+    far = refit(FitSums.of(w, KEEP).add(x), damp=1e6)[0]
     torch.testing.assert_close(far, w[:, KEEP], rtol=0, atol=1e-3)
+
+
+def test_a_singular_refit_without_damping_names_the_fix():
+    x, w, b = inputs_and_weight(seed=3)
+    x[:, KEEP[1]] = 0.0  # a dead kept input: its row of the Gram matrix is zero
+    with pytest.raises(UsageError, match="singular.*give --damp a positive value"):
+        refit(FitSums.of(w, KEEP, b).add(x), damp=0.0, where="layer 3")
+    kept, _ = refit(FitSums.of(w, KEEP, b).add(x), damp=1e-3)
+    assert torch.isfinite(kept).all()
 
 
 def test_mean_bias_is_exact_when_the_removed_inputs_are_constant():

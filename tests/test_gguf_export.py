@@ -140,7 +140,8 @@ def test_the_file_computes_what_transformers_does_in_llama_cpp_s_graph(tmp_path,
 
 
 def llama_cpp_logits(path, tokens: list[int]) -> np.ndarray:
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: llama.cpp checks skipped")
+    import llama_cpp  # the dev extra's llama-cpp-python: scripts/test.sh builds it once
+
     llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=64, verbose=False, seed=0)
     llm.eval(tokens)
     return np.array(llm.scores[: len(tokens)]), llm
@@ -168,10 +169,6 @@ def test_smaller_types_stay_close(tmp_path, tokenizer, outtype):
     assert types["blk.1.ffn_down.weight"] == ("F16" if outtype == "q8_0" else outtype.upper())  # 1 column
     want = transformers_logits(pruned, TOKENS)
     assert relative_error(graph_logits(tmp_path / "m.gguf", TOKENS), want) < 0.02
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return
     if outtype == "q8_0":  # the numpy graph above still checks the file
         pytest.xfail("llama.cpp (llama-cpp-python 0.3.36) crashes with SIGSEGV decoding this tiny q8_0 export")
     assert relative_error(llama_cpp_logits(tmp_path / "m.gguf", TOKENS)[0], want) < 0.02
