@@ -47,7 +47,7 @@ class FitSums:
     weight: torch.Tensor
     bias: torch.Tensor | None
     keep: torch.Tensor
-    system: torch.Tensor
+    system: torch.Tensor | None  # None once refit has factored it
     cross: torch.Tensor
 
     @classmethod
@@ -100,16 +100,16 @@ def refit(sums: FitSums, damp: float, where: str = "a layer") -> tuple[torch.Ten
     """Kept columns W_K' and output bias b' minimizing, over the calibration inputs x,
     ||x_K W_K'^T + b' - (x W^T + b)||^2 + λ ||W_K' - W_K||^2, solved in float64 (Cholesky) from ``sums``.
     The ridge pulls towards the original columns (keeping every column returns them unchanged); ``damp`` is λ
-    relative to the mean diagonal of the kept inputs' Gram matrix. ``sums`` is spent: its system is changed.
+    relative to the mean diagonal of the kept inputs' Gram matrix. ``sums`` is spent: its system is dropped.
     ``where`` names the layer in errors."""
     system, target, k = sums.system, sums.cross, len(sums.keep)
     if not torch.isfinite(system[k]).all():  # the inputs' sums: any NaN or infinity among the inputs is there
         raise non_finite(where)
-    kept = sums.weight[:, sums.keep].T.double()
     ridge = damp * float(torch.diagonal(system)[:k].mean()) if k else 0.0
     torch.diagonal(system)[:k] += ridge
-    target[:k] += ridge * kept
+    target[:k].add_(sums.weight[:, sums.keep].T, alpha=ridge)
     factor, info = torch.linalg.cholesky_ex(system)
+    sums.system = system = None  # the factor replaces it: one (k+1)^2 matrix fewer while solving
     if info:
         raise UsageError(
             f"the least-squares refit of {where} is singular (some of its {k} kept inputs are constant or "

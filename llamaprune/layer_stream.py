@@ -149,8 +149,9 @@ class LayerStream:
         return len(self.model.model.layers)
 
     def _load(self, module: nn.Module, files: dict[str, Path], dtype: torch.dtype, prefix: str = "") -> None:
-        state = read_tensors(files, list(files))
-        module.load_state_dict({k[len(prefix):]: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+        """Read and convert one tensor at a time, so the file's copy of a layer is never held beside ours."""
+        state = {key[len(prefix):]: read_tensors(files, [key])[key].to(dtype) for key in files}
+        module.load_state_dict(state, strict=False, assign=True)
 
     @contextmanager
     def layer(self, index: int) -> Iterator[nn.Module]:

@@ -1,0 +1,139 @@
+"""Benchmark of streamed ``llamaprune apply --compensate lstsq``: what the sequential refit holds in memory.
+
+Builds bench/score_stream.py's synthetic multi-shard bfloat16 llama checkpoint (about 1.2B parameters, with the
+embedded model's tokenizer) and bench/apply.py's ~20% heterogeneous plan for it, then applies the plan streamed,
+each in a fresh subprocess: (a) plainly sliced, (b) with the least-squares refit on 8 x 64 tokens of WikiText-2
+valid. The refit should hold one decoder layer (float32, as it computes), the fit's float64 state for the widest
+kept input (the kept columns' augmented Gram matrix, twice while it is factored, and its product with the
+outputs) and the calibration activations, on top of what the plain streamed apply holds; this prints that budget
+beside the measured peak.
+
+    $ .venv/bin/python bench/compensation_stream.py           # ~2.4 GB of disk under $TMPDIR
+    $ .venv/bin/python bench/compensation_stream.py --tiny    # a tiny checkpoint: a smoke test of the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+from apply import in_subprocess, make_plan, publish, rss_bytes  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data"
+BUILDER = ROOT / "bench" / "score_stream.py"
+
+
+def apply_streamed(src: Path, plan: Path, out: Path, method: str, calibration: Path, num_samples: int,
+                   seq_len: int) -> dict:
+    """``llamaprune apply`` as the CLI runs it, compensating with ``method``."""
+    from transformers import AutoTokenizer  # noqa: F401  (the CLI's imports, outside the measured part)
+
+    from llamaprune.apply import ApplyOptions, apply
+    from llamaprune.compensate import CompensationOptions
+    from llamaprune.model import register
+
+    register()
+    imported = rss_bytes()
+    start = time.perf_counter()
+    compensation = CompensationOptions(method, str(calibration), num_samples, seq_len)
+    apply(ApplyOptions(plan=plan, model=str(src), out=out, compensation=compensation))
+    return {"seconds": time.perf_counter() - start, "peak_rss": rss_bytes(), "rss_after_imports": imported}
+
+
+def refit_budget(src: Path, plan_path: Path, tokens: int) -> dict:
+    """Bytes of the largest decoder layer in float32, of the largest refit's float64 state ((k+1)^2 twice while
+    factored, plus (k+1) x out) and of the float32 hidden states (three copies at most)."""
+    from transformers import AutoConfig
+
+    from llamaprune.pruning_plan import read_plan
+    from llamaprune.slicing import kept_indices
+
+    config, plan = AutoConfig.from_pretrained(src), read_plan(plan_path)
+    d, i = config.hidden_size, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
+    layer = 4 * (2 * d * config.num_attention_heads * head_dim + 2 * d * config.num_key_value_heads * head_dim
+                 + 3 * d * i)
+    widest = max(len(kept["mlp"]) for kept in kept_indices(plan).values())
+    fit = 8 * (2 * (widest + 1) ** 2 + (widest + 1) * d)
+    return {"layer_fp32": layer, "largest_fit": fit, "activations": 3 * 4 * tokens * d, "widest_kept": widest}
+
+
+def run(workdir: Path, tiny: bool, calibration: Path, num_samples: int, seq_len: int) -> dict:
+    """Build and plan, then each apply in a fresh interpreter (this one imports no torch: Linux keeps a
+    process's peak RSS across fork and exec)."""
+    src, plan = workdir / "checkpoint", workdir / "plan.json"
+    built = in_subprocess("build", src, int(tiny), script=str(BUILDER))
+    planned = in_subprocess("plan", src, plan, script=__file__)
+    print(f"built the checkpoint in {built['build_seconds']:.1f} s", flush=True)
+    size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+    peaks = {method: in_subprocess("apply", src, plan, workdir / f"out-{method}", method, calibration,
+                                   num_samples, seq_len, script=__file__) for method in ("none", "lstsq")}
+    budget = in_subprocess("budget", src, plan, num_samples * seq_len, script=__file__)
+    held = peaks["lstsq"]["peak_rss"] - peaks["none"]["peak_rss"]
+    return {
+        **planned, "checkpoint_bytes": size, "windows": [num_samples, seq_len], "peaks": peaks, "budget": budget,
+        "lstsq_over_checkpoint": peaks["lstsq"]["peak_rss"] / size,
+        "refit_held_bytes": held,
+        "refit_held_over_budget": held / sum(v for k, v in budget.items() if k != "widest_kept"),
+    }
+
+
+def report(figures: dict) -> str:
+    gb, size, budget = 1e9, figures["checkpoint_bytes"], figures["budget"]
+
+    def row(name: str, method: str) -> str:
+        peak = figures["peaks"][method]
+        return (f"{name:30}{peak['seconds']:9.1f}{peak['peak_rss'] / gb:13.2f}{peak['peak_rss'] / size:14.2f}"
+                f"{peak['rss_after_imports'] / gb:22.2f}")
+
+    return "\n".join([
+        f"checkpoint: bfloat16, {size / gb:.2f} GB; plan {figures['achieved_ratio']:.1%} removed (heterogeneous); "
+        f"calibration {figures['windows'][0]} x {figures['windows'][1]} tokens",
+        f"{'':30}{'seconds':>9}{'peak RSS GB':>13}{'/ checkpoint':>14}{'RSS after imports GB':>22}",
+        row("apply (streamed, sliced)", "none"),
+        row("apply --compensate lstsq", "lstsq"),
+        f"the refit's peak above the sliced apply's: {figures['refit_held_bytes'] / gb:.2f} GB; budget "
+        f"{sum(v for k, v in budget.items() if k != 'widest_kept') / gb:.2f} GB = one layer in float32 "
+        f"{budget['layer_fp32'] / gb:.2f} + the widest fit ({budget['widest_kept']} kept inputs) "
+        f"{budget['largest_fit'] / gb:.2f} + activations {budget['activations'] / gb:.3f}; held / budget "
+        f"{figures['refit_held_over_budget']:.2f}",
+    ])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="A tiny checkpoint (smoke test of this script).")
+    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("LLAMAPRUNE_DATA_DIR") or SHARED))
+    parser.add_argument("--num-samples", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--dir", type=Path, help="Work directory (default: a temporary one, removed at the end).")
+    parser.add_argument("--json", type=Path, help="Also write the figures here.")
+    parser.add_argument("--measure", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        kind, *rest = args.measure
+        if kind == "plan":
+            figures = make_plan(Path(rest[0]), Path(rest[1]))
+        elif kind == "budget":
+            figures = refit_budget(Path(rest[0]), Path(rest[1]), int(rest[2]))
+        else:
+            src, plan, out, method, calibration, *sizes = rest
+            figures = apply_streamed(Path(src), Path(plan), Path(out), method, Path(calibration), *map(int, sizes))
+        print(json.dumps(figures))
+        return
+    calibration = args.data_dir / "wikitext-2-tokens" / "valid.txt"
+    with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench-compensation-stream-") as tmp:
+        figures = run(Path(tmp), args.tiny, calibration, args.num_samples, args.seq_len)
+    publish(report(figures), figures, "--tiny" if args.tiny else None, args.json)
+
+
+if __name__ == "__main__":
+    main()
