@@ -2,8 +2,9 @@
 
 Layers that all share one shape (and no output biases) become llama.cpp's ``llama`` architecture; anything
 else becomes ``deci``, whose head counts and MLP widths are per-layer arrays and whose o_proj / down_proj may
-carry biases. Tensors are read one at a time and written straight into the file, which is built in a locked
-temporary directory beside ``--out`` and renamed into place.
+carry biases. Rope is default, linear or llama3 (LLaMA-3.1/3.2), whose scaling is a ``rope_freqs`` tensor.
+Tensors are read one at a time and written straight into the file, which is built in a locked temporary
+directory beside ``--out`` and renamed into place.
 
     >>> export(ExportOptions(Path("artifacts/run1/model"), Path("pruned.gguf")))      # doctest: +SKIP
     {'architecture': 'deci', 'tensors': 215, 'bytes': 431123456, ...}
@@ -59,6 +60,7 @@ FILE_TYPES = {
     OutType.q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
 }
 QUERY, KEY = "self_attn.q_proj", "self_attn.k_proj"
+ROPE_TYPES = ("default", "linear", "llama3")
 
 
 @dataclass(frozen=True)
@@ -82,14 +84,15 @@ class LayerShape:
 @dataclass(frozen=True)
 class OutTensor:
     """One GGUF tensor: read from ``key`` of the checkpoint (q/k rows permuted for ``heads`` heads), or, without a
-    key, a constant ``fill`` of ``shape`` that keeps a deci layer exactly equivalent (see ``written_shapes``)."""
+    key, ``fill`` broadcast to ``shape``: a constant that keeps a deci layer exactly equivalent (see
+    ``written_shapes``), or llama3's rope factors (see ``llama3_rope_factors``)."""
 
     name: str
     shape: tuple[int, ...]  # numpy (row-major) order, as torch stores it
     qtype: QType
     key: str | None = None
     heads: int | None = None
-    fill: float = 0.0
+    fill: float | tuple[float, ...] = 0.0
 
     @property
     def stored_shape(self) -> tuple[int, ...]:
@@ -159,9 +162,9 @@ def architecture(config) -> gguf.MODEL_ARCH:
         raise UsageError(
             f"export supports llama checkpoints, not {base}; export a checkpoint pruned from a llama model"
         )
-    rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") not in ("default", "linear"):
-        raise UsageError(f"rope type {rope['rope_type']!r} is not exported yet; export supports default and linear")
+    rope_type = _rope(config).get("rope_type", "default")
+    if rope_type not in ROPE_TYPES:
+        raise UsageError(f"rope type {rope_type!r} is not exported yet; export supports {', '.join(ROPE_TYPES)}")
     return gguf.MODEL_ARCH.LLAMA if config.model_type == "llama" else gguf.MODEL_ARCH.DECI
 
 
@@ -214,7 +217,30 @@ def out_tensors(files: dict[str, Path], config, arch: gguf.MODEL_ARCH, shapes: l
         out.append(OutTensor(name, shape, _tensor_type(shape, weight_type), key, heads))
     if arch == gguf.MODEL_ARCH.DECI:
         out += stand_ins(shapes, config, weight_type)
+    rope = _rope(config)
+    if rope.get("rope_type") == "llama3":  # first, where llama.cpp's converter writes its generated tensors
+        factors = llama3_rope_factors(rope, _head_dim(config))
+        name = f"{gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS]}.weight"
+        out.insert(0, OutTensor(name, factors.shape, QType.F32, fill=tuple(factors.tolist())))
     return out
+
+
+def llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
+    """llama3 rope as llama.cpp takes it: ``head_dim / 2`` float32 divisors of the rotation frequencies
+    ``rope_theta ** (-2i / head_dim)`` (``rope_freqs.weight``, which llama.cpp's llama and deci graphs hand to
+    ggml_rope_ext). With ``L = original_max_position_embeddings``, a frequency whose wavelength ``2 pi / f`` is
+    under ``L / high_freq_factor`` keeps its value (1), one over ``L / low_freq_factor`` is divided by ``factor``,
+    and one between by ``1 / ((1 - s) / factor + s)``, ``s = (L / wavelength - low_freq_factor) / (high_freq_factor
+    - low_freq_factor)``: transformers' llama3 frequencies are exactly the default ones divided by these."""
+    freqs = rope["rope_theta"] ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    original = rope["original_max_position_embeddings"]
+    wavelength = 2 * np.pi / freqs
+    factors = np.where(wavelength > original / low, factor, 1.0)
+    between = (wavelength >= original / high) & (wavelength <= original / low)
+    smooth = (original / wavelength[between] - low) / (high - low)
+    factors[between] = 1 / ((1 - smooth) / factor + smooth)
+    return factors.astype(np.float32)
 
 
 def stand_ins(shapes: list[LayerShape], config, weight_type: QType) -> list[OutTensor]:
@@ -279,11 +305,12 @@ def add_metadata(writer: gguf.GGUFWriter, config, arch: gguf.MODEL_ARCH, shapes:
     writer.add_rope_dimension_count(head_dim)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    rope = getattr(config, "rope_parameters", None) or {}
+    rope = _rope(config)
     writer.add_rope_freq_base(rope.get("rope_theta", 10000.0))
     if rope.get("rope_type") == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(rope["factor"])
+    # llama3 writes no rope.scaling.* key (as llama.cpp's converter): its scaling is the rope_freqs tensor.
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -321,6 +348,10 @@ def source_gguf(checkpoint: Path, source: Source) -> Path | None:
     if EMBEDDED in (model.get("source"), source.name):
         return embedded_gguf()
     return None
+
+
+def _rope(config) -> dict:
+    return getattr(config, "rope_parameters", None) or {}
 
 
 def _head_dim(config) -> int:

@@ -37,8 +37,10 @@ def tiny_config(
     bias: bool = False,
     tie: bool = False,
     model_type: str = "llama",
+    rope: dict | None = None,
 ):
-    """A small random config; ``model_type`` llama, mistral or qwen2 (qwen2 has q/k/v biases)."""
+    """A small random config; ``model_type`` llama, mistral or qwen2 (qwen2 has q/k/v biases); ``rope`` its
+    ``rope_parameters`` (transformers' default rope when None)."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(
@@ -52,6 +54,8 @@ def tiny_config(
         tie_word_embeddings=tie,
         max_position_embeddings=256,
     )
+    if rope is not None:
+        common["rope_parameters"] = rope
     if model_type == "llama":
         return LlamaConfig(attention_bias=bias, mlp_bias=bias, **common)
     if model_type == "mistral":

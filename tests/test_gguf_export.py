@@ -20,6 +20,11 @@ from llamaprune.gguf_export import ExportOptions, export
 from llamaprune.pruning_plan import plan_from_kept, write_plan
 
 TOKENS = [5, 71, 200, 13, 44, 301, 9, 120, 66, 250, 17, 88]
+LONG_TOKENS = [(37 * i * i + 11 * i + 5) % 317 for i in range(48)]  # far enough for llama3's slow pairs to turn
+# LLaMA-3.1's rope type, scaled to head size 8: wavelengths 2 pi * 100^(i/4) = 6.3, 19.9, 62.8, 199 against the
+# bounds 128 / 8 = 16 and 128 / 1 = 128, so the factors are 1, two interpolated ones (about 1.24 and 4.0) and 8.
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 100.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 8.0,
+          "original_max_position_embeddings": 128}
 REL_TOL = 1e-3  # max |llama.cpp - transformers| over all logits, divided by max |transformers logit|
 SHAPES = {
     # name: (layers, kept (KV heads, MLP channels) per layer, removed layers, compensation)
@@ -30,9 +35,10 @@ SHAPES = {
 }
 
 
-def pruned_checkpoint(tmp_path, tokenizer, shape: str):
+def pruned_checkpoint(tmp_path, tokenizer, shape: str, rope: dict | None = None, init_std: float = 0.02):
     layers, kept, removed, compensation = SHAPES[shape]
-    config = tiny_config(heads=4, kv_heads=2, vocab=len(tokenizer), layers=layers)
+    config = tiny_config(heads=4, kv_heads=2, vocab=len(tokenizer), layers=layers, rope=rope)
+    config.initializer_range = init_std
     source = tmp_path / "source"
     tiny_model(config).save_pretrained(source)
     tokenizer.save_pretrained(source)
@@ -72,10 +78,12 @@ def test_metadata_says_what_llama_cpp_needs(tmp_path, tokenizer, shape, arch):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".m.gguf")]
 
 
-def graph_logits(path, tokens: list[int]) -> np.ndarray:
+def graph_logits(path, tokens: list[int], rope_freqs: bool = True) -> np.ndarray:
     """llama.cpp's llama / deci graph (src/models/deci.cpp) read back from an f32 file in numpy: NORM rope on
-    adjacent pairs, per-layer widths, ``n_head == 0`` taking the layer input unnormed, ``n_ff == 0`` skipping the
-    rest of the layer. It checks the file's conventions (of any type) where llama.cpp itself is not installed."""
+    adjacent pairs, each pair's frequency divided by its ``rope_freqs.weight`` factor where the file has one
+    (ggml_rope_ext's freq_factors), per-layer widths, ``n_head == 0`` taking the layer input unnormed, ``n_ff == 0``
+    skipping the rest of the layer. It checks the file's conventions (of any type) where llama.cpp itself is not
+    installed. ``rope_freqs=False`` computes what the file would without that tensor."""
     reader = gguf.GGUFReader(path)
     meta = {name: field.contents() for name, field in reader.fields.items()}
     weights = {t.name: gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64) for t in reader.tensors}
@@ -90,8 +98,11 @@ def graph_logits(path, tokens: list[int]) -> np.ndarray:
     def norm(x, w):
         return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
 
-    def rope(x):  # (tokens, heads, d): pairs (2i, 2i+1) turn by pos * base^(-2i/d)
-        angle = np.arange(len(x))[:, None] * base ** (-np.arange(0, d, 2) / d)[None]
+    factors = weights.get("rope_freqs.weight") if rope_freqs else None
+    freqs = base ** (-np.arange(0, d, 2) / d) / (1.0 if factors is None else factors)
+
+    def rope(x):  # (tokens, heads, d): pairs (2i, 2i+1) turn by pos * base^(-2i/d) / factor_i
+        angle = np.arange(len(x))[:, None] * freqs[None]
         cos, sin = np.cos(angle)[:, None], np.sin(angle)[:, None]
         even, odd = x[..., 0::2], x[..., 1::2]
         return np.stack([even * cos - odd * sin, even * sin + odd * cos], -1).reshape(x.shape)
@@ -160,6 +171,54 @@ def test_llama_cpp_runs_the_export_like_transformers(tmp_path, tokenizer, shape)
     assert greedy == expected
 
 
+def test_llama3_factors_divide_transformers_default_frequencies():
+    """rope_freqs.weight is the default frequencies over transformers' llama3 ones, for LLaMA-3.1-8B's parameters
+    and the tiny ones, whose four factors take each branch (kept, interpolated twice, divided by ``factor``)."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from llamaprune.gguf_export import llama3_rope_factors
+
+    llama31 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    for rope, heads, head_dim in ((llama31, 32, 128), (LLAMA3, 4, 8)):
+        config = LlamaConfig(hidden_size=heads * head_dim, num_attention_heads=heads, rope_parameters=rope)
+        scaled = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")[0].double()
+        default = rope["rope_theta"] ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        factors = llama3_rope_factors(rope, head_dim)
+        assert factors.dtype == np.float32 and factors.shape == (head_dim // 2,)
+        np.testing.assert_allclose(factors, (default / scaled).numpy(), rtol=1e-6)
+    tiny = llama3_rope_factors(LLAMA3, 8)
+    assert tiny[0] == 1 and 1 < tiny[1] < tiny[2] < 8 and tiny[3] == 8
+
+
+@pytest.mark.parametrize("shape, arch", [("uniform", "llama"), ("heterogeneous", "deci")])
+def test_llama3_rope_is_the_rope_freqs_tensor_llama_cpp_applies(tmp_path, tokenizer, shape, arch):
+    from llamaprune.gguf_export import llama3_rope_factors
+
+    # Weights of std 0.1, not transformers' 0.02: attention then depends on positions enough that the file without
+    # its factors is off by about 0.1 of the largest logit (0.002 at 0.02), 100 times REL_TOL.
+    pruned = pruned_checkpoint(tmp_path, tokenizer, shape, rope=LLAMA3, init_std=0.1)
+    export(ExportOptions(pruned, tmp_path / "m.gguf"))
+    meta = fields(tmp_path / "m.gguf")
+    assert meta["general.architecture"] == arch and meta[f"{arch}.rope.freq_base"] == LLAMA3["rope_theta"]
+    assert not [key for key in meta if ".rope.scaling." in key]  # as llama.cpp's converter: the tensor is all
+    factors = {t.name: t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}["rope_freqs.weight"]
+    assert factors.tensor_type.name == "F32"
+    np.testing.assert_array_equal(factors.data, llama3_rope_factors(LLAMA3, 8))
+    want = transformers_logits(pruned, LONG_TOKENS)
+    assert relative_error(graph_logits(tmp_path / "m.gguf", LONG_TOKENS), want) < 1e-5
+    assert relative_error(graph_logits(tmp_path / "m.gguf", LONG_TOKENS, rope_freqs=False), want) > 30 * REL_TOL
+    got, llm = llama_cpp_logits(tmp_path / "m.gguf", LONG_TOKENS)
+    assert relative_error(got, want) < REL_TOL
+    llm.reset()
+    prompt = LONG_TOKENS[:40]
+    greedy = list(itertools.islice(llm.generate(prompt, temp=0.0, top_k=1), 8))
+    model = load_pruned(pruned)
+    expected = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()
+    assert greedy == expected
+
+
 @pytest.mark.parametrize("outtype", ["f16", "bf16", "q8_0"])
 def test_smaller_types_stay_close(tmp_path, tokenizer, outtype, monkeypatch):
     pruned = pruned_checkpoint(tmp_path, tokenizer, "skips")
@@ -216,6 +275,23 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tokenizer, gpt2_chec
     assert result.exit_code == 0, result.output
     assert fields(out)["general.file_type"] == gguf.LlamaFileType.MOSTLY_F16
     assert sorted(p.name for p in out.parent.iterdir()) == ["m.gguf"]
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64},
+    {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+    {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4, "long_factor": [2.0] * 4,
+     "original_max_position_embeddings": 64},
+])
+def test_other_rope_types_are_one_line(tmp_path, tokenizer, rope):
+    from llamaprune.cli import app
+
+    checkpoint = tmp_path / "tiny"
+    tiny_model(tiny_config(vocab=len(tokenizer), rope=rope)).save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    result = CliRunner().invoke(app, ["export", str(checkpoint), "--out", str(tmp_path / "m.gguf")])
+    assert_one_error_line(result, f"rope type {rope['rope_type']!r} is not exported yet", "default, linear, llama3")
+    assert not (tmp_path / "m.gguf").exists()
 
 
 def test_the_pre_tokenizer_is_named_as_llama_cpp_s_converter_names_it():
