@@ -40,30 +40,34 @@ def output_key(plan: Plan, layer: int, path: str, what: str) -> str:
     return route[0]
 
 
-def _capture(module: torch.nn.Module, run: Callable[[], object]) -> torch.Tensor:
-    """The input ``module`` sees during one call of ``run``."""
+def _capture(module: torch.nn.Module, run: Callable[[], object]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input ``module`` sees during one call of ``run``, and its output."""
     seen = {}
-    handle = module.register_forward_pre_hook(lambda mod, args: seen.__setitem__("x", args[0]))
+    handle = module.register_forward_hook(lambda mod, args, out: seen.update(x=args[0], y=out))
     try:
         run()
     finally:
         handle.remove()
-    return seen["x"]
+    return seen["x"], seen["y"]
 
 
-def _fitted(linear: torch.nn.Linear, keep: torch.Tensor, damp: float, inputs: Callable[[], Iterator[torch.Tensor]],
+Batches = Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]  # (inputs, unpruned outputs) of a linear
+
+
+def _fitted(linear: torch.nn.Linear, keep: torch.Tensor, damp: float, inputs: Batches,
             where: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The refitted kept columns and output bias of ``linear`` from the batches of its calibration inputs that
-    ``inputs`` yields; where nothing of its input was removed, the layer as it is (a zero bias where it had
-    none). The batches are drawn either way: the attention pass gathers its kept inputs while they run."""
+    """The refitted kept columns and output bias of ``linear`` from the batches of its calibration inputs and
+    unpruned outputs that ``inputs`` yields; where nothing of its input was removed, the layer as it is (a zero
+    bias where it had none). The batches are drawn either way: the attention pass gathers its kept inputs while
+    they run."""
     weight, bias = linear.weight.detach(), linear.bias
     if len(keep) == weight.shape[1]:
         for _ in inputs():
             pass
         return weight, bias.detach() if bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype)
     sums = FitSums.of(weight, keep, bias)
-    for x in inputs():
-        sums.add(x)
+    for x, y in inputs():
+        sums.add(x, y)
     return refit(sums, damp, where)
 
 
@@ -100,11 +104,11 @@ def _refit_attention(stream, block, hidden, keep, damp, plan, layer, tensors) ->
     o_proj = block.self_attn.o_proj
     kept_inputs = []
 
-    def inputs() -> Iterator[torch.Tensor]:
+    def inputs() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for h in stream.batches(hidden):
-            z = _capture(o_proj, lambda h=h: stream.attention(block, h))
+            z, y = _capture(o_proj, lambda h=h: stream.attention(block, h))
             kept_inputs.append(z[..., keep.to(z.device)])
-            yield z
+            yield z, y
 
     weight, bias = _fitted(o_proj, keep, damp, inputs, f"layer {layer}")
     _store(tensors, plan, layer, "self_attn.o_proj", weight, bias, len(keep) < o_proj.in_features)
@@ -114,7 +118,7 @@ def _refit_attention(stream, block, hidden, keep, damp, plan, layer, tensors) ->
 def _refit_mlp(stream, block, hidden, keep, damp, plan, layer, tensors) -> torch.Tensor:
     mlp = block.mlp
 
-    def inputs() -> Iterator[torch.Tensor]:
+    def inputs() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for h in stream.batches(hidden):
             yield _capture(mlp.down_proj, lambda h=h: stream.mlp(block, h))
 

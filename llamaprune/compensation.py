@@ -34,9 +34,6 @@ class Compensation(str, Enum):
     lstsq = "lstsq"
 
 
-ROWS_PER_BLOCK = 1 << 22  # elements of the float64 weight copy made at a time while accumulating
-
-
 @dataclass
 class FitSums:
     """Running float64 sums for refitting one linear layer's kept input columns ``keep``: ``system``, the Gram
@@ -57,17 +54,23 @@ class FitSums:
         return cls(weight.detach(), None if bias is None else bias.detach(), keep.to(weight.device),
                    torch.zeros(k + 1, k + 1, **zeros), torch.zeros(k + 1, outputs, **zeros))
 
-    def add(self, x: torch.Tensor) -> FitSums:
-        """Fold a batch of the layer's inputs (..., in_features); returns self."""
-        flat = x.detach().reshape(-1, x.shape[-1]).to(self.system.device, torch.float64)
-        augmented = torch.cat([flat[:, self.keep], flat.new_ones(len(flat), 1)], dim=1)
-        self.system.addmm_(augmented.T, augmented)
-        rows = max(1, ROWS_PER_BLOCK // self.weight.shape[1])
-        for start in range(0, self.weight.shape[0], rows):
-            output = flat @ self.weight[start : start + rows].double().T
-            if self.bias is not None:
-                output += self.bias[start : start + rows].double()
-            self.cross[:, start : start + rows].addmm_(augmented.T, output)
+    def add(self, x: torch.Tensor, output: torch.Tensor | None = None) -> FitSums:
+        """Fold a batch of the layer's inputs (..., in_features) and, where the caller has it, the unpruned layer's
+        output for them (else it is computed, in float32 at least); returns self. The sums are float64."""
+        x = x.detach().reshape(-1, x.shape[-1]).to(self.weight.device)
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
+        if output is None:
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            output = torch.nn.functional.linear(x, self.weight.to(x.dtype), bias)
+        output = output.detach().reshape(-1, self.weight.shape[0]).to(self.weight.device, torch.float64)
+        kept, k = x[:, self.keep].double(), len(self.keep)
+        sums = kept.sum(dim=0)
+        self.system[:k, :k].addmm_(kept.T, kept)
+        self.system[k, :k] += sums
+        self.system[:k, k] += sums
+        self.system[k, k] += len(x)
+        self.cross[:k].addmm_(kept.T, output)
+        self.cross[k] += output.sum(dim=0)
         return self
 
 
