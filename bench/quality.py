@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from llamaprune.apply import apply_plan  # noqa: E402
+from llamaprune.compensate import CompensationOptions  # noqa: E402
 from llamaprune.criteria import CRITERIA  # noqa: E402
 from llamaprune.data import calibration_windows, evaluation_windows, load_rows  # noqa: E402
 from llamaprune.evaluate import perplexity  # noqa: E402
@@ -39,13 +40,16 @@ RATIOS = (0.1, 0.2, 0.3)
 
 @dataclass(frozen=True)
 class Case:
-    """One row of the results: a label, the plan options, whether a LoRA finetune follows, and whether it
-    belongs to the criterion x ratio sweep that the plot shows."""
+    """One row of the results: a label, the plan options, the error compensation applied with the plan
+    (lstsq refits on the scoring windows), whether a LoRA finetune follows, and whether it belongs to the
+    criterion x ratio sweep that the plot shows. The full criterion x allocation x compensation ablation, on the
+    peers' protocol, is bench/compensation.py's."""
 
     label: str
     options: PlanOptions
     lora: bool = False
     sweep: bool = False
+    compensation: str = "none"
 
 
 def cases() -> list[Case]:
@@ -60,6 +64,8 @@ def cases() -> list[Case]:
         Case("global taylor2 20% --uniform", PlanOptions(ratio=0.2, criterion="taylor2", uniform=True)),
         Case("global wanda 20% --normalize mean", PlanOptions(ratio=0.2, criterion="wanda", normalize="mean")),
         Case("global taylor2 20% + LoRA", PlanOptions(ratio=0.2, criterion="taylor2"), lora=True),
+        Case("global taylor2 20% + bias", PlanOptions(ratio=0.2, criterion="taylor2"), compensation="bias"),
+        Case("global taylor2 20% + lstsq", PlanOptions(ratio=0.2, criterion="taylor2"), compensation="lstsq"),
     ]
     return out
 
@@ -117,6 +123,15 @@ def lora_recover(model, tokenizer, args) -> tuple[object, dict]:
     info = {"samples": args.lora_samples, "seq_len": args.lora_seq_len, "steps": result.steps,
             "seconds": time.perf_counter() - start}
     return merge_lora(result.model), info
+
+
+def compensate(method: str, model, tokenizer, plan, run: Path, args) -> dict:
+    """The o_proj / down_proj tensors that ``method`` writes; lstsq refits on the scoring windows."""
+    from llamaprune.model import LoadedModel, Source
+
+    options = CompensationOptions(method, args.calibration, args.num_samples, args.seq_len)
+    loaded = LoadedModel(model, tokenizer, Source("bench", "dir", ""))
+    return options.tensors(plan, model.config, loaded=loaded, rows=options.rows(run), run_dir=run, progress=False)
 
 
 def plot(rows: list[dict], dense_ppl: float, path: Path) -> None:
@@ -203,8 +218,13 @@ def main(argv=None) -> dict:
                              "error": str(err)})
                 continue
             plan_seconds = time.perf_counter() - start
-            pruned = apply_plan(copy.deepcopy(model), plan)
             extra = {}
+            replace = {}
+            if case.compensation != "none":
+                start = time.perf_counter()
+                replace = compensate(case.compensation, model, tokenizer, plan, run, args)
+                extra["compensation_seconds"] = time.perf_counter() - start
+            pruned = apply_plan(copy.deepcopy(model), plan, replace)
             if case.lora:
                 pruned, extra["lora"] = lora_recover(pruned, tokenizer, args)
             row = {"label": case.label, "criterion": case.options.criterion, "ratio": case.options.ratio,
