@@ -430,7 +430,9 @@ def apply_command(
 def export_command(
     checkpoint: Annotated[
         Path,
-        typer.Argument(metavar="PRUNED_DIR", help="Checkpoint written by `llamaprune apply` (or a plain llama one)."),
+        typer.Argument(
+            metavar="PRUNED_DIR", help="Checkpoint written by `llamaprune apply` (or a plain llama or mistral one)."
+        ),
     ],
     out: Annotated[Path, typer.Option(help="The file to write, e.g. pruned.gguf.")],
     output: Annotated[str, typer.Option("--format", help="gguf (llama.cpp).")] = "gguf",

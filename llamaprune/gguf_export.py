@@ -1,10 +1,10 @@
-"""Export a pruned (or plain) llama checkpoint to one GGUF file that llama.cpp runs with nothing else.
+"""Export a pruned (or plain) llama or mistral checkpoint to one GGUF file that llama.cpp runs with nothing else.
 
 Layers that all share one shape (and no output biases) become llama.cpp's ``llama`` architecture; anything
 else becomes ``deci``, whose head counts and MLP widths are per-layer arrays and whose o_proj / down_proj may
-carry biases. Rope is default, linear or llama3 (LLaMA-3.1/3.2), whose scaling is a ``rope_freqs`` tensor.
-Tensors are read one at a time and written straight into the file, which is built in a locked temporary
-directory beside ``--out`` and renamed into place.
+carry biases. Rope is default, linear or llama3 (LLaMA-3.1/3.2), whose scaling is a ``rope_freqs`` tensor; a
+mistral sliding window bounds the context length. Tensors are read one at a time and written straight into the
+file, which is built in a locked temporary directory beside ``--out`` and renamed into place.
 
     >>> export(ExportOptions(Path("artifacts/run1/model"), Path("pruned.gguf")))      # doctest: +SKIP
     {'architecture': 'deci', 'tensors': 215, 'bytes': 431123456, ...}
@@ -61,6 +61,7 @@ FILE_TYPES = {
 }
 QUERY, KEY = "self_attn.q_proj", "self_attn.k_proj"
 ROPE_TYPES = ("default", "linear", "llama3")
+BASE_TYPES = ("llama", "mistral")
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ def export(options: ExportOptions) -> dict:
     if source.kind != "dir":
         raise UsageError(
             f"{options.checkpoint} is not a checkpoint directory; export takes the directory `llamaprune apply` wrote "
-            f"(or a plain llama checkpoint directory)"
+            f"(or a plain llama or mistral checkpoint directory)"
         )
     checkpoint = Path(source.path)
     arch = architecture(config)
@@ -156,16 +157,30 @@ def atomic_file(path: Path, overwrite: bool) -> Iterator[Path]:
 
 
 def architecture(config) -> gguf.MODEL_ARCH:
-    """``llama`` for a plain llama config; ``deci`` for our heterogeneous or output-biased type."""
+    """``llama`` for a plain llama or mistral config (llama.cpp's converter maps MistralForCausalLM to llama too);
+    ``deci`` for our heterogeneous or output-biased type pruned from either."""
     base = getattr(config, "base_model_type", config.model_type)
-    if base != "llama" or getattr(config, "sliding_window", None) is not None:
+    if base not in BASE_TYPES:
         raise UsageError(
-            f"export supports llama checkpoints, not {base}; export a checkpoint pruned from a llama model"
+            f"export supports llama and mistral checkpoints, not {base}; export a checkpoint pruned from one of them"
         )
     rope_type = _rope(config).get("rope_type", "default")
     if rope_type not in ROPE_TYPES:
         raise UsageError(f"rope type {rope_type!r} is not exported yet; export supports {', '.join(ROPE_TYPES)}")
-    return gguf.MODEL_ARCH.LLAMA if config.model_type == "llama" else gguf.MODEL_ARCH.DECI
+    return gguf.MODEL_ARCH.LLAMA if config.model_type in BASE_TYPES else gguf.MODEL_ARCH.DECI
+
+
+def context_length(config) -> int:
+    """``max_position_embeddings``, or Mistral's ``sliding_window`` where that is shorter. llama.cpp's llama and deci
+    graphs attend to every earlier token; transformers' window lets a token see itself and the ``sliding_window - 1``
+    before it, which is every earlier token as long as the sequence is at most ``sliding_window`` long. Within the
+    context written here the file computes exactly what transformers does."""
+    window = getattr(config, "sliding_window", None)
+    if window is None or window >= config.max_position_embeddings:
+        return config.max_position_embeddings
+    log.info("context length %d: the sliding window; llama.cpp attends to all earlier tokens, beyond it transformers "
+             "does not", window)
+    return window
 
 
 def layer_shapes(config) -> list[LayerShape]:
@@ -294,7 +309,7 @@ def add_metadata(writer: gguf.GGUFWriter, config, arch: gguf.MODEL_ARCH, shapes:
 
     head_dim = _head_dim(config)
     writer.add_block_count(len(shapes))
-    writer.add_context_length(config.max_position_embeddings)
+    writer.add_context_length(context_length(config))
     writer.add_embedding_length(config.hidden_size)
     writer.add_feed_forward_length(value("intermediate"))
     writer.add_head_count(value("heads"))

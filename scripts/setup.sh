@@ -20,7 +20,7 @@ else
 fi
 modules="llamaprune, torch"
 case ",$extras," in *,eval,*) modules="$modules, lm_eval";; esac
-case ",$extras," in *,dev,*) modules="$modules, pytest, llama_cpp";; esac
+case ",$extras," in *,dev,*) modules="$modules, pytest, llama_cpp, sentencepiece";; esac
 stamp=".venv-installed-${extras//,/-}"
 [ -n "${VIRTUAL_ENV:-}${CONDA_PREFIX:-}" ] && stamp="${VIRTUAL_ENV:-$CONDA_PREFIX}/.llamaprune-installed-${extras//,/-}"
 if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && "$PY" -c "import $modules" 2>/dev/null; then

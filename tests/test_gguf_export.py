@@ -3,6 +3,7 @@ transformers; the file's metadata says what llama.cpp needs; bad input is one li
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import gguf
@@ -35,10 +36,13 @@ SHAPES = {
 }
 
 
-def pruned_checkpoint(tmp_path, tokenizer, shape: str, rope: dict | None = None, init_std: float = 0.02):
+def pruned_checkpoint(tmp_path, tokenizer, shape: str, rope: dict | None = None, init_std: float = 0.02,
+                      model_type: str = "llama", sliding_window: int | None = None):
     layers, kept, removed, compensation = SHAPES[shape]
-    config = tiny_config(heads=4, kv_heads=2, vocab=len(tokenizer), layers=layers, rope=rope)
+    config = tiny_config(heads=4, kv_heads=2, vocab=len(tokenizer), layers=layers, rope=rope, model_type=model_type)
     config.initializer_range = init_std
+    if sliding_window is not None:
+        config.sliding_window = sliding_window
     source = tmp_path / "source"
     tiny_model(config).save_pretrained(source)
     tokenizer.save_pretrained(source)
@@ -292,6 +296,158 @@ def test_other_rope_types_are_one_line(tmp_path, tokenizer, rope):
     result = CliRunner().invoke(app, ["export", str(checkpoint), "--out", str(tmp_path / "m.gguf")])
     assert_one_error_line(result, f"rope type {rope['rope_type']!r} is not exported yet", "default, linear, llama3")
     assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.parametrize("shape, arch, window", [("uniform", "llama", None), ("heterogeneous", "deci", 8)])
+def test_mistral_exports_as_llama_within_its_sliding_window(tmp_path, tokenizer, shape, arch, window):
+    """Mistral is llama with a sliding window (as llama.cpp's converter maps it); llama.cpp attends to every earlier
+    token, which is what the window shows up to ``sliding_window`` tokens, so that bounds the context length."""
+    pruned = pruned_checkpoint(tmp_path, tokenizer, shape, init_std=0.1, model_type="mistral", sliding_window=window)
+    export(ExportOptions(pruned, tmp_path / "m.gguf"))
+    meta = fields(tmp_path / "m.gguf")
+    assert meta["general.architecture"] == arch
+    assert meta[f"{arch}.context_length"] == (window or 256)  # tiny_config: 256 positions, Mistral's window 4096
+    tokens = TOKENS[:window]
+    want = transformers_logits(pruned, tokens)
+    assert relative_error(graph_logits(tmp_path / "m.gguf", tokens), want) < 1e-5
+    assert relative_error(llama_cpp_logits(tmp_path / "m.gguf", tokens)[0], want) < REL_TOL
+    if window:  # one token past the window, transformers no longer sees the first token (off by about 0.2)
+        longer = TOKENS[: window + 1]
+        beyond = relative_error(graph_logits(tmp_path / "m.gguf", longer), transformers_logits(pruned, longer))
+        assert beyond > 30 * REL_TOL
+
+
+def unigram_checkpoint(path):
+    """A checkpoint whose tokenizer.json is a Unigram model (T5's kind), which export does not build."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.Unigram([("<unk>", 0.0), ("<s>", 0.0), ("</s>", 0.0)] + [(c, -1.0) for c in "abcde"], 0))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tiny_model(tiny_config(vocab=len(tokenizer))).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+@pytest.mark.parametrize("source, message", [
+    ("qwen2", "export supports llama and mistral checkpoints, not qwen2"),
+    ("unigram", "is a Unigram tokenizer; export supports byte-level BPE"),
+])
+def test_unsupported_sources_are_one_line(tmp_path, tokenizer, source, message):
+    from llamaprune.cli import app
+
+    checkpoint = tmp_path / source
+    if source == "qwen2":
+        tiny_model(tiny_config(vocab=len(tokenizer), model_type="qwen2")).save_pretrained(checkpoint)
+        tokenizer.save_pretrained(checkpoint)
+    else:
+        unigram_checkpoint(checkpoint)
+    result = CliRunner().invoke(app, ["export", str(checkpoint), "--out", str(tmp_path / "m.gguf")])
+    assert_one_error_line(result, message)
+    assert not (tmp_path / "m.gguf").exists()
+
+
+# Texts on which llama.cpp must give the checkpoint's ids: runs of spaces, a tab, newlines, digits (split one by one),
+# accents, and characters outside the vocabulary that fall back to their UTF-8 bytes.
+SPM_TEXTS = [
+    "Hello world",
+    "The  quick\tbrown fox.\nNew line\n\n  indented   ",
+    "In 1997 , 3.14159 and 2,048 @-@ numbers",
+    "Unicode: café naïve Ærø 日本語 🦙 €",
+    "",
+]
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_tokenizer():
+    """A LLaMA-style SentencePiece BPE model trained on the validation text (<unk>, <s>, </s> at 0-2, the 256 byte
+    pieces, byte fallback, digits split) and the transformers LlamaTokenizer of it, with the merges transformers
+    derives from a tokenizer.model (every two-piece split of a piece, ordered by the piece's score)."""
+    import io
+
+    import sentencepiece
+    from transformers import LlamaTokenizer
+    from transformers.tokenization_utils_base import generate_merges
+
+    lines = [line for line in VALID_TXT.read_text(encoding="utf-8").splitlines() if line.strip()][:100]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=512, byte_fallback=True,
+        split_digits=True, allow_whitespace_only_pieces=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, character_coverage=0.995, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        num_threads=1, minloglevel=2,
+    )
+    processor = sentencepiece.SentencePieceProcessor(model_proto=model.getvalue())
+    pieces = [processor.id_to_piece(i) for i in range(processor.get_piece_size())]
+    vocab = {piece: i for i, piece in enumerate(pieces)}
+    merges = generate_merges(vocab, {piece: processor.get_score(i) for i, piece in enumerate(pieces)})
+    template = "{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
+    return LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, chat_template=template), processor
+
+
+def with_normalizers(tokenizer):
+    """The tokenizer as LLaMA-2's own tokenizer.json writes it: Prepend and Replace normalizers instead of a
+    Metaspace pre-tokenizer, loaded as the file says (not rebuilt as a LlamaTokenizer)."""
+    from tokenizers import Tokenizer, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.pre_tokenizer = None
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("pipeline", ["LlamaTokenizer", "normalizers", "no BOS"])
+def test_a_sentencepiece_tokenizer_tokenizes_in_llama_cpp_as_in_transformers(tmp_path, sentencepiece_tokenizer,
+                                                                              pipeline):
+    """LLaMA-2's kind of tokenizer is llama.cpp's ``llama`` model: llama.cpp's ids are the checkpoint's (and
+    sentencepiece's), its text the checkpoint's, and the model's logits those of transformers. ``no BOS``: a
+    LlamaTokenizer that adds none, which llama.cpp's llama model would add unless the file says otherwise."""
+    import llama_cpp
+    from transformers import AutoTokenizer
+
+    tokenizer, processor = sentencepiece_tokenizer
+    if pipeline == "normalizers":
+        tokenizer = with_normalizers(tokenizer)
+    if pipeline == "no BOS":
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.add_bos_token = False
+    bos = [] if pipeline == "no BOS" else [1]
+    pruned = pruned_checkpoint(tmp_path, tokenizer, "uniform")
+    export(ExportOptions(pruned, tmp_path / "m.gguf"))
+    meta = fields(tmp_path / "m.gguf")
+    T = gguf.TokenType
+    assert meta["tokenizer.ggml.model"] == "llama" and meta["tokenizer.ggml.add_space_prefix"] is True
+    assert meta["tokenizer.ggml.token_type"][:259] == [T.UNKNOWN, T.CONTROL, T.CONTROL] + [T.BYTE] * 256
+    assert (meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.eos_token_id"]) == (1, 2)
+    assert meta["tokenizer.ggml.add_bos_token"] is bool(bos) and meta["tokenizer.ggml.add_eos_token"] is False
+    assert meta.get("tokenizer.chat_template") == tokenizer.chat_template
+    scores = meta["tokenizer.ggml.scores"]  # pieces made by merges: in the order of sentencepiece's own scores
+    made = [i for i, score in enumerate(scores) if score > min(scores)]
+    assert sorted(made, key=lambda i: -scores[i]) == sorted(made, key=lambda i: -processor.get_score(i))
+
+    checkpoint = AutoTokenizer.from_pretrained(pruned)
+    vocab = llama_cpp.Llama(str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
+    for text in SPM_TEXTS:
+        ids = checkpoint(text)["input_ids"]
+        assert vocab.tokenize(text.encode()) == ids == bos + processor.encode(text), text
+        if bos:  # llama-cpp-python's detokenize drops the prefixed space only after a BOS
+            assert vocab.detokenize(ids).decode() == checkpoint.decode(ids, skip_special_tokens=True) == text
+    assert any(T.BYTE == meta["tokenizer.ggml.token_type"][i] for i in checkpoint(SPM_TEXTS[3])["input_ids"])
+    for text in (" one space", "  two spaces"):
+        ids = vocab.tokenize(text.encode())
+        assert ids == bos + processor.encode(text) and (not bos or vocab.detokenize(ids).decode() == text)
+        if pipeline == "normalizers":
+            assert checkpoint(text)["input_ids"] == ids
+        else:  # transformers 5's LlamaTokenizer (Metaspace) folds a leading space into the one it prefixes
+            assert checkpoint(text)["input_ids"] == vocab.tokenize(text[1:].encode()) != ids
+    # After a special token llama.cpp prefixes a space, as the normalizers do; LlamaTokenizer's Metaspace does not.
+    parsed = vocab.tokenize(b"Hello</s>world", special=True)
+    assert (checkpoint("Hello</s>world")["input_ids"] == parsed) == (pipeline == "normalizers")
+
+    tokens = checkpoint(SPM_TEXTS[1])["input_ids"]
+    got = llama_cpp_logits(tmp_path / "m.gguf", tokens)[0]
+    assert relative_error(got, transformers_logits(pruned, tokens)) < REL_TOL
 
 
 def test_the_pre_tokenizer_is_named_as_llama_cpp_s_converter_names_it():
