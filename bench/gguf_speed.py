@@ -1,9 +1,11 @@
 """Benchmark of ``llamaprune export --format gguf``: llama.cpp speed and file size of a pruned model against its
-dense source, both exported by llamaprune in the same type and measured in one process, alternating.
+dense source, both exported by llamaprune in the same type and measured in one process, alternating, and how
+closely llama.cpp's logits follow transformers' for each.
 
 Per round and model: prompt processing (one ``eval`` of ``--prompt`` tokens) and generation (``--generate``
-greedy tokens after a short prompt), each in tokens/s; the median over ``--rounds`` rounds is reported. Needs
-llama-cpp-python.
+greedy tokens after a short prompt), each in tokens/s; the median over ``--rounds`` rounds is reported.
+Agreement: max |llama.cpp logit - transformers logit| / max |transformers logit| over the first 64 prompt
+tokens, and whether the greedy next token agrees at every position. Needs llama-cpp-python.
 
     $ llamaprune score smollm2-135m --out run --num-samples 8 --seq-len 64 --criteria taylor
     $ llamaprune plan run --ratio 0.2 --criterion taylor
@@ -43,6 +45,25 @@ def speeds(llm, prompt: list[int], generate: int) -> tuple[float, float]:
     return prompt_speed, generate / (time.perf_counter() - start)
 
 
+def agreement(path: Path, source: str, tokens: list[int]) -> dict:
+    """llama.cpp's logits of ``path`` against transformers' of the checkpoint it was exported from."""
+    import llama_cpp
+    import numpy as np
+    import torch
+
+    from llamaprune.model import load_model
+
+    model = load_model(source).model
+    with torch.no_grad():
+        want = model(torch.tensor([tokens])).logits[0].double().numpy()
+    del model
+    llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=len(tokens) + 8, verbose=False)
+    llm.eval(tokens)
+    got = np.array(llm.scores[: len(tokens)], dtype=np.float64)
+    return {"relative_error": float(np.abs(got - want).max() / np.abs(want).max()),
+            "same_argmax": bool((got.argmax(-1) == want.argmax(-1)).all())}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("pruned", type=Path, help="pruned checkpoint directory (llamaprune apply)")
@@ -53,6 +74,7 @@ def main() -> None:
     parser.add_argument("--generate", type=int, default=64, help="generated tokens per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="Also write the figures here.")
     args = parser.parse_args()
 
     import llama_cpp
@@ -77,11 +99,15 @@ def main() -> None:
             "prompt_tokens_per_s": round(statistics.median(r[0] for r in rounds), 1),
             "generate_tokens_per_s": round(statistics.median(r[1] for r in rounds), 1),
         }
+    for name, source in (("dense", args.dense), ("pruned", str(args.pruned))):
+        report[name]["agreement"] = agreement(files[name], source, prompt[:64])
     dense, pruned = report["dense"], report["pruned"]
     report["ratios"] = {
         key: round(pruned[key] / dense[key], 3) for key in ("bytes", "prompt_tokens_per_s", "generate_tokens_per_s")
     }
     print(json.dumps(report, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

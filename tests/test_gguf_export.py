@@ -459,3 +459,12 @@ def test_the_pre_tokenizer_is_named_as_llama_cpp_s_converter_names_it():
 
     assert pre_tokenizer(AutoTokenizer.from_pretrained(embedded_checkpoint())) == "smollm"
     assert fields(embedded_gguf())["tokenizer.ggml.pre"] == "smollm"
+
+
+def test_mlp_widths_off_llama_cpp_s_blocks_are_named_with_the_fix(caplog):
+    from llamaprune.gguf_export import LayerShape, warn_unaligned
+
+    warn_unaligned([LayerShape(4, 2, 64), LayerShape(0, 0, 0), LayerShape(4, 2, 96)])
+    assert not caplog.records
+    warn_unaligned([LayerShape(4, 2, 64), LayerShape(4, 2, 24)])
+    assert "1 of 2 layers" in caplog.text and "--round-to 32" in caplog.text
