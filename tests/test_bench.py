@@ -64,3 +64,16 @@ def test_streamed_scoring_bench_runs_tiny(tmp_path):
     figures = json.loads(out.read_text())
     assert figures["peaks"]["stream"]["scoring_peak_scope"] in ("scoring", "process")
     assert figures["stream_over_checkpoint"] > 0 and figures["full_over_checkpoint"] > 0
+
+
+def test_streamed_compensation_bench_runs_tiny(tmp_path):
+    out = tmp_path / "compensation_stream.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "compensation_stream.py"), "--tiny", "--json",
+                           str(out)], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "the refit's peak above the sliced apply's" in done.stdout
+    import json
+
+    figures = json.loads(out.read_text())
+    assert figures["peaks"]["lstsq"]["peak_rss"] >= figures["peaks"]["none"]["rss_after_imports"] > 0
+    assert figures["budget"]["widest_kept"] > 0 and figures["budget"]["largest_fit"] > 0
