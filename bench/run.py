@@ -105,7 +105,18 @@ def write_results(path: Path, args, report: dict, costs: list[tuple[str, str]], 
     ]
     for title, output in costs:
         text += ["", f"## {title}", "", "```", output, "```"]
-    path.write_text("\n".join(text) + "\n")
+    path.write_text("\n".join(text) + "\n" + kept_part(path))
+
+
+KEPT = "<!-- Below: figures from benchmarks run on their own"
+
+
+def kept_part(path: Path) -> str:
+    """What an earlier RESULTS.md holds from the ``KEPT`` marker on: the figures of benchmarks that take longer
+    than this run (error compensation, streamed memory, llama.cpp), which a rerun must not erase."""
+    old = path.read_text() if path.exists() else ""
+    start = old.find(KEPT)
+    return "\n" + old[start:] if start >= 0 else ""
 
 
 def main(argv=None) -> None:

@@ -9,13 +9,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bench_run_tiny_writes_results(tmp_path):
+    """It rewrites its own sections and keeps the separately run benchmarks' part below the marker."""
+    kept = "<!-- Below: figures from benchmarks run on their own (...) -->\n\n## Error compensation\n\n| a | b |\n"
+    (tmp_path / "RESULTS.md").write_text("# old\n\n## Quality (old)\n\nstale\n\n" + kept)
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--tiny", "--out", str(tmp_path)],
                           capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     results = (tmp_path / "RESULTS.md").read_text()
-    for section in ("## Quality", "| dense |", "global taylor2 20% + LoRA", "## Scoring cost", "## Planning cost",
-                    "## Apply cost"):
+    for section in ("## Quality", "| dense |", "global taylor2 20% + LoRA", "global taylor2 20% + lstsq",
+                    "## Scoring cost", "## Planning cost", "## Apply cost"):
         assert section in results
+    assert "stale" not in results and results.endswith(kept) and results.count("## Error compensation") == 1
     assert (tmp_path / "ppl_vs_ratio.png").stat().st_size > 1000
 
 
