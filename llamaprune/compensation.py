@@ -24,6 +24,7 @@ from enum import Enum
 import torch
 
 from llamaprune.errors import UsageError
+from llamaprune.importance import token_sums
 
 
 class Compensation(str, Enum):
@@ -65,13 +66,13 @@ class FitSums:
             output = torch.nn.functional.linear(x, self.weight.to(x.dtype), bias)
         output = output.detach().reshape(-1, self.weight.shape[0]).to(self.weight.device, x.dtype)
         kept, k = x[:, self.keep], len(self.keep)
-        sums = kept.sum(dim=0, dtype=torch.float64)
+        sums = token_sums(kept)
         self.system[:k, :k] += kept.T @ kept
         self.system[k, :k] += sums
         self.system[:k, k] += sums
         self.system[k, k] += len(x)
         self.cross[:k] += kept.T @ output
-        self.cross[k] += output.sum(dim=0, dtype=torch.float64)
+        self.cross[k] += token_sums(output)
         return self
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from llamaprune.arch import COLS
-from llamaprune.importance import block_index_sums, group_sum
+from llamaprune.importance import block_index_sums, group_sum, token_sums
 
 if TYPE_CHECKING:
     from llamaprune.calibrate import Accumulators, ParamSpec
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 def accumulate_sum(x: torch.Tensor, acc: torch.Tensor | None) -> torch.Tensor:
     """acc[j] += sum over tokens of x[..., j], in float64 (means are taken from it)."""
-    total = x.detach().reshape(-1, x.shape[-1]).sum(dim=0, dtype=torch.float64)
+    total = token_sums(x.detach().reshape(-1, x.shape[-1]))
     return total if acc is None else acc.add_(total)
 
 

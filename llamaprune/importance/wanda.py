@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from llamaprune.importance import group_sum, weight_group_sum
+from llamaprune.importance import group_sum, token_sums, weight_group_sum
 
 if TYPE_CHECKING:
     from llamaprune.calibrate import Accumulators, ParamSpec
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 def accumulate_sq_norm(x: torch.Tensor, acc: torch.Tensor | None) -> torch.Tensor:
     """acc[j] += sum over tokens of x[..., j]^2, in float64: the fluctuation criterion subtracts the squared
     mean from it, which float32 sums over many tokens would not survive."""
-    sq = x.detach().float().reshape(-1, x.shape[-1]).square().sum(dim=0, dtype=torch.float64)
+    sq = token_sums(x.detach().float().reshape(-1, x.shape[-1]).square())
     return sq if acc is None else acc.add_(sq)
 
 
