@@ -14,9 +14,7 @@ beside the measured peak.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -26,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from apply import in_subprocess, make_plan, publish, rss_bytes  # noqa: E402
+from score_stream import synthetic_parser  # noqa: E402
 
-SHARED = ROOT.parent / "shared" / "data"
 BUILDER = ROOT / "bench" / "score_stream.py"
 
 
@@ -109,15 +107,7 @@ def report(figures: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="A tiny checkpoint (smoke test of this script).")
-    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("LLAMAPRUNE_DATA_DIR") or SHARED))
-    parser.add_argument("--num-samples", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--dir", type=Path, help="Work directory (default: a temporary one, removed at the end).")
-    parser.add_argument("--json", type=Path, help="Also write the figures here.")
-    parser.add_argument("--measure", nargs="+", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = synthetic_parser(__doc__).parse_args()
     if args.measure:
         kind, *rest = args.measure
         if kind == "plan":

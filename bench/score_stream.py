@@ -128,16 +128,22 @@ def report(figures: dict) -> str:
     ])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def synthetic_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of a benchmark on this synthetic checkpoint (and its internal ``--measure`` step)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="A tiny checkpoint (smoke test of this script).")
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("LLAMAPRUNE_DATA_DIR") or SHARED))
     parser.add_argument("--num-samples", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--dir", type=Path, help="Work directory (default: a temporary one, removed at the end).")
     parser.add_argument("--json", type=Path, help="Also write the figures here.")
     parser.add_argument("--measure", nargs="+", help=argparse.SUPPRESS)
+    return parser
+
+
+def main() -> None:
+    parser = synthetic_parser(__doc__)
+    parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
     if args.measure:
         kind, path, *rest = args.measure
