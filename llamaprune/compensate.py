@@ -54,18 +54,17 @@ def _capture(module: torch.nn.Module, run: Callable[[], object]) -> tuple[torch.
 Batches = Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]  # (inputs, unpruned outputs) of a linear
 
 
+def _as_is(linear: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """A projection none of whose inputs were removed: its weight, and its bias (zero where it had none)."""
+    weight, bias = linear.weight.detach(), linear.bias
+    return weight, bias.detach() if bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype)
+
+
 def _fitted(linear: torch.nn.Linear, keep: torch.Tensor, damp: float, inputs: Batches,
             where: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The refitted kept columns and output bias of ``linear`` from the batches of its calibration inputs and
-    unpruned outputs that ``inputs`` yields; where nothing of its input was removed, the layer as it is (a zero
-    bias where it had none). The batches are drawn either way: the attention pass gathers its kept inputs while
-    they run."""
-    weight, bias = linear.weight.detach(), linear.bias
-    if len(keep) == weight.shape[1]:
-        for _ in inputs():
-            pass
-        return weight, bias.detach() if bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype)
-    sums = FitSums.of(weight, keep, bias)
+    unpruned outputs that ``inputs`` yields."""
+    sums = FitSums.of(linear.weight.detach(), keep, linear.bias)
     for x, y in inputs():
         sums.add(x, y)
     return refit(sums, damp, where)
@@ -102,6 +101,9 @@ def refit_layers(stream: LayerStream, plan: Plan, windows: torch.Tensor, damp: f
 
 def _refit_attention(stream, block, hidden, keep, damp, plan, layer, tensors) -> torch.Tensor:
     o_proj = block.self_attn.o_proj
+    if len(keep) == o_proj.in_features:  # nothing to refit: the sub-block as it is
+        _store(tensors, plan, layer, "self_attn.o_proj", *_as_is(o_proj), False)
+        return torch.cat([h + stream.attention(block, h) for h in stream.batches(hidden)])
     kept_inputs = []
 
     def inputs() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -111,19 +113,22 @@ def _refit_attention(stream, block, hidden, keep, damp, plan, layer, tensors) ->
             yield z, y
 
     weight, bias = _fitted(o_proj, keep, damp, inputs, f"layer {layer}")
-    _store(tensors, plan, layer, "self_attn.o_proj", weight, bias, len(keep) < o_proj.in_features)
+    _store(tensors, plan, layer, "self_attn.o_proj", weight, bias, True)
     return torch.cat([h + z @ weight.T + bias for h, z in zip(stream.batches(hidden), kept_inputs, strict=True)])
 
 
 def _refit_mlp(stream, block, hidden, keep, damp, plan, layer, tensors) -> torch.Tensor:
     mlp = block.mlp
+    if len(keep) == mlp.down_proj.in_features:  # nothing to refit: the sub-block as it is
+        _store(tensors, plan, layer, "mlp.down_proj", *_as_is(mlp.down_proj), False)
+        return torch.cat([h + stream.mlp(block, h) for h in stream.batches(hidden)])
 
     def inputs() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for h in stream.batches(hidden):
             yield _capture(mlp.down_proj, lambda h=h: stream.mlp(block, h))
 
     weight, bias = _fitted(mlp.down_proj, keep, damp, inputs, f"layer {layer}")
-    _store(tensors, plan, layer, "mlp.down_proj", weight, bias, len(keep) < mlp.down_proj.in_features)
+    _store(tensors, plan, layer, "mlp.down_proj", weight, bias, True)
     keep = keep.to(hidden.device)
     out = []
     for h in stream.batches(hidden):  # the pruned MLP: the full gate and up projections, then the kept channels
