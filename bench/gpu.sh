@@ -26,7 +26,7 @@ done
 case "$PART" in all|quality|scale) ;; *) echo "--part: all, quality or scale, not '$PART'" >&2; exit 2 ;; esac
 [ -d .cache/llamaprune ] && export LLAMAPRUNE_CACHE="${LLAMAPRUNE_CACHE:-$PWD/.cache/llamaprune}"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
-PY=python3; [ -x .venv/bin/python ] && PY=.venv/bin/python
+PY="${PYTHON:-python3}"; [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ] && PY=.venv/bin/python  # the tests name theirs
 OUT="${OUT:-$(mktemp -d)}"
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 if [ "$PART" != scale ]; then

@@ -146,6 +146,33 @@ def copy_modeling_file(config, out: Path) -> None:
         shutil.copyfile(MODELING_FILE, Path(out) / MODELING_FILE.name)
 
 
+def refresh_modeling_file(checkpoint: Path) -> bool:
+    """Replace a ``llamaprune`` checkpoint's copy of the modeling file with this release's; True if it changed.
+
+    ``trust_remote_code`` runs the copy a checkpoint was written with, so a checkpoint made before a fix (one
+    that a newer transformers needs, say) keeps the old code until its copy is replaced; weights and config stay.
+    """
+    from llamaprune.artifacts import atomic_write_bytes
+
+    config_file = Path(checkpoint) / "config.json"
+    try:
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except FileNotFoundError:
+        raise UsageError(f"{checkpoint} has no config.json: give a checkpoint written by `llamaprune apply`") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UsageError(f"{config_file} is not a JSON config ({err})") from None
+    if model_type != MODEL_TYPE:
+        raise UsageError(
+            f"{checkpoint} is a plain {model_type!r} checkpoint: transformers loads it without a modeling file, "
+            f"so there is nothing to refresh"
+        )
+    target, code = Path(checkpoint) / MODELING_FILE.name, MODELING_FILE.read_bytes()
+    if target.is_file() and target.read_bytes() == code:
+        return False
+    atomic_write_bytes(target, code)
+    return True
+
+
 def write_config(config, out: Path) -> None:
     config.save_pretrained(out)
     copy_modeling_file(config, out)

@@ -450,5 +450,22 @@ def export_command(
                f"{summary['bytes'] / 2**20:.1f} MiB -> {out}")
 
 
+@app.command("refresh-code")
+@one_line_errors
+def refresh_code_command(
+    checkpoint: Annotated[
+        Path, typer.Argument(metavar="PRUNED_DIR", help="A checkpoint of the llamaprune model type.")
+    ],
+) -> None:
+    """Replace the checkpoint's copy of modeling_llamaprune.py with this release's (weights and config stay), so
+    loading it with trust_remote_code runs today's code: a checkpoint keeps the copy it was written with."""
+    from llamaprune import __version__
+    from llamaprune.checkpoint import MODELING_FILE, refresh_modeling_file
+
+    changed = refresh_modeling_file(checkpoint)
+    typer.echo(f"{checkpoint / MODELING_FILE.name}: {'replaced with' if changed else 'already'} llamaprune "
+               f"{__version__}'s")
+
+
 app.command("finetune")(one_line_errors(finetune_command))
 app.command("prune")(one_line_errors(prune_command))

@@ -25,7 +25,7 @@ import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, LlamaConfig
-from transformers.cache_utils import Cache, DummyLayer, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
@@ -107,16 +107,20 @@ class LlamaPruneAttention(LlamaAttention):
 
 
 class LlamaPruneDecoderLayer(GradientCheckpointingLayer):
-    """A Llama decoder layer whose attention and/or MLP block (with its norm) may be absent (``skip``)."""
+    """A Llama decoder layer whose attention and/or MLP block (with its norm) may be absent (``skip``).
 
-    def __init__(self, config: LlamaPruneConfig, layer_idx: int):
+    ``cache_slot`` is the attention's index in the KV cache: layers without attention hold no slot, so slot 0
+    is always a layer with attention (transformers reads the cached length from slot 0).
+    """
+
+    def __init__(self, config: LlamaPruneConfig, cache_slot: int):
         super().__init__()
         skip = set(getattr(config, "skip", None) or ())
         self.hidden_size = config.hidden_size
         self.input_layernorm = self.self_attn = self.post_attention_layernorm = self.mlp = None
         if "attention" not in skip:
             self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-            self.self_attn = LlamaPruneAttention(config, layer_idx)
+            self.self_attn = LlamaPruneAttention(config, cache_slot)
         if "mlp" not in skip:
             self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
             self.mlp = LlamaMLP(config)
@@ -157,15 +161,15 @@ class LlamaPrunePreTrainedModel(LlamaPreTrainedModel):
     _can_record_outputs = {"hidden_states": LlamaPruneDecoderLayer, "attentions": LlamaPruneAttention}
 
 
-def mark_attention_free(cache: Cache, layers: list[int], num_layers: int) -> None:
-    """Give layers without attention a DummyLayer cache slot, so the sequence length comes from a real one
-    (a lazily filled cache gets all its slots first)."""
-    if cache.layer_class_to_replicate is not None:
-        while len(cache.layers) < num_layers:
-            cache.layers.append(cache.layer_class_to_replicate())
-    for index in layers:
-        if not isinstance(cache.layers[index], DummyLayer):
-            cache.layers[index] = DummyLayer()
+def cache_slots(layer_configs) -> list[int]:
+    """Each layer's KV-cache slot: layers with attention count up from 0; a layer without one gets the slot of
+    the next attention layer (it never reads or writes it)."""
+    slots, next_slot = [], 0
+    for layer in layer_configs:
+        slots.append(next_slot)
+        if "attention" not in (getattr(layer, "skip", None) or ()):
+            next_slot += 1
+    return slots
 
 
 class LlamaPruneModel(LlamaPrunePreTrainedModel):
@@ -174,10 +178,11 @@ class LlamaPruneModel(LlamaPrunePreTrainedModel):
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        layers = config.per_layer_config
         self.layers = nn.ModuleList(
-            [LlamaPruneDecoderLayer(layer, index) for index, layer in enumerate(config.per_layer_config)]
+            [LlamaPruneDecoderLayer(layer, slot) for layer, slot in zip(layers, cache_slots(layers), strict=True)]
         )
-        self.attention_free = [i for i, layer in enumerate(self.layers) if layer.self_attn is None]
+        self.num_cache_slots = sum(layer.self_attn is not None for layer in self.layers)
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
@@ -185,7 +190,7 @@ class LlamaPruneModel(LlamaPrunePreTrainedModel):
 
     @property
     def has_attention(self) -> bool:
-        return len(self.attention_free) < len(self.layers)
+        return self.num_cache_slots > 0
 
     @merge_with_config_defaults
     @capture_outputs
@@ -207,8 +212,6 @@ class LlamaPruneModel(LlamaPrunePreTrainedModel):
             cache, use_cache = None, False
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        if cache is not None:
-            mark_attention_free(cache, self.attention_free, len(self.layers))
         if position_ids is None:
             past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens

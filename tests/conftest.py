@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 import tempfile
+import textwrap
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -224,6 +227,72 @@ def read_tensors(directory) -> dict[str, torch.Tensor]:
         with safe_open(path, framework="pt") as f:
             out.update({key: f.get_tensor(key) for key in f.keys()})
     return out
+
+
+# ---------------------------------------------------------------- a checkpoint loaded where llamaprune is not
+
+REMOTE_SCRIPT = textwrap.dedent(
+    """
+    import sys
+
+    class NoLlamaprune:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "llamaprune":
+                raise ImportError("llamaprune is not installed here")
+
+    sys.meta_path.insert(0, NoLlamaprune())
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    path, inputs_file, out_file = sys.argv[1:]
+    try:
+        import llamaprune
+        raise SystemExit("llamaprune must not be importable in this test")
+    except ImportError:
+        pass
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+    inputs = torch.load(inputs_file)
+    x, mask = inputs["ids"], inputs["mask"]
+    out = {"class": type(model).__name__}
+    with torch.no_grad():
+        out["logits"] = model(input_ids=x).logits
+        out["tokens"] = model.generate(x[:1], max_new_tokens=6, do_sample=False)
+        if mask is not None:  # a padded prompt, then one cached step, with the cache made as generate() / lazily
+            out["masked_last"] = model(x, attention_mask=mask).logits[:, -1]
+            for name, cache in (("config_cache", DynamicCache(config=model.config)), ("lazy_cache", DynamicCache())):
+                prefix = model(x[:, :-1], attention_mask=mask[:, :-1], cache=cache, use_cache=True)
+                out[name + "_length"] = prefix.cache.get_seq_length()
+                step = model(x[:, -1:], attention_mask=mask, cache=prefix.cache, use_cache=True)
+                out[name] = step.logits[:, -1]
+    torch.save(out, out_file)
+    """
+)
+
+
+def remote_outputs(model, x, tmp_path, mask=None) -> dict:
+    """What ``model`` (or the checkpoint directory given), loaded with ``trust_remote_code`` in a process that
+    cannot import llamaprune, computes on ``x``: logits, 6 greedy tokens of ``x[:1]`` and, given ``mask``, one
+    cached step (REMOTE_SCRIPT)."""
+    from llamaprune.checkpoint import save_pruned
+
+    if isinstance(model, Path):
+        checkpoint = model
+    else:
+        checkpoint = tmp_path / "remote-model"
+        save_pruned(model, checkpoint)
+    torch.save({"ids": x, "mask": mask}, tmp_path / "remote-inputs.pt")
+    (tmp_path / "remote.py").write_text(REMOTE_SCRIPT)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    done = subprocess.run(
+        [sys.executable, "-I", "remote.py", str(checkpoint), "remote-inputs.pt", "remote-out.pt"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return torch.load(tmp_path / "remote-out.pt")
 
 
 # ---------------------------------------------------------------- hand-built run directories

@@ -24,7 +24,7 @@ def test_bench_run_tiny_writes_results(tmp_path):
 
 
 def test_gpu_script_runs_on_cpu(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path)}
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
     done = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--device", "cpu", "--dtype", "float32", "--tiny"],
                           capture_output=True, text=True, cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr[-3000:]

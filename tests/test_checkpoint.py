@@ -7,22 +7,24 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
 from conftest import (
     TOL,
+    assert_one_error_line,
     ids,
     logits,
     pruned_and_reference,
     random_plan,
     read_tensors,
+    remote_outputs,
     tiny_config,
     tiny_model,
     zeroed_reference,
 )
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+from typer.testing import CliRunner
 
 from llamaprune.apply import apply_plan
 from llamaprune.checkpoint import (
@@ -35,6 +37,7 @@ from llamaprune.checkpoint import (
     stream_checkpoint,
     write_config,
 )
+from llamaprune.cli import app
 from llamaprune.modeling_llamaprune import LlamaPruneConfig
 from llamaprune.pruning_plan import plan_from_kept
 
@@ -93,61 +96,47 @@ def test_save_and_from_pretrained_give_identical_logits(tmp_path, kept):
     assert (tmp_path / "out" / MODELING_FILE.name).exists() == (pruned.config.model_type == "llamaprune")
 
 
-REMOTE_SCRIPT = textwrap.dedent(
-    """
-    import sys
-
-    class NoLlamaprune:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == "llamaprune":
-                raise ImportError("llamaprune is not installed here")
-
-    sys.meta_path.insert(0, NoLlamaprune())
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    path, ids_file, out_file = sys.argv[1:]
-    try:
-        import llamaprune
-        raise SystemExit("llamaprune must not be importable in this test")
-    except ImportError:
-        pass
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
-    x = torch.load(ids_file)
-    with torch.no_grad():
-        logits = model(input_ids=x).logits
-    tokens = model.generate(x[:1], max_new_tokens=6, do_sample=False)
-    torch.save({"logits": logits, "tokens": tokens, "class": type(model).__name__}, out_file)
-    """
-)
-
-
 def test_trust_remote_code_loads_without_llamaprune(tmp_path):
     config = tiny_config(heads=6, kv_heads=3, layers=4, model_type="qwen2")
     plan = plan_from_kept(
         config, [([0], [1, 4, 9]), ([], [0, 2]), ([0, 2], list(range(20))), ([1, 2], [])], removed=(2,)
     )
     pruned, reference = pruned_and_reference(config, plan)
-    save_pruned(pruned, tmp_path / "out")
     x = ids(config.vocab_size)
-    torch.save(x, tmp_path / "ids.pt")
-    (tmp_path / "remote.py").write_text(REMOTE_SCRIPT)
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    done = subprocess.run(
-        [sys.executable, "-I", "remote.py", str(tmp_path / "out"), "ids.pt", "result.pt"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = torch.load(tmp_path / "result.pt")
+    result = remote_outputs(pruned, x, tmp_path)
     assert result["class"] == "LlamaPruneForCausalLM"
     assert torch.equal(result["logits"], logits(pruned, x))
     with zeroed_reference(reference, plan):
         assert torch.allclose(result["logits"], logits(reference, x), atol=TOL, rtol=0)
         assert torch.equal(result["tokens"], reference.generate(x[:1], max_new_tokens=6, do_sample=False))
+
+
+def test_refresh_code_replaces_a_stale_modeling_file(tmp_path):
+    config = tiny_config(heads=4, kv_heads=2, layers=3, bias=True)
+    pruned, _ = pruned_and_reference(config, plan_from_kept(config, [([], [1, 5]), ([0, 1], [2]), ([1], [])]))
+    save_pruned(pruned, tmp_path / "out")
+    x = ids(config.vocab_size)
+    copy = tmp_path / "out" / MODELING_FILE.name
+    copy.write_text(MODELING_FILE.read_text() + "\nraise ImportError('the stale copy of an older release')\n")
+    with pytest.raises(AssertionError, match="the stale copy"):  # the copy, not llamaprune, is what loads
+        remote_outputs(tmp_path / "out", x, tmp_path)
+    runner = CliRunner()
+    done = runner.invoke(app, ["refresh-code", str(tmp_path / "out")])
+    assert done.exit_code == 0 and "replaced with llamaprune" in done.output
+    assert copy.read_bytes() == MODELING_FILE.read_bytes()
+    assert "already" in runner.invoke(app, ["refresh-code", str(tmp_path / "out")]).output
+    result = remote_outputs(tmp_path / "out", x, tmp_path)  # the same modules cache as the failed load
+    assert torch.equal(result["logits"], logits(pruned, x))
+
+
+def test_refresh_code_refuses_what_has_no_modeling_file(tmp_path):
+    config = tiny_config(heads=4, kv_heads=2, layers=2)
+    pruned, _ = pruned_and_reference(config, plan_from_kept(config, [([0], [1, 2])] * 2))
+    save_pruned(pruned, tmp_path / "plain")
+    runner = CliRunner()
+    assert_one_error_line(runner.invoke(app, ["refresh-code", str(tmp_path / "plain")]), "plain 'llama' checkpoint")
+    assert_one_error_line(runner.invoke(app, ["refresh-code", str(tmp_path / "none")]), "has no config.json")
+    assert not (tmp_path / "plain" / MODELING_FILE.name).exists()
 
 
 @pytest.mark.parametrize("tie", [False, True])

@@ -8,7 +8,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TOL, ids, logits, pruned_and_reference, random_plan, tiny_config, tiny_model, zeroed_reference
+from conftest import (
+    TOL,
+    ids,
+    logits,
+    pruned_and_reference,
+    random_plan,
+    remote_outputs,
+    tiny_config,
+    tiny_model,
+    zeroed_reference,
+)
 
 from llamaprune.apply import apply_plan
 from llamaprune.pruning_plan import plan_from_kept
@@ -107,6 +117,7 @@ def test_pruned_logits_equal_zeroed_original(heads, kv_heads, bias, model_type, 
     assert torch.allclose(logits(pruned, x), expected, atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("remote", [False, True], ids=["llamaprune", "trust_remote_code"])
 @pytest.mark.parametrize(
     ("kept", "removed"),
     [
@@ -115,7 +126,7 @@ def test_pruned_logits_equal_zeroed_original(heads, kv_heads, bias, model_type, 
         ([([], [0, 1]), ([], []), ([], [4])], (1,)),  # no attention left anywhere
     ],
 )
-def test_skips_and_removed_layers_equal_hooked_original(kept, removed):
+def test_skips_and_removed_layers_equal_hooked_original(kept, removed, remote, tmp_path):
     config = tiny_config(heads=4, kv_heads=2, layers=3, bias=True)
     plan = plan_from_kept(config, kept, removed)
     pruned, reference = pruned_and_reference(config, plan)
@@ -124,8 +135,13 @@ def test_skips_and_removed_layers_equal_hooked_original(kept, removed):
     with zeroed_reference(reference, plan):
         expected = logits(reference, x)
         expected_tokens = reference.generate(x[:1], max_new_tokens=6, do_sample=False)
-    assert torch.allclose(logits(pruned, x), expected, atol=TOL, rtol=0)
-    assert torch.equal(pruned.generate(x[:1], max_new_tokens=6, do_sample=False), expected_tokens)
+    if remote:  # the copy of the modeling file inside the checkpoint, on its own
+        result = remote_outputs(pruned, x, tmp_path)
+        got, tokens = result["logits"], result["tokens"]
+    else:
+        got, tokens = logits(pruned, x), pruned.generate(x[:1], max_new_tokens=6, do_sample=False)
+    assert torch.allclose(got, expected, atol=TOL, rtol=0)
+    assert torch.equal(tokens, expected_tokens)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
@@ -145,7 +161,8 @@ def test_greedy_generate_matches_zeroed_original_on_random_plans(model_type):
         assert torch.equal(uncached, expected)
 
 
-def test_cached_steps_equal_recomputing_with_padding_and_skipped_first_attention():
+@pytest.mark.parametrize("remote", [False, True], ids=["llamaprune", "trust_remote_code"])
+def test_cached_steps_equal_recomputing_with_padding_and_skipped_first_attention(remote, tmp_path):
     from transformers import DynamicCache
 
     config = tiny_config(heads=4, kv_heads=2, layers=3, bias=True)
@@ -156,11 +173,20 @@ def test_cached_steps_equal_recomputing_with_padding_and_skipped_first_attention
     mask[0, :3] = 0  # a left-padded prompt: the mask is materialized and sized from the cache
     with torch.no_grad():
         expected = pruned(x, attention_mask=mask).logits[:, -1]
-        for cache in (DynamicCache(config=pruned.config), DynamicCache()):  # as generate() / lazily filled
-            prefix = pruned(x[:, :-1], attention_mask=mask[:, :-1], cache=cache, use_cache=True)
-            assert prefix.cache.get_seq_length() == 7
-            step = pruned(x[:, -1:], attention_mask=mask, cache=prefix.cache, use_cache=True).logits[:, -1]
-            assert torch.allclose(step, expected, atol=TOL, rtol=0)
+        if remote:
+            result = remote_outputs(pruned, x, tmp_path, mask=mask)
+            assert torch.equal(result["masked_last"], expected)
+            steps = [(result[name + "_length"], result[name]) for name in ("config_cache", "lazy_cache")]
+        else:
+            steps = []
+            for cache in (DynamicCache(config=pruned.config), DynamicCache()):  # as generate() / lazily filled
+                prefix = pruned(x[:, :-1], attention_mask=mask[:, :-1], cache=cache, use_cache=True)
+                length = prefix.cache.get_seq_length()
+                step = pruned(x[:, -1:], attention_mask=mask, cache=prefix.cache, use_cache=True).logits[:, -1]
+                steps.append((length, step))
+    for length, step in steps:
+        assert length == 7
+        assert torch.allclose(step, expected, atol=TOL, rtol=0)
 
 
 @pytest.mark.parametrize("tie", [False, True])
