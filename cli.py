@@ -1,4 +1,4 @@
 """Run llamaprune from a checkout without installing it: ``python cli.py score ...``."""
-from llamaprune.cli import main
+from llamaprune.cli.app import main
 
 main()

@@ -2,7 +2,7 @@
 
 Builds a synthetic multi-shard llama safetensors checkpoint of about 1B parameters (random bfloat16 weights,
 written shard by shard), makes a ~20% heterogeneous plan for it, then measures (a) reading every shard with
-safetensors and writing it back and (b) ``llamaprune.apply.apply`` streaming the plan onto the checkpoint:
+safetensors and writing it back and (b) ``llamaprune.apply.command.apply`` streaming the plan onto the checkpoint:
 the peak RSS of each in a fresh subprocess (``resource.getrusage``), and their times alternating in one
 subprocess. Goals (issue 5): peak <= largest input shard + 25%, time <= 2x the read-and-rewrite.
 
@@ -98,7 +98,7 @@ def make_plan(checkpoint: Path, out: Path, seed: int = 0) -> dict:
     """A heterogeneous plan removing about 20% of the parameters: random KV heads and channels per layer."""
     from transformers import AutoConfig
 
-    from llamaprune.pruning_plan import plan_from_kept, write_plan
+    from llamaprune.core.plan_file import plan_from_kept, write_plan
 
     config, rng = AutoConfig.from_pretrained(checkpoint), random.Random(seed)
     heads, channels = config.num_key_value_heads, config.intermediate_size
@@ -143,7 +143,7 @@ def rewrite(src: Path, out: Path) -> None:
 
 def stream_apply(src: Path, out: Path, plan: Path) -> None:
     """``llamaprune apply`` as the CLI runs it."""
-    from llamaprune.apply import ApplyOptions, apply
+    from llamaprune.apply.command import ApplyOptions, apply
 
     apply(ApplyOptions(plan=plan, model=str(src), out=out))
 
@@ -152,7 +152,7 @@ def import_apply() -> None:
     """What the CLI imports before it applies (transformers and our model type), kept out of the timings."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig  # noqa: F401
 
-    from llamaprune.model import register
+    from llamaprune.io.loading import register
 
     register()
 

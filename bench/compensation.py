@@ -28,15 +28,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from llamaprune.apply import apply_plan  # noqa: E402
-from llamaprune.compensate import CompensationOptions  # noqa: E402
-from llamaprune.data import calibration_windows, evaluation_windows, load_rows  # noqa: E402
-from llamaprune.evaluate import perplexity  # noqa: E402
-from llamaprune.model import LoadedModel, Source, load_model  # noqa: E402
-from llamaprune.peak_memory import PeakMemory  # noqa: E402
+from llamaprune.apply.command import apply_plan  # noqa: E402
+from llamaprune.apply.refit import CompensationOptions  # noqa: E402
+from llamaprune.evaluate.perplexity import perplexity  # noqa: E402
+from llamaprune.io.loading import LoadedModel, Source, load_model  # noqa: E402
+from llamaprune.io.text_data import calibration_windows, evaluation_windows, load_rows  # noqa: E402
 from llamaprune.plan import PlanOptions, load_run, make_plan  # noqa: E402
-from llamaprune.scoring import score  # noqa: E402
-from llamaprune.scoring_run import write_tables  # noqa: E402
+from llamaprune.runs.peak_memory import PeakMemory  # noqa: E402
+from llamaprune.score.command import write_tables  # noqa: E402
+from llamaprune.score.in_memory import score  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 # (label, plan options, compensation): today's recipe, each knob alone, and FLAP's recipe in our code

@@ -34,9 +34,9 @@ def apply_streamed(src: Path, plan: Path, out: Path, method: str, calibration: P
     """``llamaprune apply`` as the CLI runs it, compensating with ``method``."""
     from transformers import AutoTokenizer  # noqa: F401  (the CLI's imports, outside the measured part)
 
-    from llamaprune.apply import ApplyOptions, apply
-    from llamaprune.compensate import CompensationOptions
-    from llamaprune.model import register
+    from llamaprune.apply.command import ApplyOptions, apply
+    from llamaprune.apply.refit import CompensationOptions
+    from llamaprune.io.loading import register
 
     register()
     imported = rss_bytes()
@@ -51,8 +51,8 @@ def refit_budget(src: Path, plan_path: Path, tokens: int) -> dict:
     factored, plus (k+1) x out) and of the float32 hidden states (three copies at most)."""
     from transformers import AutoConfig
 
-    from llamaprune.pruning_plan import read_plan
-    from llamaprune.slicing import kept_indices
+    from llamaprune.apply.slicing import kept_indices
+    from llamaprune.core.plan_file import read_plan
 
     config, plan = AutoConfig.from_pretrained(src), read_plan(plan_path)
     d, i = config.hidden_size, config.intermediate_size

@@ -23,7 +23,7 @@ from pathlib import Path
 
 
 def export_both(pruned: Path, dense: str, work: Path, outtype: str) -> dict[str, Path]:
-    from llamaprune.gguf_export import ExportOptions, export
+    from llamaprune.export.gguf import ExportOptions, export
 
     files = {"dense": work / f"dense-{outtype}.gguf", "pruned": work / f"pruned-{outtype}.gguf"}
     for name, source in (("dense", dense), ("pruned", pruned)):
@@ -51,7 +51,7 @@ def agreement(path: Path, source: str, tokens: list[int]) -> dict:
     import numpy as np
     import torch
 
-    from llamaprune.model import load_model
+    from llamaprune.io.loading import load_model
 
     model = load_model(source).model
     with torch.no_grad():

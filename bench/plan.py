@@ -23,9 +23,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from llamaprune.artifacts import atomic_write_json
-from llamaprune.groups import LayerShape, ModelShape
-from llamaprune.table import groups_schema, layers_schema, with_meta, write_table
+from llamaprune.core.artifacts import atomic_write_json
+from llamaprune.core.groups import LayerShape, ModelShape
+from llamaprune.core.tables import groups_schema, layers_schema, with_meta, write_table
 
 SHAPES = {  # layers, query heads, KV heads, intermediate size, hidden size (head_dim 128, vocab 128256)
     "8b": (32, 32, 8, 14336, 4096),
@@ -117,8 +117,8 @@ def write_synthetic_run(run_dir: Path, shape: ModelShape, seed: int = 0) -> None
 
 def child(run_dir: str, task: str) -> None:
     """Run one task in this (fresh) process and print its seconds and peak RSS as JSON."""
+    from llamaprune.core.plan_file import plan_json
     from llamaprune.plan import PlanOptions, iter_plans, load_run, make_plan
-    from llamaprune.pruning_plan import plan_json
 
     start, cpu = time.perf_counter(), time.process_time()
     if task == "sweep":
@@ -157,7 +157,7 @@ def measure(run_dir: Path, task: str, repeat: int) -> dict:
 def cli_seconds(args: list[str], repeat: int) -> float:
     """Wall time of a whole ``llamaprune`` process (interpreter start and imports included); no torch."""
     code = (
-        f"import sys\nfrom llamaprune.cli import app\ntry:\n    app({args!r})\n"
+        f"import sys\nfrom llamaprune.cli.app import app\ntry:\n    app({args!r})\n"
         "except SystemExit as e:\n    assert not e.code, e.code\nassert 'torch' not in sys.modules\n"
     )
     times = []

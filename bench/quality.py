@@ -25,14 +25,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from llamaprune.apply import apply_plan  # noqa: E402
-from llamaprune.compensate import CompensationOptions  # noqa: E402
-from llamaprune.criteria import CRITERIA  # noqa: E402
-from llamaprune.data import calibration_windows, evaluation_windows, load_rows  # noqa: E402
-from llamaprune.evaluate import perplexity  # noqa: E402
+from llamaprune.apply.command import apply_plan  # noqa: E402
+from llamaprune.apply.refit import CompensationOptions  # noqa: E402
+from llamaprune.core.criteria import CRITERIA  # noqa: E402
+from llamaprune.evaluate.perplexity import perplexity  # noqa: E402
+from llamaprune.io.text_data import calibration_windows, evaluation_windows, load_rows  # noqa: E402
 from llamaprune.plan import PlanOptions, load_run, make_plan  # noqa: E402
-from llamaprune.scoring import score  # noqa: E402
-from llamaprune.scoring_run import write_tables  # noqa: E402
+from llamaprune.score.command import write_tables  # noqa: E402
+from llamaprune.score.in_memory import score  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 RATIOS = (0.1, 0.2, 0.3)
@@ -72,14 +72,14 @@ def cases() -> list[Case]:
 
 def load(args):
     """Model and tokenizer: the real model, or a tiny random one with the embedded model's tokenizer."""
-    from llamaprune.model import load_model
+    from llamaprune.io.loading import load_model
 
     if not args.tiny:
         loaded = load_model(args.model, args.dtype, args.device)
         return loaded.model, loaded.tokenizer
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from llamaprune.model import embedded_checkpoint
+    from llamaprune.io.loading import embedded_checkpoint
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_checkpoint())
     torch.manual_seed(0)
@@ -114,7 +114,7 @@ def speedup(dense, pruned, windows, batch_size: int) -> float:
 
 
 def lora_recover(model, tokenizer, args) -> tuple[object, dict]:
-    from llamaprune.finetune import FinetuneOptions, finetune, merge_lora
+    from llamaprune.recover.finetune import FinetuneOptions, finetune, merge_lora
 
     options = FinetuneOptions(dataset=args.calibration, samples=args.lora_samples, seq_len=args.lora_seq_len,
                               epochs=1, batch_size=8, seed=0)
@@ -127,7 +127,7 @@ def lora_recover(model, tokenizer, args) -> tuple[object, dict]:
 
 def compensate(method: str, model, tokenizer, plan, run: Path, args) -> dict:
     """The o_proj / down_proj tensors that ``method`` writes; lstsq refits on the scoring windows."""
-    from llamaprune.model import LoadedModel, Source
+    from llamaprune.io.loading import LoadedModel, Source
 
     options = CompensationOptions(method, args.calibration, args.num_samples, args.seq_len)
     loaded = LoadedModel(model, tokenizer, Source("bench", "dir", ""))

@@ -55,7 +55,7 @@ def build(path: Path, shape: str, device: str) -> None:
     from apply import build_checkpoint
     from transformers import AutoTokenizer
 
-    from llamaprune.model import embedded_checkpoint
+    from llamaprune.io.loading import embedded_checkpoint
 
     build_checkpoint(path, shapes()[shape], "cuda" if device == "cuda" else "cpu")
     AutoTokenizer.from_pretrained(embedded_checkpoint()).save_pretrained(path)

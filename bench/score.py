@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llamaprune.scoring import score  # noqa: E402
+from llamaprune.score.in_memory import score  # noqa: E402
 
 VALID_TXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-tokens" / "valid.txt"
 GOALS = {"grad_time": 1.25, "grad_peak": 1.1, "forward_time": 1.15}
@@ -111,8 +111,8 @@ def load(args):
         model = LlamaForCausalLM(config).to(args.device, getattr(torch, args.dtype)).eval()
         windows = torch.randint(0, 256, (args.num_samples, args.seq_len))
         return model, windows
-    from llamaprune.data import calibration_windows, load_rows
-    from llamaprune.model import load_model
+    from llamaprune.io.loading import load_model
+    from llamaprune.io.text_data import calibration_windows, load_rows
 
     loaded = load_model(args.model, args.dtype, args.device)
     windows = calibration_windows(loaded.tokenizer, load_rows(args.dataset), args.num_samples, args.seq_len, 0)

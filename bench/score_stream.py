@@ -34,8 +34,8 @@ def build(src: Path, tiny: bool) -> dict:
     """The checkpoint, with a vocabulary the size of the embedded tokenizer's, which goes in with it."""
     from transformers import AutoTokenizer
 
-    from llamaprune.checkpoint import write_tokenizer_files
-    from llamaprune.model import embedded_checkpoint
+    from llamaprune.io.loading import embedded_checkpoint
+    from llamaprune.io.pruned_checkpoint import write_tokenizer_files
 
     start = time.perf_counter()
     vocab = len(AutoTokenizer.from_pretrained(embedded_checkpoint()))
@@ -49,7 +49,7 @@ def full_load(src: Path, calibration: Path, num_samples: int, seq_len: int, batc
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llamaprune.data import calibration_windows, load_rows
+    from llamaprune.io.text_data import calibration_windows, load_rows
 
     imported = rss_bytes()
     start = time.perf_counter()
@@ -66,10 +66,10 @@ def stream_score(src: Path, calibration: Path, num_samples: int, seq_len: int, b
     """``llamaprune score --stream`` as the CLI runs it, in the checkpoint's dtype."""
     import shutil
 
-    from llamaprune.criteria import FORWARD_ONLY
-    from llamaprune.model import DType
-    from llamaprune.scoring import ScoreOptions
-    from llamaprune.scoring_run import score_run
+    from llamaprune.core.criteria import FORWARD_ONLY
+    from llamaprune.io.loading import DType
+    from llamaprune.score.command import score_run
+    from llamaprune.score.in_memory import ScoreOptions
 
     imported = rss_bytes()
     out = src.parent / "run"

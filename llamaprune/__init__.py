@@ -16,12 +16,12 @@ import importlib
 __version__ = "0.1.0"
 
 _API = {
-    "score": "llamaprune.scoring",
+    "score": "llamaprune.score.in_memory",
     "make_plan": "llamaprune.plan",
-    "apply_plan": "llamaprune.apply",
-    "load_pruned": "llamaprune.checkpoint",
-    "perplexity": "llamaprune.evaluate",
-    "register": "llamaprune.model",
+    "apply_plan": "llamaprune.apply.command",
+    "load_pruned": "llamaprune.io.pruned_checkpoint",
+    "perplexity": "llamaprune.evaluate.perplexity",
+    "register": "llamaprune.io.loading",
 }
 __all__ = [*_API, "__version__"]
 

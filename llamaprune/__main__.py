@@ -1,5 +1,5 @@
 """``python -m llamaprune``: the CLI, as ``torchrun -m llamaprune`` launches it."""
 
-from llamaprune.cli import main
+from llamaprune.cli.app import main
 
 main()

@@ -16,11 +16,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from llamaprune.apply import apply_plan
-from llamaprune.artifacts import atomic_write_json
-from llamaprune.checkpoint import safetensors_files
-from llamaprune.pruning_plan import Plan, plan_from_kept
-from llamaprune.table import groups_schema, layers_schema, with_meta, write_table
+from llamaprune.apply.command import apply_plan
+from llamaprune.core.artifacts import atomic_write_json
+from llamaprune.core.plan_file import Plan, plan_from_kept
+from llamaprune.core.tables import groups_schema, layers_schema, with_meta, write_table
+from llamaprune.io.pruned_checkpoint import safetensors_files
 
 # Hypothesis keeps an example cache; tests write nowhere but temporary directories.
 os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", tempfile.mkdtemp(prefix="llamaprune-hypothesis-"))
@@ -119,7 +119,7 @@ def gpt2_checkpoint(tmp_path):
 @pytest.fixture(scope="session")
 def real_model():
     """The embedded SmolLM2-135M, in float32 on CPU (fetched into the cache on first use)."""
-    from llamaprune.model import load_model
+    from llamaprune.io.loading import load_model
 
     return load_model("smollm2-135m")
 
@@ -273,7 +273,7 @@ def remote_outputs(model, x, tmp_path, mask=None) -> dict:
     """What ``model`` (or the checkpoint directory given), loaded with ``trust_remote_code`` in a process that
     cannot import llamaprune, computes on ``x``: logits, 6 greedy tokens of ``x[:1]`` and, given ``mask``, one
     cached step (REMOTE_SCRIPT)."""
-    from llamaprune.checkpoint import save_pruned
+    from llamaprune.io.pruned_checkpoint import save_pruned
 
     if isinstance(model, Path):
         checkpoint = model

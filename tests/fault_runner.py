@@ -23,10 +23,10 @@ import peft  # noqa: E402,F401  (imported before forking, as every module the co
 import torch  # noqa: E402,F401
 import transformers  # noqa: E402,F401
 
-import llamaprune.apply  # noqa: E402,F401
-import llamaprune.finetune_run  # noqa: E402,F401
-import llamaprune.scoring_run  # noqa: E402,F401
-from llamaprune.cli import main  # noqa: E402
+import llamaprune.apply.command  # noqa: E402,F401
+import llamaprune.recover.command  # noqa: E402,F401
+import llamaprune.score.command  # noqa: E402,F401
+from llamaprune.cli.app import main  # noqa: E402
 
 TEMPORARY = re.compile(r"^\..+\.(tmp|old)-")  # what atomic_dir names its temporaries (docs/ARTIFACTS.md)
 

@@ -13,18 +13,18 @@ from conftest import TEST_RAW, TOL, ids, logits, random_plan, read_tensors, tiny
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from llamaprune import apply as apply_module
-from llamaprune.apply import ApplyOptions, apply
-from llamaprune.artifacts import atomic_write_json
-from llamaprune.data import evaluation_windows, load_rows
-from llamaprune.evaluate import perplexity
-from llamaprune.pruning_plan import plan_from_kept, write_plan
+import llamaprune.apply.command as apply_module
+from llamaprune.apply.command import ApplyOptions, apply
+from llamaprune.core.artifacts import atomic_write_json
+from llamaprune.core.plan_file import plan_from_kept, write_plan
+from llamaprune.evaluate.perplexity import perplexity
+from llamaprune.io.text_data import evaluation_windows, load_rows
 
 runner = CliRunner()
 
 
 def run_cli(*args):
-    from llamaprune.cli import app
+    from llamaprune.cli.app import app
 
     return runner.invoke(app, [str(a) for a in args])
 

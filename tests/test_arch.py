@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import tiny_config, tiny_model
 
-from llamaprune.arch import BLOCKS, INPUT_READERS, LINEAR_NAMES, LINEARS, linear_biases
-from llamaprune.checkpoint import pruned_config
-from llamaprune.finetune import LORA_TARGETS
-from llamaprune.pruning_plan import plan_from_kept
+from llamaprune.core.arch import BLOCKS, INPUT_READERS, LINEAR_NAMES, LINEARS, linear_biases
+from llamaprune.core.plan_file import plan_from_kept
+from llamaprune.io.pruned_checkpoint import pruned_config
+from llamaprune.recover.finetune import LORA_TARGETS
 
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])

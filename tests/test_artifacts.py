@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from llamaprune.artifacts import (
+from llamaprune.core.artifacts import (
     MANIFEST,
     SCHEMA_VERSION,
     append_history,

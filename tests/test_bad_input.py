@@ -14,8 +14,8 @@ import torch
 from conftest import TAYLOR, assert_one_error_line, calibration_text, write_run
 from typer.testing import CliRunner
 
-from llamaprune.cli import app
-from llamaprune.pruning_plan import plan_from_kept, write_plan
+from llamaprune.cli.app import app
+from llamaprune.core.plan_file import plan_from_kept, write_plan
 
 LATIN1 = "caf\u00e9 au lait\n".encode("latin1")
 
@@ -82,7 +82,7 @@ CHECKPOINTS = {
 def test_a_damaged_checkpoint_is_one_error_line_before_anything_loads(case, model, tmp_path, monkeypatch):
     spoil, fragments = CHECKPOINTS[case]
     spoil(model)
-    monkeypatch.setattr("llamaprune.model.load_model", lambda *a, **k: pytest.fail("checked before loading"))
+    monkeypatch.setattr("llamaprune.io.loading.load_model", lambda *a, **k: pytest.fail("checked before loading"))
     assert_one_error_line(invoke(*score_args(model, tmp_path)), str(model), *fragments)
     assert not (tmp_path / "out").exists()
 

@@ -26,8 +26,10 @@ from conftest import (
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 from typer.testing import CliRunner
 
-from llamaprune.apply import apply_plan
-from llamaprune.checkpoint import (
+from llamaprune.apply.command import apply_plan
+from llamaprune.cli.app import app
+from llamaprune.core.plan_file import plan_from_kept
+from llamaprune.io.pruned_checkpoint import (
     MODELING_FILE,
     SAFE_INDEX,
     load_pruned,
@@ -37,9 +39,7 @@ from llamaprune.checkpoint import (
     stream_checkpoint,
     write_config,
 )
-from llamaprune.cli import app
 from llamaprune.modeling_llamaprune import LlamaPruneConfig
-from llamaprune.pruning_plan import plan_from_kept
 
 HETEROGENEOUS = [([0], [1, 4, 9]), ([], [0, 2]), ([0, 1], list(range(20))), ([1], [])]
 
@@ -245,8 +245,8 @@ def test_load_pruned_registers_the_model_type_itself(tmp_path):
 def test_a_pruned_checkpoint_with_a_skipped_attention_streams_again(tmp_path):
     """Re-pruning: the table of a model whose layer 1 has no attention lists it with 0 KV heads and 0 query heads."""
     from llamaprune.plan import PlanOptions, load_run, make_plan
-    from llamaprune.scoring import score
-    from llamaprune.scoring_run import write_tables
+    from llamaprune.score.command import write_tables
+    from llamaprune.score.in_memory import score
 
     config = tiny_config(heads=4, kv_heads=2, layers=3)
     once = plan_from_kept(config, [([0, 1], list(range(24))), ([], list(range(20))), ([0], [1, 2, 3])])

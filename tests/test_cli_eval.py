@@ -8,10 +8,10 @@ import torch
 from conftest import TEST_RAW, assert_one_error_line
 from typer.testing import CliRunner
 
-from llamaprune.cli import app
-from llamaprune.data import evaluation_windows
-from llamaprune.evaluate import perplexity
-from llamaprune.model import load_model
+from llamaprune.cli.app import app
+from llamaprune.evaluate.perplexity import perplexity
+from llamaprune.io.loading import load_model
+from llamaprune.io.text_data import evaluation_windows
 
 
 @pytest.fixture

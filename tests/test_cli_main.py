@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import llamaprune.query
-from llamaprune.cli import app
+import llamaprune.plan.sql
+from llamaprune.cli.app import app
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,11 +44,11 @@ def test_a_bug_is_a_traceback_with_exit_code_1_not_an_error_line(tmp_path):
     """A plain ValueError from inside a command (a numpy-style one, from the query) is not bad input."""
     code = (
         "import sys\n"
-        "import llamaprune.query\n"
+        "import llamaprune.plan.sql\n"
         "def broken(run_dir, query):\n"
         f"    raise ValueError({BROADCAST!r})\n"
-        "llamaprune.query.run_query = broken\n"
-        "from llamaprune.cli import main\n"
+        "llamaprune.plan.sql.run_query = broken\n"
+        "from llamaprune.cli.app import main\n"
         f"sys.argv = ['llamaprune', 'sql', {str(tmp_path)!r}, 'SELECT 1']\n"
         "main()\n"
     )
@@ -62,7 +62,7 @@ def test_the_cli_runner_sees_the_bug_too(tmp_path, monkeypatch):
     def broken(run_dir, query):
         raise ValueError(BROADCAST)
 
-    monkeypatch.setattr(llamaprune.query, "run_query", broken)
+    monkeypatch.setattr(llamaprune.plan.sql, "run_query", broken)
     result = CliRunner().invoke(app, ["sql", str(tmp_path), "SELECT 1"])
     assert result.exit_code == 1 and isinstance(result.exception, ValueError)
     assert "error:" not in result.output

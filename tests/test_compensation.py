@@ -23,13 +23,13 @@ from conftest import (
 )
 from typer.testing import CliRunner
 
-from llamaprune.apply import ApplyOptions, apply, apply_plan
-from llamaprune.artifacts import atomic_write_json
-from llamaprune.compensate import CompensationOptions, refit_layers
-from llamaprune.compensation import FitSums, mean_bias, refit
-from llamaprune.errors import UsageError
-from llamaprune.layer_stream import LayerStream
-from llamaprune.pruning_plan import plan_from_kept, write_plan
+from llamaprune.apply.command import ApplyOptions, apply, apply_plan
+from llamaprune.apply.compensation import FitSums, mean_bias, refit
+from llamaprune.apply.refit import CompensationOptions, refit_layers
+from llamaprune.core.artifacts import atomic_write_json
+from llamaprune.core.errors import UsageError
+from llamaprune.core.plan_file import plan_from_kept, write_plan
+from llamaprune.io.layer_stream import LayerStream
 
 KEEP = torch.tensor([0, 2, 3, 6])
 
@@ -156,7 +156,7 @@ def test_compensated_checkpoints_stream_like_in_memory_and_load_back(tmp_path, t
     streamed = apply(ApplyOptions(plan_path, str(path), tmp_path / "streamed", compensation=compensation))
     assert streamed["streamed"] and streamed["compensation"]["method"] == "lstsq"
     assert not (tmp_path / "streamed" / ".compensation").exists()
-    from llamaprune.model import LoadedModel, Source
+    from llamaprune.io.loading import LoadedModel, Source
 
     loaded = LoadedModel(model, tokenizer, Source("m", "dir", str(path)))
     in_memory = compensation.tensors(plan, config, str(path), loaded, compensation.rows(None), None, False)
@@ -167,7 +167,7 @@ def test_compensated_checkpoints_stream_like_in_memory_and_load_back(tmp_path, t
     for key, tensor in memory_model.state_dict().items():
         if key in stored:
             torch.testing.assert_close(stored[key], tensor, rtol=1e-6, atol=1e-6)
-    from llamaprune.checkpoint import load_pruned
+    from llamaprune.io.pruned_checkpoint import load_pruned
 
     reloaded = load_pruned(tmp_path / "streamed")
     x = ids(config.vocab_size)
@@ -187,7 +187,7 @@ def test_compensated_checkpoints_stream_like_in_memory_and_load_back(tmp_path, t
 
 
 def test_bias_compensation_from_the_run_s_input_means(tmp_path, tokenizer):
-    from llamaprune.cli import app
+    from llamaprune.cli.app import app
 
     config = tiny_config(heads=4, kv_heads=2, vocab=len(tokenizer), layers=2)
     _, path = write_checkpoint(tmp_path, tokenizer, config)
@@ -207,7 +207,7 @@ def test_bias_compensation_from_the_run_s_input_means(tmp_path, tokenizer):
 
 
 def test_bad_compensation_input_is_one_line_and_writes_nothing(tmp_path, tokenizer):
-    from llamaprune.cli import app
+    from llamaprune.cli.app import app
 
     config = tiny_config(heads=4, kv_heads=2, vocab=len(tokenizer), layers=2)
     _, path = write_checkpoint(tmp_path, tokenizer, config)
@@ -234,7 +234,7 @@ def test_bad_compensation_input_is_one_line_and_writes_nothing(tmp_path, tokeniz
 
 
 def test_nan_activations_are_one_line(tmp_path, tokenizer, monkeypatch):
-    from llamaprune.cli import app
+    from llamaprune.cli.app import app
 
     config = tiny_config(heads=4, kv_heads=2, vocab=len(tokenizer), layers=2)
     model, path = write_checkpoint(tmp_path, tokenizer, config)

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from llamaprune.calibrate import INPUT_STATISTICS
-from llamaprune.criteria import CRITERIA, NAMES, PARAM, REGISTRY, TABLE, canonical, parse_criteria
-from llamaprune.prune import ImportanceMethod, PruneOptions
+from llamaprune.core.criteria import CRITERIA, NAMES, PARAM, REGISTRY, TABLE, canonical, parse_criteria
+from llamaprune.score.calibration import INPUT_STATISTICS
+from llamaprune.seed.prune import ImportanceMethod, PruneOptions
 
 
 def test_columns_keep_their_names_and_order():
@@ -37,7 +37,7 @@ def test_aliases_reach_every_command():
 def test_the_registry_and_the_table_schemas_load_without_torch():
     code = (
         "import sys\n"
-        "import llamaprune.criteria, llamaprune.arch, llamaprune.table, llamaprune.groups\n"
+        "import llamaprune.core.criteria, llamaprune.core.arch, llamaprune.core.tables, llamaprune.core.groups\n"
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import SHARED_DATA, TEST_RAW
 
-from llamaprune.data import (
+from llamaprune.io.text_data import (
     batches,
     calibration_windows,
     data_dir_from_env,
@@ -30,7 +30,7 @@ def text_rows():
 
 
 def _ids(tokenizer, rows):
-    """The evaluation token stream, written independently of llamaprune.data."""
+    """The evaluation token stream, written independently of llamaprune.io.text_data."""
     return tokenizer("\n\n".join(rows), add_special_tokens=False)["input_ids"]
 
 

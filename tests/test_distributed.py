@@ -18,7 +18,7 @@ import pytest
 from conftest import VALID_TXT, tiny_config, tiny_model
 from safetensors.torch import load_file
 
-from llamaprune.criteria import CRITERIA
+from llamaprune.core.criteria import CRITERIA
 
 ROOT = Path(__file__).resolve().parents[1]
 SCORE = ["score", "--dataset", str(VALID_TXT), "--num-samples", "16", "--seq-len", "24", "--batch-size", "4"]

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from conftest import SHARED_DATA, TEST_RAW, tiny_config, tiny_model
 
-from llamaprune.data import evaluation_windows, load_rows
-from llamaprune.evaluate import EvalOptions, evaluate_dataset, perplexity
+from llamaprune.evaluate.perplexity import EvalOptions, evaluate_dataset, perplexity
+from llamaprune.io.text_data import evaluation_windows, load_rows
 
 
 def reference_perplexity(model, windows) -> float:

@@ -20,11 +20,11 @@ from conftest import calibration_text, tiny_config, tiny_model
 from transformers import AutoConfig
 from typer.testing import CliRunner
 
-from llamaprune.artifacts import read_manifest
-from llamaprune.checkpoint import load_pruned
-from llamaprune.cli import app
+from llamaprune.cli.app import app
+from llamaprune.core.artifacts import read_manifest
+from llamaprune.core.plan_file import plan_from_kept, write_plan
+from llamaprune.io.pruned_checkpoint import load_pruned
 from llamaprune.plan import load_run
-from llamaprune.pruning_plan import plan_from_kept, write_plan
 
 RUNNER = Path(__file__).with_name("fault_runner.py")
 COMMANDS = ("score", "apply", "finetune")

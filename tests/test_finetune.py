@@ -13,12 +13,14 @@ from conftest import SHARED_DATA, VALID_TXT, assert_one_error_line, tiny_config,
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from llamaprune.apply import apply_plan
-from llamaprune.checkpoint import MODELING_FILE, save_pruned
-from llamaprune.cli import app
-from llamaprune.data import evaluation_windows, load_rows
-from llamaprune.evaluate import PPLMetric, perplexity
-from llamaprune.finetune import (
+from llamaprune.apply.command import apply_plan
+from llamaprune.cli.app import app
+from llamaprune.core.plan_file import plan_from_kept
+from llamaprune.evaluate.perplexity import PPLMetric, perplexity
+from llamaprune.io.pruned_checkpoint import MODELING_FILE, save_pruned
+from llamaprune.io.text_data import evaluation_windows, load_rows
+from llamaprune.recover.data import build_examples, collate, read_source, split_validation
+from llamaprune.recover.finetune import (
     FinetuneOptions,
     finetune,
     lr_factor,
@@ -27,8 +29,6 @@ from llamaprune.finetune import (
     prepare,
     token_nll,
 )
-from llamaprune.finetune_data import build_examples, collate, read_source, split_validation
-from llamaprune.pruning_plan import plan_from_kept
 
 LORA = dict(method="lora", lr=3e-2, lora_r=4, lora_alpha=8)
 FULL = dict(method="full", lr=1e-2)
@@ -307,7 +307,7 @@ def test_finetune_eval_warms_up_like_apply_and_reports_the_params_ratio(
     tmp_path, tiny_checkpoint, train_txt, eval_txt, monkeypatch
 ):
     """Each measurement starts with one warm-up batch, so one-off costs do not skew the tokens/s ratio."""
-    from llamaprune import evaluate
+    from llamaprune.evaluate import perplexity as evaluate
 
     calls = []
 

@@ -13,12 +13,12 @@ import torch
 from conftest import VALID_TXT, assert_one_error_line, tiny_config, tiny_model
 from typer.testing import CliRunner
 
-from llamaprune.apply import ApplyOptions, apply
-from llamaprune.artifacts import atomic_write_json
-from llamaprune.checkpoint import load_pruned
-from llamaprune.compensate import CompensationOptions
-from llamaprune.gguf_export import ExportOptions, export
-from llamaprune.pruning_plan import plan_from_kept, write_plan
+from llamaprune.apply.command import ApplyOptions, apply
+from llamaprune.apply.refit import CompensationOptions
+from llamaprune.core.artifacts import atomic_write_json
+from llamaprune.core.plan_file import plan_from_kept, write_plan
+from llamaprune.export.gguf import ExportOptions, export
+from llamaprune.io.pruned_checkpoint import load_pruned
 
 TOKENS = [5, 71, 200, 13, 44, 301, 9, 120, 66, 250, 17, 88]
 LONG_TOKENS = [(37 * i * i + 11 * i + 5) % 317 for i in range(48)]  # far enough for llama3's slow pairs to turn
@@ -181,7 +181,7 @@ def test_llama3_factors_divide_transformers_default_frequencies():
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from llamaprune.gguf_export import llama3_rope_factors
+    from llamaprune.export.gguf import llama3_rope_factors
 
     llama31 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -198,7 +198,7 @@ def test_llama3_factors_divide_transformers_default_frequencies():
 
 @pytest.mark.parametrize("shape, arch", [("uniform", "llama"), ("heterogeneous", "deci")])
 def test_llama3_rope_is_the_rope_freqs_tensor_llama_cpp_applies(tmp_path, tokenizer, shape, arch):
-    from llamaprune.gguf_export import llama3_rope_factors
+    from llamaprune.export.gguf import llama3_rope_factors
 
     # Weights of std 0.1, not transformers' 0.02: attention then depends on positions enough that the file without
     # its factors is off by about 0.1 of the largest logit (0.002 at 0.02), 100 times REL_TOL.
@@ -256,7 +256,7 @@ def without_amx_repacking(monkeypatch) -> None:
 
 
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tokenizer, gpt2_checkpoint):
-    from llamaprune.cli import app
+    from llamaprune.cli.app import app
 
     pruned = pruned_checkpoint(tmp_path, tokenizer, "uniform")
     runner = CliRunner()
@@ -288,7 +288,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tokenizer, gpt2_chec
      "original_max_position_embeddings": 64},
 ])
 def test_other_rope_types_are_one_line(tmp_path, tokenizer, rope):
-    from llamaprune.cli import app
+    from llamaprune.cli.app import app
 
     checkpoint = tmp_path / "tiny"
     tiny_model(tiny_config(vocab=len(tokenizer), rope=rope)).save_pretrained(checkpoint)
@@ -334,7 +334,7 @@ def unigram_checkpoint(path):
     ("unigram", "is a Unigram tokenizer; export supports byte-level BPE"),
 ])
 def test_unsupported_sources_are_one_line(tmp_path, tokenizer, source, message):
-    from llamaprune.cli import app
+    from llamaprune.cli.app import app
 
     checkpoint = tmp_path / source
     if source == "qwen2":
@@ -454,15 +454,15 @@ def test_the_pre_tokenizer_is_named_as_llama_cpp_s_converter_names_it():
     """The hash of CHECK_TEXT's tokens names SmolLM2's pre-tokenizer as its own GGUF file does."""
     from transformers import AutoTokenizer
 
-    from llamaprune.gguf_vocab import pre_tokenizer
-    from llamaprune.model import embedded_checkpoint, embedded_gguf
+    from llamaprune.export.gguf_vocab import pre_tokenizer
+    from llamaprune.io.loading import embedded_checkpoint, embedded_gguf
 
     assert pre_tokenizer(AutoTokenizer.from_pretrained(embedded_checkpoint())) == "smollm"
     assert fields(embedded_gguf())["tokenizer.ggml.pre"] == "smollm"
 
 
 def test_mlp_widths_off_llama_cpp_s_blocks_are_named_with_the_fix(caplog):
-    from llamaprune.gguf_export import LayerShape, warn_unaligned
+    from llamaprune.export.gguf import LayerShape, warn_unaligned
 
     warn_unaligned([LayerShape(4, 2, 64), LayerShape(0, 0, 0), LayerShape(4, 2, 96)])
     assert not caplog.records

@@ -5,7 +5,7 @@ import torch
 from conftest import group_slices, tiny_config, tiny_model
 from transformers import LlamaConfig
 
-from llamaprune.groups import ATTN, MLP, iter_groups, model_shape
+from llamaprune.core.groups import ATTN, MLP, iter_groups, model_shape
 
 CONFIGS = [
     dict(heads=4, kv_heads=4),  # MHA, ratio 1
@@ -73,8 +73,8 @@ def test_per_layer_config_is_read_per_layer():
 
 
 def test_a_pruned_qwen2_config_keeps_its_qkv_biases():
-    from llamaprune.apply import apply_plan
-    from llamaprune.pruning_plan import plan_from_kept
+    from llamaprune.apply.command import apply_plan
+    from llamaprune.core.plan_file import plan_from_kept
 
     config = tiny_config(heads=6, kv_heads=2, layers=2, intermediate=12, model_type="qwen2")
     plan = plan_from_kept(config, [([1], [0, 3, 5]), ([0, 1], [2])])

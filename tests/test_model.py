@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import tiny_config, tiny_model
 
-import llamaprune.model as model_module
-from llamaprune.model import (
+import llamaprune.io.loading as model_module
+from llamaprune.io.loading import (
     Source,
     cache_dir,
     config_fingerprint,

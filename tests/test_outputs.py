@@ -18,9 +18,9 @@ from conftest import TAYLOR, assert_one_error_line, calibration_text, write_run
 from transformers import AutoConfig
 from typer.testing import CliRunner
 
-from llamaprune.artifacts import atomic_dir
-from llamaprune.cli import app
-from llamaprune.pruning_plan import plan_from_kept, write_plan
+from llamaprune.cli.app import app
+from llamaprune.core.artifacts import atomic_dir
+from llamaprune.core.plan_file import plan_from_kept, write_plan
 
 
 def invoke(*args):
@@ -108,7 +108,7 @@ def test_an_unwritable_output_is_refused_before_the_model_loads(setup, tmp_path,
     target = tmp_path / "target"
     target.mkdir()
     read_only(target)
-    monkeypatch.setattr("llamaprune.model.load_model", lambda *a, **k: pytest.fail("refused before loading"))
+    monkeypatch.setattr("llamaprune.io.loading.load_model", lambda *a, **k: pytest.fail("refused before loading"))
     assert_one_error_line(invoke(*score(model, target, calib, "--overwrite")), f"{target} is not writable")
     assert_one_error_line(invoke(*score(model, target / "run", calib)), f"{target} is not writable")
 
@@ -161,7 +161,7 @@ def leave_a_dead_temporary(parent: Path, name: str) -> Path:
     code = (
         "import os, sys\n"
         "from pathlib import Path\n"
-        "from llamaprune.temporaries import temporary_dir\n"
+        "from llamaprune.core.temporaries import temporary_dir\n"
         f"with temporary_dir(Path({str(parent)!r}), {name!r}) as tmp:\n"
         "    (tmp.path / 'model-00001.safetensors').write_bytes(b'half')\n"
         "    print(tmp.path, flush=True)\n"
@@ -172,7 +172,7 @@ def leave_a_dead_temporary(parent: Path, name: str) -> Path:
 
 
 def test_temporaries_of_dead_runs_are_swept_live_ones_kept_unknown_ones_reported(tmp_path):
-    from llamaprune.temporaries import LOCK, sweep, temporary_dir
+    from llamaprune.core.temporaries import LOCK, sweep, temporary_dir
 
     dead = leave_a_dead_temporary(tmp_path, "run")
     assert dead.is_dir() and (dead / LOCK).is_file()

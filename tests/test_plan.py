@@ -9,6 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import ATTN_FIXED, TAYLOR, check_accounting, removed_ids, write_run
 
+from llamaprune.core.plan_file import read_plan
+from llamaprune.core.tables import file_sha256, write_table
 from llamaprune.plan import (
     PlanOptions,
     default_plan_name,
@@ -20,8 +22,6 @@ from llamaprune.plan import (
     parse_ratios,
     write_plans,
 )
-from llamaprune.pruning_plan import read_plan
-from llamaprune.table import file_sha256, write_table
 
 
 @pytest.fixture

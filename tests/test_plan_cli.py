@@ -10,10 +10,10 @@ import pytest
 from conftest import TAYLOR, assert_one_error_line, write_run
 from typer.testing import CliRunner
 
-from llamaprune import query
-from llamaprune.artifacts import read_manifest
-from llamaprune.cli import app
-from llamaprune.pruning_plan import read_plan
+from llamaprune.cli.app import app
+from llamaprune.core.artifacts import read_manifest
+from llamaprune.core.plan_file import read_plan
+from llamaprune.plan import sql as query
 
 
 @pytest.fixture
@@ -135,7 +135,7 @@ def test_plan_and_sql_do_not_import_torch(run):
     code = (
         "import sys\n"
         "from typer.testing import CliRunner\n"
-        "from llamaprune.cli import app\n"
+        "from llamaprune.cli.app import app\n"
         f"r = CliRunner().invoke(app, ['plan', {str(run)!r}, '--ratio', '0.1'])\n"
         "assert r.exit_code == 0, r.output\n"
         f"r = CliRunner().invoke(app, ['sql', {str(run)!r}, 'SELECT count(*) FROM plans'])\n"

@@ -18,10 +18,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
-from llamaprune.apply import ApplyOptions, apply
-from llamaprune.checkpoint import load_pruned
-from llamaprune.errors import UsageError
-from llamaprune.pruning_plan import plan_from_kept, plan_json, read_plan
+from llamaprune.apply.command import ApplyOptions, apply
+from llamaprune.core.errors import UsageError
+from llamaprune.core.plan_file import plan_from_kept, plan_json, read_plan
+from llamaprune.io.pruned_checkpoint import load_pruned
 
 EXAMPLES = 300
 OUTCOMES: Counter = Counter()

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from conftest import write_run
 
+from llamaprune.core.plan_file import plan_json
 from llamaprune.plan import PlanOptions, make_plan
-from llamaprune.pruning_plan import plan_json
 
 GOLDEN = Path(__file__).with_name("data") / "golden_plans.json"
 LAYERS, KV, INTER, HEADS = 6, 4, 48, 8

@@ -16,9 +16,9 @@ from conftest import zeroed_reference as zeroed
 from transformers import AutoConfig, AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from llamaprune.cli import app
-from llamaprune.model import resolve_source
-from llamaprune.pruning_plan import plan_from_kept, plan_json, read_plan
+from llamaprune.cli.app import app
+from llamaprune.core.plan_file import plan_from_kept, plan_json, read_plan
+from llamaprune.io.loading import resolve_source
 
 
 def invoke(*args):
@@ -119,7 +119,7 @@ def other_weights(tiny_checkpoint, tmp_path):
 
 
 def fingerprint_of(path):
-    from llamaprune.weights import check_weights
+    from llamaprune.io.weights import check_weights
 
     source = resolve_source(str(path))
     return check_weights(source, AutoConfig.from_pretrained(path))
@@ -162,7 +162,7 @@ def test_a_plan_without_a_weights_fingerprint_still_applies(valid, other_weights
 
 def test_plan_from_kept_fits_a_model_that_already_skips_a_block():
     """Its layer widths are what the model has (0 for a skipped block), as the planner writes them."""
-    from llamaprune.apply import apply_plan, check_plan
+    from llamaprune.apply.command import apply_plan, check_plan
 
     config = tiny_config(layers=2)
     once = apply_plan(tiny_model(config), plan_from_kept(config, [([], [1, 2]), ([0, 1], [3])]))

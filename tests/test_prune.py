@@ -17,11 +17,11 @@ from conftest import VALID_TXT, assert_one_error_line
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from llamaprune.artifacts import read_manifest
-from llamaprune.cli import app
-from llamaprune.data import evaluation_windows, load_rows
-from llamaprune.evaluate import perplexity
-from llamaprune.pruning_plan import read_plan
+from llamaprune.cli.app import app
+from llamaprune.core.artifacts import read_manifest
+from llamaprune.core.plan_file import read_plan
+from llamaprune.evaluate.perplexity import perplexity
+from llamaprune.io.text_data import evaluation_windows, load_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 NATIVE = ("manifest.json", "groups.parquet", "layers.parquet", "stats.safetensors")

@@ -9,10 +9,10 @@ import logging
 
 import pytest
 
-from llamaprune.artifacts import MANIFEST, atomic_write_json, new_manifest, read_manifest
-from llamaprune.command_log import command_log
-from llamaprune.errors import MissingInput, UsageError
-from llamaprune.runs import Phase, preflight, run_phase
+from llamaprune.core.artifacts import MANIFEST, atomic_write_json, new_manifest, read_manifest
+from llamaprune.core.errors import MissingInput, UsageError
+from llamaprune.runs.command_log import command_log
+from llamaprune.runs.phase import Phase, preflight, run_phase
 
 log = logging.getLogger("llamaprune.test_runs")
 

@@ -10,14 +10,14 @@ import torch
 from conftest import VALID_TXT, group_slices, tiny_config, tiny_model
 from typer.testing import CliRunner
 
-from llamaprune import peak_memory
-from llamaprune.calibrate import gradient_groups
-from llamaprune.cli import app
-from llamaprune.criteria import parse_criteria
-from llamaprune.groups import iter_groups, model_shape
-from llamaprune.model import config_fingerprint
-from llamaprune.scoring import STATS_FILE, score
-from llamaprune.table import check_fingerprint, read_table, read_table_meta
+from llamaprune.cli.app import app
+from llamaprune.core.criteria import parse_criteria
+from llamaprune.core.groups import iter_groups, model_shape
+from llamaprune.core.tables import check_fingerprint, read_table, read_table_meta
+from llamaprune.io.loading import config_fingerprint
+from llamaprune.runs import peak_memory
+from llamaprune.score.calibration import gradient_groups
+from llamaprune.score.in_memory import STATS_FILE, score
 
 GQA = [dict(heads=4, kv_heads=4), dict(heads=4, kv_heads=2, bias=True), dict(heads=6, kv_heads=2),
        dict(heads=8, kv_heads=2, bias=True, tie=True), dict(heads=6, kv_heads=2, model_type="qwen2")]
@@ -92,7 +92,7 @@ def test_criteria_match_brute_force(kwargs):
 
 
 def test_weight_criteria_taken_a_few_rows_at_a_time_match_brute_force(monkeypatch):
-    from llamaprune import importance
+    from llamaprune.score import importance
 
     monkeypatch.setattr(importance, "BLOCK_ELEMENTS", 50)  # blocks of one to a few rows, the last one ragged
     model = tiny_model(tiny_config(layers=2))
@@ -206,7 +206,7 @@ def test_the_run_log_holds_info_records_whatever_the_root_level(tmp_path, tiny_c
             "--num-samples", "2", "--seq-len", "16", "--criteria", "magnitude"]
     assert CliRunner().invoke(app, args).exit_code == 0
     (log,) = run.glob("logs/*/run.log")
-    assert "INFO llamaprune.scoring_run: scoring" in log.read_text()
+    assert "INFO llamaprune.score.command: scoring" in log.read_text()
     assert logging.getLogger("llamaprune").level == logging.NOTSET  # as it was before the command
 
 
@@ -252,7 +252,7 @@ def test_real_model_table_against_its_config_and_a_brute_force_layer(real_model)
     """SmolLM2-135M: 30 layers of 3 KV groups (9 query heads of 64) and 1536 channels, hidden size 576."""
     import numpy as np
 
-    from llamaprune.data import calibration_windows, load_rows
+    from llamaprune.io.text_data import calibration_windows, load_rows
 
     model, layer = real_model.model, 7
     windows = calibration_windows(real_model.tokenizer, load_rows(str(VALID_TXT)), 4, 32, seed=0)
@@ -293,7 +293,7 @@ def test_real_model_table_against_its_config_and_a_brute_force_layer(real_model)
 def test_the_package_level_call_scores():
     """``llamaprune.score(model, batches, ...)`` is the phase function, also once its module is imported."""
     import llamaprune
-    import llamaprune.scoring  # noqa: F401
+    import llamaprune.score.in_memory  # noqa: F401
 
     model = tiny_model(tiny_config())
     expected = score(model, [], criteria=("magnitude",), progress=False).groups

@@ -7,7 +7,7 @@ import pytest
 from conftest import removed_ids, write_run
 
 from llamaprune.plan import PlanOptions, load_run, make_plan
-from llamaprune.seed_outputs import write_group_table
+from llamaprune.seed.outputs import write_group_table
 
 # Per parameter (attention 100 params, MLP 10) every MLP channel is least important (0.1); relative to the mean of
 # its layer and kind, layers.0.attn.0 is (0.2, every other group 1 but layers.0.attn.1 at 1.8).

@@ -20,9 +20,9 @@ from conftest import (
     zeroed_reference,
 )
 
-from llamaprune.apply import apply_plan
-from llamaprune.pruning_plan import plan_from_kept
-from llamaprune.slicing import LAYER_TENSORS, attention_rows, pruned_state, slice_tensor, split_layer_key
+from llamaprune.apply.command import apply_plan
+from llamaprune.apply.slicing import LAYER_TENSORS, attention_rows, pruned_state, slice_tensor, split_layer_key
+from llamaprune.core.plan_file import plan_from_kept
 
 
 def test_attention_rows_closed_form():

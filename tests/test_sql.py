@@ -4,8 +4,8 @@ import pytest
 from conftest import TAYLOR, assert_one_error_line, write_run
 from typer.testing import CliRunner
 
-from llamaprune.cli import app
-from llamaprune.query import run_query
+from llamaprune.cli.app import app
+from llamaprune.plan.sql import run_query
 
 
 @pytest.fixture

@@ -9,11 +9,11 @@ from conftest import assert_one_error_line, calibration_text, ids, tiny_config, 
 from transformers import AutoConfig
 from typer.testing import CliRunner
 
-from llamaprune.cli import app
-from llamaprune.criteria import FORWARD_ONLY
-from llamaprune.scoring import score
-from llamaprune.scoring_stream import score_streamed
-from llamaprune.table import read_table_meta
+from llamaprune.cli.app import app
+from llamaprune.core.criteria import FORWARD_ONLY
+from llamaprune.core.tables import read_table_meta
+from llamaprune.score.in_memory import score
+from llamaprune.score.streamed import score_streamed
 
 CONFIGS = [dict(heads=4, kv_heads=2), dict(heads=6, kv_heads=2, bias=True), dict(heads=4, kv_heads=4, tie=True),
            dict(heads=4, kv_heads=2, model_type="qwen2")]

@@ -10,8 +10,8 @@ import torch
 from conftest import TEST_RAW, assert_one_error_line, tiny_config, tiny_model
 from typer.testing import CliRunner
 
-from llamaprune.cli import app
-from llamaprune.pruning_plan import plan_from_kept, write_plan
+from llamaprune.cli.app import app
+from llamaprune.core.plan_file import plan_from_kept, write_plan
 
 TASK = "llamaprune_local_mc"
 QUESTIONS = [
@@ -92,7 +92,7 @@ def run(*args):
 
 
 def test_eval_tasks_match_an_independent_loglikelihood(tiny_checkpoint, local_task, text_file, tmp_path):
-    from llamaprune.model import load_model
+    from llamaprune.io.loading import load_model
 
     out = tmp_path / "eval.json"
     result = run("eval", tiny_checkpoint, "--dataset", text_file, "--seq-len", 16, "--max-windows", 2,
@@ -113,7 +113,7 @@ def test_eval_tasks_match_an_independent_loglikelihood(tiny_checkpoint, local_ta
 
 
 def test_apply_eval_tasks_on_a_heterogeneous_pruned_checkpoint(tmp_path, tokenizer, local_task, text_file):
-    from llamaprune.checkpoint import load_pruned
+    from llamaprune.io.pruned_checkpoint import load_pruned
 
     config = tiny_config(heads=4, kv_heads=2, vocab=len(tokenizer), layers=2)
     source = tmp_path / "model"
@@ -139,12 +139,12 @@ def test_apply_eval_tasks_on_a_heterogeneous_pruned_checkpoint(tmp_path, tokeniz
 
 
 def test_unknown_task_fails_before_the_weights_load(tiny_checkpoint, local_task, text_file, monkeypatch):
-    import llamaprune.model
+    import llamaprune.io.loading
 
     def no_loading(*args, **kwargs):
         raise AssertionError("weights loaded before the task names were checked")
 
-    monkeypatch.setattr(llamaprune.model, "load_model", no_loading)
+    monkeypatch.setattr(llamaprune.io.loading, "load_model", no_loading)
     result = run("eval", tiny_checkpoint, "--dataset", text_file, "--tasks-dir", local_task,
                  "--tasks", f"{TASK},no_such_task")
     assert_one_error_line(result, "unknown task(s) no_such_task", str(local_task))
@@ -168,7 +168,7 @@ def test_bad_task_options_are_one_line(args, message, tiny_checkpoint):
 
 def test_without_lm_eval_tasks_name_the_install_command(tmp_path):
     """The extra missing (simulated): one line naming the install command, exit 2, before any model is looked at."""
-    code = ("import sys\nsys.modules['lm_eval'] = None\nfrom llamaprune.cli import main\n"
+    code = ("import sys\nsys.modules['lm_eval'] = None\nfrom llamaprune.cli.app import main\n"
             f"sys.argv = ['llamaprune', 'eval', {str(tmp_path / 'no-model')!r}, '--tasks', 'piqa']\nmain()")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr[-2000:]

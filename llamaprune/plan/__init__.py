@@ -18,7 +18,7 @@ strategies), ``document`` (the Plan from removal counts), ``planning`` (all of i
     'global-taylor-0.20'
 """
 
-from llamaprune.plan.document import default_plan_name
+from llamaprune.plan.assemble import default_plan_name
 from llamaprune.plan.options import (
     BLOCK_INFLUENCE,
     LayerStrategy,

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from llamaprune.errors import UsageError
+from llamaprune.core.errors import UsageError
 from llamaprune.plan.limits import Limits, unreachable
 from llamaprune.plan.options import PlanOptions
 from llamaprune.plan.order import Order

@@ -13,10 +13,10 @@ from fractions import Fraction
 
 import numpy as np
 
-from llamaprune.errors import UsageError
+from llamaprune.core.errors import UsageError
+from llamaprune.core.tables import LAYERS_FILE
 from llamaprune.plan.options import PlanOptions
 from llamaprune.plan.tables import RunTables
-from llamaprune.table import LAYERS_FILE
 
 
 @dataclass(frozen=True)

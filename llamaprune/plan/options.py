@@ -14,9 +14,9 @@ import math
 from dataclasses import dataclass, fields
 from enum import Enum
 
-from llamaprune.artifacts import plain_value
-from llamaprune.choices import parse_choice
-from llamaprune.errors import UsageError
+from llamaprune.core.artifacts import plain_value
+from llamaprune.core.choices import parse_choice
+from llamaprune.core.errors import UsageError
 
 BLOCK_INFLUENCE = "block_influence"
 

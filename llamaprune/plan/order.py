@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llamaprune.errors import UsageError
+from llamaprune.core.errors import UsageError
+from llamaprune.core.tables import LAYERS_FILE
 from llamaprune.plan.options import Normalize, PlanOptions, Strategy
 from llamaprune.plan.tables import KINDS, RunTables
-from llamaprune.table import LAYERS_FILE
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from llamaprune.errors import UsageError
-from llamaprune.pruning_plan import Plan, write_plan
+from llamaprune.core.errors import UsageError
+from llamaprune.core.plan_file import Plan, write_plan
 
 PLANS_DIR = "plans"
 
@@ -27,7 +27,7 @@ def write_plans(run_dir: Path | str, plans: Iterable[Plan], png: bool = True) ->
         path = Path(run_dir) / PLANS_DIR / f"{plan.name}.json"
         write_plan(plan, path)
         if png:
-            from llamaprune.plan_plot import plot_plan
+            from llamaprune.plan.plot import plot_plan
 
             plot_plan(plan, path.with_suffix(".png"))
         else:

@@ -15,15 +15,15 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
-from llamaprune.errors import UsageError
-from llamaprune.plan.document import assemble, default_plan_name, ratio_text
+from llamaprune.core.errors import UsageError
+from llamaprune.core.plan_file import Plan
+from llamaprune.plan.assemble import assemble, default_plan_name, ratio_text
 from llamaprune.plan.greedy import global_removal
 from llamaprune.plan.layerwise import layerwise_removal
 from llamaprune.plan.limits import param_budget, removal_limits
 from llamaprune.plan.options import PlanOptions, Strategy
 from llamaprune.plan.order import plan_order
 from llamaprune.plan.tables import RunTables, load_run
-from llamaprune.pruning_plan import Plan
 
 
 def make_plan(source: RunTables | Path | str, options: PlanOptions, name: str | None = None) -> Plan:

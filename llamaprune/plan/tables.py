@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from llamaprune.errors import UsageError
+from llamaprune.core.errors import UsageError
+from llamaprune.core.tables import GROUPS_FILE, LAYERS_FILE, check_fingerprint, file_sha256, read_table_meta
+from llamaprune.core.user_files import parquet_errors
 from llamaprune.plan.options import BLOCK_INFLUENCE
-from llamaprune.table import GROUPS_FILE, LAYERS_FILE, check_fingerprint, file_sha256, read_table_meta
-from llamaprune.user_files import parquet_errors
 
 KINDS = ("attn", "mlp")  # column 0 and 1 of every (layers, 2) array, in the order of SKIPPABLE
 

@@ -1,0 +1,142 @@
+"""Tensor surgery: which rows and columns a plan keeps, and where each tensor of a model goes under a plan.
+
+Index rules (docs/ARTIFACTS.md, "Groups"): KV head ``g`` owns rows ``[g*d, (g+1)*d)`` of k_proj/v_proj and rows
+``[g*r*d, (g+1)*r*d)`` of q_proj (the same columns of o_proj); MLP channel ``c`` is row ``c`` of gate_proj
+and up_proj and column ``c`` of down_proj. Which kept index cuts which tensor along which dimension comes from
+the layer table (``llamaprune.core.arch``). The same per-tensor rules (``tensor_route``, ``slice_tensor``) prune a
+checkpoint while streaming it and a state dict in memory (``pruned_state``).
+
+    >>> import torch
+    >>> q_rows, kv_rows = attention_rows([1], queries_per_kv=2, head_dim=2)
+    >>> q_rows.tolist(), kv_rows.tolist()
+    ([4, 5, 6, 7], [2, 3])
+    >>> LAYER_TENSORS["mlp.down_proj.weight"], LAYER_TENSORS["mlp.down_proj.bias"]
+    ((1, 'mlp'), None)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from llamaprune.core.arch import BLOCKS, LINEARS, ROWS
+from llamaprune.core.errors import UsageError
+from llamaprune.core.plan_file import LayerPlan, Plan
+
+LAYER_KEY = re.compile(r"^(?P<prefix>.*\blayers\.)(?P<layer>\d+)\.(?P<rest>.+)$")
+
+
+def _layer_tensors() -> dict[str, tuple[int, str] | None]:
+    rules: dict[str, tuple[int, str] | None] = {}
+    for linear in LINEARS:
+        rules[f"{linear.path}.weight"] = (linear.dim, linear.index)
+        rules[f"{linear.path}.bias"] = (0, linear.index) if linear.axis == ROWS else None  # o/down: per output
+    for block in BLOCKS:
+        rules.update(dict.fromkeys((f"{block.norm}.weight", *block.buffers)))
+    return rules
+
+
+# Tensors inside a decoder layer: (dimension to slice, kept index that slices it) or None when kept whole.
+LAYER_TENSORS = _layer_tensors()
+# Sub-modules of each skippable block: dropped together when a plan skips the block.
+BLOCK_MODULES = {block.name: (block.norm, block.module) for block in BLOCKS}
+
+
+def attention_rows(groups: Sequence[int], queries_per_kv: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of q_proj (= columns of o_proj) and of k_proj/v_proj owned by the kept KV heads ``groups``."""
+    kv = torch.tensor(list(groups), dtype=torch.long)
+    offsets = torch.arange(head_dim)
+    kv_rows = (kv[:, None] * head_dim + offsets).reshape(-1)
+    q_heads = (kv[:, None] * queries_per_kv + torch.arange(queries_per_kv)).reshape(-1)
+    q_rows = (q_heads[:, None] * head_dim + offsets).reshape(-1)
+    return q_rows, kv_rows
+
+
+def layer_indices(lp: LayerPlan, head_dim: int) -> dict[str, torch.Tensor]:
+    """The kept index of each kind ("q", "kv", "mlp") for one layer of a plan (a layer of an already pruned
+    model that skips attention has no KV heads at all)."""
+    queries_per_kv = lp.num_attention_heads // lp.num_key_value_heads if lp.num_key_value_heads else 0
+    q_rows, kv_rows = attention_rows(lp.attn_groups, queries_per_kv, head_dim)
+    return {"q": q_rows, "kv": kv_rows, "mlp": torch.tensor(list(lp.mlp_channels), dtype=torch.long)}
+
+
+def kept_indices(plan: Plan) -> dict[int, dict]:
+    """Original layer -> its kept indices by kind, for every layer the plan keeps."""
+    return {lp.layer: layer_indices(lp, plan.head_dim) for lp in plan.layers if not lp.removed}
+
+
+def slice_tensor(
+    rest: str, tensor: torch.Tensor, indices: dict[str, torch.Tensor], out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Slice one tensor of a decoder layer (``rest``: its name inside the layer) by the kept indices, into
+    ``out`` when given (a reused buffer saves a fresh allocation per tensor). A tensor that loses nothing is
+    returned itself."""
+    rule = LAYER_TENSORS[rest]
+    if rule is None:
+        return tensor
+    dim, kind = rule
+    index = indices[kind]
+    if len(index) == tensor.shape[dim]:
+        return tensor
+    return torch.index_select(tensor, dim, index.to(tensor.device), out=out)
+
+
+def sliced_shape(rest: str, shape: Sequence[int], indices: dict[str, torch.Tensor]) -> list[int]:
+    """The shape ``slice_tensor`` gives, without reading the tensor."""
+    rule = LAYER_TENSORS[rest]
+    shape = list(shape)
+    if rule is not None:
+        dim, kind = rule
+        shape[dim] = len(indices[kind])
+    return shape
+
+
+def is_skipped(rest: str, skip: Sequence[str]) -> bool:
+    """True when the layer tensor ``rest`` belongs to a block the plan skips."""
+    return any(rest.split(".", 1)[0] in BLOCK_MODULES[block] for block in skip)
+
+
+def split_layer_key(key: str) -> tuple[str, int, str] | None:
+    """``model.layers.3.mlp.up.weight`` -> (``model.layers.``, 3, ``mlp.up.weight``); None outside layers."""
+    match = LAYER_KEY.match(key)
+    if match is None:
+        return None
+    return match["prefix"], int(match["layer"]), match["rest"]
+
+
+def tensor_route(key: str, plan: Plan, source: str = "the model") -> tuple[str, int | None, str] | None:
+    """Where the tensor ``key`` of ``source`` goes under ``plan``: (output key, original layer, name inside the
+    layer), the layer None and the name empty outside decoder layers; None when the plan drops it (a removed
+    layer, a skipped block). Kept layers are renumbered in order."""
+    parts = split_layer_key(key)
+    if parts is None:
+        return key, None, ""
+    prefix, layer, rest = parts
+    if layer >= len(plan.layers):
+        raise UsageError(f"{source}: tensor {key} is in layer {layer}, but the plan has {len(plan.layers)} layers")
+    lp = plan.layers[layer]
+    if lp.removed or is_skipped(rest, lp.skip):
+        return None
+    if rest not in LAYER_TENSORS:
+        raise UsageError(
+            f"{source}: unexpected tensor {key}; llamaprune slices Llama/Mistral/Qwen2 layers "
+            f"({', '.join(sorted(LAYER_TENSORS))})"
+        )
+    new_layer = sum(1 for other in plan.layers[:layer] if not other.removed)
+    return f"{prefix}{new_layer}.{rest}", layer, rest
+
+
+def pruned_state(tensors: Mapping[str, torch.Tensor], plan: Plan) -> dict[str, torch.Tensor]:
+    """Named tensors (a state dict) after ``plan``, under their output names: a sliced tensor is new, any other
+    is the same tensor object (shared, not copied)."""
+    indices = kept_indices(plan)
+    out = {}
+    for key, tensor in tensors.items():
+        route = tensor_route(key, plan)
+        if route is None:
+            continue
+        out_key, layer, rest = route
+        out[out_key] = tensor if layer is None else slice_tensor(rest, tensor, indices[layer])
+    return out

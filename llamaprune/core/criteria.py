@@ -1,0 +1,111 @@
+"""The registry of importance criteria: each one's name, what the calibration pass must collect for it, its
+per-group formula, its other names and its one-line help. No torch here: the planner and the table schemas
+read criterion names on machines without it, so formulas are named ("module:function") and imported on use.
+
+Adding a criterion is one ``Criterion`` entry below plus its formula in ``llamaprune/importance/``; the
+score/plan/prune commands, the table columns (docs/ARTIFACTS.md, "groups.parquet") and the benchmarks
+follow. A formula of ``scope`` "param" gets one prunable weight or bias (``llamaprune.score.calibration.ParamSpec``)
+and the calibration accumulators (``llamaprune.score.calibration.Accumulators``) and returns one float64 score per
+group; the scores of a group's weights and biases add up. A formula of ``scope`` "table" gets the number of
+groups and the seed and returns one score per group in table order.
+
+    >>> CRITERIA
+    ('taylor', 'taylor2', 'wanda', 'magnitude', 'random', 'fluctuation')
+    >>> canonical("taylor_2nd"), REGISTRY["wanda"].input_stats
+    ('taylor2', ('sq_norm',))
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from llamaprune.core.errors import UsageError
+
+FORMULAS = "llamaprune.score.importance"  # the package of every formula: ``formula`` is "module:function" in it
+PARAM = "param"
+TABLE = "table"
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """One importance criterion.
+
+    ``gradients``: it needs the backward pass (each parameter's gradient folded per batch, see
+    ``llamaprune.score.importance.taylor``). ``input_stats``: per-feature statistics of each linear's input it
+    reads, by name of ``llamaprune.score.calibration.INPUT_STATISTICS``. ``aliases``: other names the one-shot
+    ``prune`` command accepts (the seed toolkit's)."""
+
+    name: str
+    help: str
+    formula: str
+    scope: str = PARAM
+    gradients: bool = False
+    input_stats: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
+
+    def load(self) -> Callable:
+        """The formula itself (imports its module, and so torch, on first use)."""
+        module, _, function = self.formula.partition(":")
+        return getattr(importlib.import_module(f"{FORMULAS}.{module}"), function)
+
+
+# The order is the column order of the tables.
+REGISTRY = {
+    c.name: c
+    for c in (
+        Criterion("taylor", "|w*G|, G the summed calibration gradient", "taylor:taylor_groups",
+                  gradients=True),
+        Criterion("taylor2", "taylor + 0.5*w^2*F, F the Fisher diagonal", "taylor:taylor2_groups",
+                  gradients=True, aliases=("taylor_2nd",)),
+        Criterion("wanda", "|w|*||x||, x the linear's input", "wanda:wanda_groups",
+                  input_stats=("sq_norm",)),
+        Criterion("magnitude", "|w|, data-free", "magnitude:magnitude_groups"),
+        Criterion("random", "a seeded uniform draw per group", "random:random_scores",
+                  scope=TABLE),
+        Criterion("fluctuation", "var(x)*||W[:,j]||^2 over o_proj/down_proj inputs (FLAP)",
+                  "fluctuation:fluctuation_groups", input_stats=("sq_norm", "sum")),
+    )
+}
+CRITERIA = tuple(REGISTRY)
+# What a layer-streamed pass (``score --stream``) can score: the criteria that need no gradients.
+FORWARD_ONLY = tuple(c.name for c in REGISTRY.values() if not c.gradients)
+# Every name a criterion goes by, seed names first: what ``prune --importance_method`` accepts.
+NAMES = tuple(name for c in REGISTRY.values() for name in (*c.aliases, c.name))
+
+
+def canonical(name: str) -> str:
+    """A criterion's own name for any of its names (``taylor_2nd`` -> ``taylor2``)."""
+    for criterion in REGISTRY.values():
+        if name == criterion.name or name in criterion.aliases:
+            return criterion.name
+    raise UsageError(f"unknown criterion {name!r}; choose from {', '.join(NAMES)}")
+
+
+def parse_criteria(text: str) -> tuple[str, ...]:
+    """``"taylor,wanda"`` -> ("taylor", "wanda") in canonical order; unknown names are an error."""
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    unknown = [c for c in names if c not in REGISTRY]
+    if unknown or not names:
+        raise UsageError(f"unknown criterion {', '.join(unknown) or '(none)'}; choose from {', '.join(CRITERIA)}")
+    return tuple(c for c in CRITERIA if c in names)
+
+
+def needs_gradients(criteria) -> bool:
+    return any(REGISTRY[c].gradients for c in criteria)
+
+
+def input_stats(criteria) -> tuple[str, ...]:
+    """The input statistics ``criteria`` read, each once."""
+    return tuple(dict.fromkeys(stat for c in criteria for stat in REGISTRY[c].input_stats))
+
+
+def help_text() -> str:
+    """Every criterion with its one-line help, for the CLI."""
+    return "; ".join(f"{c.name} ({c.help})" for c in REGISTRY.values())
+
+
+def names_text() -> str:
+    """Every name, aliases marked: ``taylor, taylor_2nd (= taylor2), taylor2, ...``."""
+    return ", ".join(f"{name} (= {canonical(name)})" if name != canonical(name) else name for name in NAMES)

@@ -1,0 +1,1 @@
+"""Export of a checkpoint for other engines: one GGUF file for llama.cpp."""

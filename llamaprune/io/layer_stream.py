@@ -1,0 +1,219 @@
+"""Run calibration hidden states through a model one decoder layer at a time.
+
+A pass holds the embedded calibration windows' hidden states and, at any moment, a single decoder layer: from
+a safetensors checkpoint each layer's weights are read when its turn comes and dropped after it, so the
+pass needs about one layer plus the activations, not the model (error compensation runs on it; so can any
+statistic that is gathered layer by layer). A model already in memory is walked the same way.
+
+    >>> stream = LayerStream.from_checkpoint(Path("ckpt"))          # doctest: +SKIP
+    >>> hidden = stream.embed(windows)                               # doctest: +SKIP
+    >>> for index in range(stream.num_layers):                       # doctest: +SKIP
+    ...     with stream.layer(index) as block:
+    ...         hidden = stream.run_layer(block, hidden)
+    >>> logits = stream.logits(hidden)                               # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+LAYERS_PREFIX = "model.layers."
+EMBEDDINGS = "model.embed_tokens.weight"
+
+
+def tensor_files(path: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file of checkpoint directory ``path`` that holds it (headers only)."""
+    from safetensors import safe_open
+
+    from llamaprune.io.pruned_checkpoint import safetensors_files
+
+    files = {}
+    for file in safetensors_files(Path(path)) or ():
+        with safe_open(file, framework="pt") as f:
+            files.update(dict.fromkeys(f.keys(), file))
+    return files
+
+
+def read_tensors(files: dict[str, Path], keys: list[str]) -> dict[str, torch.Tensor]:
+    """The tensors ``keys`` of a checkpoint (``files`` from ``tensor_files``)."""
+    from safetensors import safe_open
+
+    out = {}
+    for key in keys:
+        with safe_open(files[key], framework="pt") as f:
+            out[key] = f.get_tensor(key)
+    return out
+
+
+def read_rows(files: dict[str, Path], key: str, rows: list[int]) -> torch.Tensor:
+    """Rows ``rows`` of the checkpoint's 2-D tensor ``key``, each read at its offset in the file: the rest of the
+    tensor is never read (a safetensors slice reads the whole tensor first)."""
+    from llamaprune.io.pruned_checkpoint import SAFETENSORS_DTYPES
+    from llamaprune.io.weights import read_header
+
+    header = read_header(files[key])
+    info = header.tensors[key]
+    dtype, width = SAFETENSORS_DTYPES[info["dtype"]], info["shape"][1]
+    size, start = width * dtype.itemsize, header.data_start + info["data_offsets"][0]
+    out = bytearray(len(rows) * size)
+    with open(files[key], "rb") as f:
+        for i, row in enumerate(rows):
+            f.seek(start + row * size)
+            out[i * size : (i + 1) * size] = f.read(size)
+    return torch.frombuffer(out, dtype=dtype).view(len(rows), width)
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def _libc():
+    """glibc, or None (another C library, another OS)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
+
+
+def trim_heap() -> None:
+    """Hand the heap's free pages back to the OS (glibc's ``malloc_trim``; nothing elsewhere). A layer's
+    temporaries are freed into heap blocks that glibc keeps (its mmap threshold rises after large frees), so
+    without it the resident set grows by tens of MB a layer instead of staying at about one layer."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def unmap_large_frees(threshold: int = 1 << 20) -> None:
+    """From now on, give each allocation of ``threshold`` bytes or more its own mapping, returned to the OS as soon
+    as it is freed (glibc's ``mallopt(M_MMAP_THRESHOLD)``, process-wide; nothing elsewhere). glibc otherwise raises
+    that threshold to the size of each large block freed (up to 32 MB), so the MB-sized temporaries of a layer's
+    forward and of its criteria then live in the heap, whose free pages only ``trim_heap`` hands back: between
+    two trims the resident set held ~0.15 GB more than the layer in the 1.2B benchmark (bench/RESULTS.md)."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, threshold)
+
+
+@dataclass
+class LayerStream:
+    """A model's embeddings, head and decoder layers, the layers materialized one at a time when ``files``
+    (safetensors, name -> file) is given, else taken from an in-memory ``model``."""
+
+    model: nn.Module
+    files: dict[str, Path] | None = None
+    batch_size: int = 8
+    device: str = "cpu"
+
+    @classmethod
+    def from_model(cls, model: nn.Module, batch_size: int = 8) -> LayerStream:
+        return cls(model, None, batch_size, str(next(model.parameters()).device))
+
+    @classmethod
+    def from_checkpoint(cls, path: Path, config, dtype: torch.dtype = torch.float32, batch_size: int = 8,
+                        device: str = "cpu", head: bool = True):
+        """A skeleton of the model on the meta device with its embeddings, final norm and head loaded (on
+        ``device``, where each layer goes in its turn). ``head`` False, for a pass that makes no logits
+        (scoring, compensation): the final norm and head are never read, nor the embeddings but the rows that
+        ``embed`` needs."""
+        from transformers import AutoModelForCausalLM
+
+        files = tensor_files(path)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        stream = cls(model, files, batch_size, device)
+        rotary = model.model.rotary_emb
+        model.model.rotary_emb = type(rotary)(config=model.config).to(device)  # its buffers are computed, not stored
+        if not head:
+            return stream
+        outside = {k: v for k, v in files.items() if not k.startswith(LAYERS_PREFIX)}
+        stream._load(model, outside, dtype)
+        if getattr(config, "tie_word_embeddings", False):
+            model.tie_weights()
+        for name in ("embed_tokens", "norm"):
+            getattr(model.model, name).to(device)
+        model.lm_head.to(device)
+        return stream
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.model.model.layers)
+
+    def _load(self, module: nn.Module, files: dict[str, Path], dtype: torch.dtype, prefix: str = "") -> None:
+        """Read and convert one tensor at a time, so the file's copy of a layer is never held beside ours."""
+        state = {key[len(prefix):]: read_tensors(files, [key])[key].to(dtype) for key in files}
+        module.load_state_dict(state, strict=False, assign=True)
+
+    @contextmanager
+    def layer(self, index: int) -> Iterator[nn.Module]:
+        """Decoder layer ``index``, with its weights, for the duration of the block."""
+        block = self.model.model.layers[index]
+        if self.files is None:
+            yield block
+            return
+        prefix = f"{LAYERS_PREFIX}{index}."
+        dtype = self.model.model.embed_tokens.weight.dtype
+        self._load(block, {k: v for k, v in self.files.items() if k.startswith(prefix)}, dtype, prefix)
+        block.to(self.device)
+        try:
+            yield block
+        finally:
+            self.model.model.layers[index] = block.to("meta")
+            trim_heap()
+
+    def embed(self, windows: torch.Tensor) -> torch.Tensor:
+        """The windows' input embeddings; where the embeddings were left unread (``head`` False), only the rows of
+        the tokens the windows use are read, so the vocabulary's matrix is never in memory."""
+        embed_tokens = self.model.model.embed_tokens
+        if not embed_tokens.weight.is_meta:
+            with torch.no_grad():
+                return embed_tokens(windows.to(self.device))
+        tokens, where = windows.unique(return_inverse=True)
+        rows = read_rows(self.files, EMBEDDINGS, tokens.tolist()).to(embed_tokens.weight.dtype)
+        return rows.to(self.device)[where.to(self.device)]
+
+    def context(self, hidden: torch.Tensor) -> dict:
+        """Positions and causal mask of a batch of full windows (no padding, no cache)."""
+        from transformers.masking_utils import create_causal_mask
+
+        positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
+        mask = create_causal_mask(
+            config=self.model.config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=positions
+        )
+        return {
+            "position_embeddings": self.model.model.rotary_emb(hidden, positions),
+            "attention_mask": mask,
+        }
+
+    def attention(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """The attention sub-block's residual update for ``hidden`` (zero when the layer skips attention)."""
+        if block.self_attn is None:
+            return torch.zeros_like(hidden)
+        return block.self_attn(hidden_states=block.input_layernorm(hidden), **self.context(hidden))[0]
+
+    def mlp(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        if block.mlp is None:
+            return torch.zeros_like(hidden)
+        return block.mlp(block.post_attention_layernorm(hidden))
+
+    def batches(self, hidden: torch.Tensor) -> list[torch.Tensor]:
+        return list(hidden.split(self.batch_size))
+
+    def run_layer(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden`` after the whole layer, batch by batch through the block's own forward, so that its hooks see
+        its input and output as in a whole-model pass (scoring's block influence)."""
+        with torch.no_grad():
+            return torch.cat([block(h, **self.context(h)) for h in self.batches(hidden)])
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model.lm_head(self.model.model.norm(hidden))

@@ -1,0 +1,1 @@
+"""Recovery finetuning (LoRA, full) of a pruned checkpoint, and its training data."""

@@ -1,0 +1,146 @@
+"""Gradient scoring of a model whose weights and w*G accumulators do not fit one device: FSDP2 ``fully_shard``
+splits every decoder layer's parameters (and so their gradients) across the processes of a torchrun job by
+rows, and each process keeps the w*G sums of its own rows only.
+
+Each Fisher group of windows is split across the processes, so one backward pass per process makes the group's
+gradient: FSDP's reduce-scatter averages over processes, hence each loss is scaled by the number of processes.
+The Fisher term and |w*G| are first summed per row or column of each process's shard, then all-reduced and
+grouped (``importance.index_sums``), which is the same number as one process's ``group_sum``.
+
+    $ torchrun --nproc-per-node 8 -m llamaprune score meta-llama/Meta-Llama-3-70B --out run --fsdp
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from llamaprune.core.arch import ROWS
+from llamaprune.core.errors import UsageError
+from llamaprune.score.calibration import Accumulators, GradientGroup, ParamSpec
+from llamaprune.score.collectives import Ranks, all_reduce_sum
+from llamaprune.score.importance import index_sums
+from llamaprune.score.importance.taylor import GradientState
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def shard_model(model) -> None:
+    """Each decoder layer one FSDP unit (gathered only while it runs), the rest (embeddings, head) the root's."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.base_model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def sharded_groups(windows: torch.Tensor, fisher_windows: int, ranks: Ranks) -> list[GradientGroup]:
+    """This process's part of every Fisher group, run as one batch; its loss weight counts the processes, whose
+    gradients FSDP averages."""
+    groups = []
+    for group in windows.split(fisher_windows):
+        if len(group) < ranks.world:
+            raise UsageError(
+                f"--fsdp over {ranks.world} processes splits each group of --fisher-windows windows among them, "
+                f"and a group has only {len(group)}; use --fisher-windows and --num-samples that are multiples of "
+                f"{ranks.world}"
+            )
+        mine = group.tensor_split(ranks.world)[ranks.rank]
+        groups.append(GradientGroup((mine,), fisher_windows / ranks.world))
+    return groups
+
+
+class ShardedGradients:
+    """The w*G and Fisher sums of the rows each process holds, folded after every backward pass."""
+
+    def __init__(self, specs: list[ParamSpec], ranks: Ranks) -> None:
+        self.specs, self.ranks = specs, ranks
+
+    def states(self, dtype: torch.dtype) -> dict[str, GradientState]:
+        """Zeroed sums: w*G of the local shard (in ``dtype``), the Fisher term per row or column of the whole."""
+        states = {}
+        for spec in self.specs:
+            local = spec.param.to_local()
+            states[spec.name] = GradientState(
+                wg=torch.zeros(local.shape, dtype=dtype, device=local.device),
+                fisher=torch.zeros(_indices(spec), dtype=torch.float64, device=local.device),
+            )
+        return states
+
+    def _add(self, target: torch.Tensor, sums: torch.Tensor, spec: ParamSpec) -> None:
+        if spec.axis == ROWS:
+            start = first_row(spec.param.shape[0], self.ranks)
+            target[start : start + len(sums)] += sums
+        else:
+            target += sums
+
+    def fold(self, acc: Accumulators) -> None:
+        """Fold every shard's gradient (w*G and 0.5 (w*G)^2 per row or column) and free it."""
+        for spec in self.specs:
+            state = acc.gradients[spec.name]
+            wg = spec.param.to_local().detach().float() * spec.param.grad.to_local().float()
+            state.wg.add_(wg)
+            self._add(state.fisher, 0.5 * index_sums(wg.square_(), spec.axis), spec)
+            spec.param.grad = None
+
+    def reduce(self, acc: Accumulators) -> None:
+        """Replace each state by the whole parameter's: per-index |w*G| sums and per-group Fisher sums."""
+        for spec in self.specs:
+            state = acc.gradients[spec.name]
+            first = torch.zeros_like(state.fisher)
+            self._add(first, index_sums(state.wg.abs(), spec.axis), spec)
+            all_reduce_sum([first, state.fisher])
+            acc.gradients[spec.name] = GradientState(first, state.fisher.view(spec.num_groups, -1).sum(dim=1))
+
+
+def first_row(rows: int, ranks: Ranks) -> int:
+    """The first row of this process's shard of a parameter (FSDP2 shards dim 0 as ``torch.chunk`` does)."""
+    return min(ranks.rank * -(-rows // ranks.world), rows)
+
+
+def _indices(spec: ParamSpec) -> int:
+    """Rows or columns of the whole parameter along which its groups lie."""
+    shape = spec.param.shape
+    return shape[0] if spec.axis == ROWS or len(shape) == 1 else shape[1]
+
+
+def gathered(spec: ParamSpec) -> ParamSpec:
+    """``spec`` with its whole parameter (one all-gather), for the formulas that read weights."""
+    import dataclasses
+
+    full = spec.param.full_tensor() if hasattr(spec.param, "full_tensor") else spec.param
+    return dataclasses.replace(spec, param=full)
+
+
+def load_sharded(path: Path, config, dtype: torch.dtype, device: str, ranks: Ranks):
+    """The model of a safetensors checkpoint directory, sharded across the processes as it loads: built on the
+    meta device, sharded, then each process reads only its rows of every tensor, so no process ever holds the
+    whole model."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from llamaprune.io.layer_stream import tensor_files
+
+    files = tensor_files(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    shard_model(model)
+    model.to_empty(device=device)
+    for name, param in model.named_parameters():
+        local = param.to_local()
+        start = first_row(param.shape[0], ranks)
+        key = name if name in files else f"model.{name}" if f"model.{name}" in files else None
+        if key is None and getattr(config, "tie_word_embeddings", False) and name == "lm_head.weight":
+            key = "model.embed_tokens.weight"
+        if key is None:
+            raise UsageError(f"{path} has no tensor {name}; is it a complete checkpoint of this config?")
+        with safe_open(files[key], framework="pt", device="cpu") as f, torch.no_grad():
+            local.copy_(f.get_slice(key)[start : start + local.shape[0]].to(dtype))
+    rotary = model.model.rotary_emb  # its buffers are computed, not stored
+    model.model.rotary_emb = type(rotary)(config=model.config).to(device)
+    return model.eval()
