@@ -20,7 +20,7 @@ from llamaprune.apply.command import apply_plan
 from llamaprune.core.artifacts import atomic_write_json
 from llamaprune.core.plan_file import Plan, plan_from_kept
 from llamaprune.core.tables import groups_schema, layers_schema, with_meta, write_table
-from llamaprune.io.pruned_checkpoint import safetensors_files
+from llamaprune.io.weights import safetensors_files
 
 # Hypothesis keeps an example cache; tests write nowhere but temporary directories.
 os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", tempfile.mkdtemp(prefix="llamaprune-hypothesis-"))

@@ -27,18 +27,11 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2
 from typer.testing import CliRunner
 
 from llamaprune.apply.command import apply_plan
+from llamaprune.apply.streaming import stream_checkpoint
 from llamaprune.cli.app import app
 from llamaprune.core.plan_file import plan_from_kept
-from llamaprune.io.pruned_checkpoint import (
-    MODELING_FILE,
-    SAFE_INDEX,
-    load_pruned,
-    pruned_config,
-    safetensors_files,
-    save_pruned,
-    stream_checkpoint,
-    write_config,
-)
+from llamaprune.io.pruned_checkpoint import MODELING_FILE, load_pruned, pruned_config, save_pruned, write_config
+from llamaprune.io.weights import SAFE_INDEX, safetensors_files
 from llamaprune.modeling_llamaprune import LlamaPruneConfig
 
 HETEROGENEOUS = [([0], [1, 4, 9]), ([], [0, 2]), ([0, 1], list(range(20))), ([1], [])]

@@ -9,14 +9,8 @@ import torch
 from conftest import tiny_config, tiny_model
 
 import llamaprune.io.loading as model_module
-from llamaprune.io.loading import (
-    Source,
-    cache_dir,
-    config_fingerprint,
-    load_model,
-    resolve_device,
-    resolve_source,
-)
+from llamaprune.core.groups import config_fingerprint
+from llamaprune.io.loading import Source, cache_dir, load_model, resolve_device, resolve_source
 
 # --- resolve_source -----------------------------------------------------------------------------
 

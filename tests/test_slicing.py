@@ -21,7 +21,8 @@ from conftest import (
 )
 
 from llamaprune.apply.command import apply_plan
-from llamaprune.apply.slicing import LAYER_TENSORS, attention_rows, pruned_state, slice_tensor, split_layer_key
+from llamaprune.apply.slicing import LAYER_TENSORS, attention_rows, pruned_state, slice_tensor
+from llamaprune.core.arch import split_layer_key
 from llamaprune.core.plan_file import plan_from_kept
 
 

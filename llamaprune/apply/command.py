@@ -18,22 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llamaprune.apply.refit import CompensationOptions
+from llamaprune.apply.streaming import check_params, stream_checkpoint
 from llamaprune.core.artifacts import MANIFEST, atomic_write_json, manifest_in, new_manifest, plain_value
 from llamaprune.core.errors import UsageError
+from llamaprune.core.groups import config_fingerprint
 from llamaprune.core.plan_file import Plan, check_shape, read_plan
 from llamaprune.core.tables import check_fingerprint
 from llamaprune.evaluate.perplexity import EVAL_FILE, EvalOptions, compare, measure
-from llamaprune.io.loading import Device, DType, config_fingerprint, load_model, register, resolve_device
-from llamaprune.io.pruned_checkpoint import (
-    PLAN_FILE,
-    check_params,
-    pruned_config,
-    safetensors_files,
-    save_pruned,
-    stream_checkpoint,
-    write_config,
-    write_tokenizer_files,
-)
+from llamaprune.io.loading import Device, DType, load_model, register, resolve_device
+from llamaprune.io.pruned_checkpoint import PLAN_FILE, pruned_config, save_pruned, write_config, write_tokenizer_files
+from llamaprune.io.weights import safetensors_files
 from llamaprune.runs.phase import Checked, Phase, run_phase
 
 log = logging.getLogger(__name__)

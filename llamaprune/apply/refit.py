@@ -22,11 +22,11 @@ import torch
 from llamaprune.apply.compensation import Compensation, FitSums, mean_bias, non_finite, refit
 from llamaprune.apply.slicing import kept_indices, tensor_route
 from llamaprune.apply.spill import SpilledTensors
-from llamaprune.core.arch import COLS, LINEARS, linear_biases
+from llamaprune.core.arch import BLOCKS, COLS, LAYERS_PREFIX, LINEARS, Block, linear_biases, output_linear
 from llamaprune.core.choices import parse_choice
 from llamaprune.core.errors import UsageError
 from llamaprune.core.plan_file import Plan
-from llamaprune.io.layer_stream import LAYERS_PREFIX, LayerStream, read_tensors, tensor_files, unmap_large_frees
+from llamaprune.io.layer_stream import LayerStream, read_tensors, tensor_files, unmap_large_frees
 from llamaprune.score.in_memory import STATS_FILE
 
 DEFAULT_DAMP = 1e-3
@@ -49,6 +49,28 @@ def _capture(module: torch.nn.Module, run: Callable[[], object]) -> tuple[torch.
     finally:
         handle.remove()
     return seen["x"], seen["y"]
+
+
+class _Reached(Exception):
+    """Raised by ``_input_of``'s hook: the rest of the forward is not needed."""
+
+
+def _input_of(module: torch.nn.Module, run: Callable[[], object]) -> torch.Tensor:
+    """The input ``module`` sees during ``run``, which stops there (nothing after it is computed)."""
+    seen = {}
+
+    def stop(mod, args):
+        seen["x"] = args[0]
+        raise _Reached
+
+    handle = module.register_forward_pre_hook(stop)
+    try:
+        run()
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    return seen["x"]
 
 
 Batches = Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]  # (inputs, unpruned outputs) of a linear
@@ -86,55 +108,46 @@ def refit_layers(stream: LayerStream, plan: Plan, windows: torch.Tensor, damp: f
             if lp.removed:
                 continue
             tensors: dict[str, torch.Tensor] = {}
-            with stream.layer(lp.layer) as block:
-                if "attention" not in lp.skip:
-                    hidden = _refit_attention(stream, block, hidden, indices[lp.layer]["q"], damp, plan, lp.layer,
-                                              tensors)
-                if "mlp" not in lp.skip:
-                    hidden = _refit_mlp(stream, block, hidden, indices[lp.layer]["mlp"], damp, plan, lp.layer,
-                                        tensors)
+            with stream.layer(lp.layer) as decoder:
+                for block in BLOCKS:
+                    if block.name not in lp.skip:
+                        keep = indices[lp.layer][output_linear(block).index]
+                        hidden = _refit_block(stream, decoder, block, hidden, keep, damp, plan, lp.layer, tensors)
             if not torch.isfinite(hidden).all():
                 raise non_finite(f"layer {lp.layer}")
             fitted.add(tensors)
     return fitted
 
 
-def _refit_attention(stream, block, hidden, keep, damp, plan, layer, tensors) -> torch.Tensor:
-    o_proj = block.self_attn.o_proj
-    if len(keep) == o_proj.in_features:  # nothing to refit: the sub-block as it is
-        _store(tensors, plan, layer, "self_attn.o_proj", *_as_is(o_proj), False)
-        return torch.cat([h + stream.attention(block, h) for h in stream.batches(hidden)])
+def _refit_block(stream: LayerStream, decoder: torch.nn.Module, block: Block, hidden: torch.Tensor,
+                 keep: torch.Tensor, damp: float, plan: Plan, layer: int, tensors: dict) -> torch.Tensor:
+    """Refit the output projection of one sub-block on ``hidden`` and return the hidden states after the pruned,
+    refitted sub-block. The kept inputs of the fit pass are reused when they are no larger than the hidden states
+    (held anyway); wider ones (an MLP's) are drawn again, stopping at the projection."""
+    path = output_linear(block).path
+    proj = decoder.get_submodule(path)
+
+    def run(h: torch.Tensor) -> torch.Tensor:
+        return stream.sub_block(decoder, block, h)
+
+    if len(keep) == proj.in_features:  # nothing to refit: the sub-block as it is
+        _store(tensors, plan, layer, path, *_as_is(proj), False)
+        return torch.cat([h + run(h) for h in stream.batches(hidden)])
+    reuse = len(keep) <= hidden.shape[-1]
     kept_inputs = []
 
     def inputs() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for h in stream.batches(hidden):
-            z, y = _capture(o_proj, lambda h=h: stream.attention(block, h))
-            kept_inputs.append(z[..., keep.to(z.device)])
+            z, y = _capture(proj, lambda h=h: run(h))
+            if reuse:
+                kept_inputs.append(z[..., keep.to(z.device)])
             yield z, y
 
-    weight, bias = _fitted(o_proj, keep, damp, inputs, f"layer {layer}")
-    _store(tensors, plan, layer, "self_attn.o_proj", weight, bias, True)
+    weight, bias = _fitted(proj, keep, damp, inputs, f"layer {layer}")
+    _store(tensors, plan, layer, path, weight, bias, True)
+    if not reuse:
+        kept_inputs = (_input_of(proj, lambda h=h: run(h))[..., keep.to(h.device)] for h in stream.batches(hidden))
     return torch.cat([h + z @ weight.T + bias for h, z in zip(stream.batches(hidden), kept_inputs, strict=True)])
-
-
-def _refit_mlp(stream, block, hidden, keep, damp, plan, layer, tensors) -> torch.Tensor:
-    mlp = block.mlp
-    if len(keep) == mlp.down_proj.in_features:  # nothing to refit: the sub-block as it is
-        _store(tensors, plan, layer, "mlp.down_proj", *_as_is(mlp.down_proj), False)
-        return torch.cat([h + stream.mlp(block, h) for h in stream.batches(hidden)])
-
-    def inputs() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for h in stream.batches(hidden):
-            yield _capture(mlp.down_proj, lambda h=h: stream.mlp(block, h))
-
-    weight, bias = _fitted(mlp.down_proj, keep, damp, inputs, f"layer {layer}")
-    _store(tensors, plan, layer, "mlp.down_proj", weight, bias, True)
-    keep = keep.to(hidden.device)
-    out = []
-    for h in stream.batches(hidden):  # the pruned MLP: the full gate and up projections, then the kept channels
-        x = block.post_attention_layernorm(h)
-        out.append(h + (mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))[..., keep] @ weight.T + bias)
-    return torch.cat(out)
 
 
 def _store(tensors: dict, plan: Plan, layer: int, path: str, weight: torch.Tensor, bias: torch.Tensor,

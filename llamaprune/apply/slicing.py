@@ -16,16 +16,13 @@ checkpoint while streaming it and a state dict in memory (``pruned_state``).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 
 import torch
 
-from llamaprune.core.arch import BLOCKS, LINEARS, ROWS
+from llamaprune.core.arch import BLOCKS, LINEARS, ROWS, split_layer_key
 from llamaprune.core.errors import UsageError
 from llamaprune.core.plan_file import LayerPlan, Plan
-
-LAYER_KEY = re.compile(r"^(?P<prefix>.*\blayers\.)(?P<layer>\d+)\.(?P<rest>.+)$")
 
 
 def _layer_tensors() -> dict[str, tuple[int, str] | None]:
@@ -96,14 +93,6 @@ def sliced_shape(rest: str, shape: Sequence[int], indices: dict[str, torch.Tenso
 def is_skipped(rest: str, skip: Sequence[str]) -> bool:
     """True when the layer tensor ``rest`` belongs to a block the plan skips."""
     return any(rest.split(".", 1)[0] in BLOCK_MODULES[block] for block in skip)
-
-
-def split_layer_key(key: str) -> tuple[str, int, str] | None:
-    """``model.layers.3.mlp.up.weight`` -> (``model.layers.``, 3, ``mlp.up.weight``); None outside layers."""
-    match = LAYER_KEY.match(key)
-    if match is None:
-        return None
-    return match["prefix"], int(match["layer"]), match["rest"]
 
 
 def tensor_route(key: str, plan: Plan, source: str = "the model") -> tuple[str, int | None, str] | None:

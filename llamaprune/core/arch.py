@@ -16,12 +16,22 @@ dimension, what goes with a skipped block), LoRA targets. The group rules are do
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 ATTN = "attn"  # group kind: one KV head with its query heads
 MLP = "mlp"  # group kind: one intermediate channel
 ROWS = "rows"  # groups own output rows (q/k/v/gate/up weights and their biases)
 COLS = "cols"  # groups own input columns (o_proj, down_proj); their output bias belongs to no group
+
+
+# model_type -> the transformers class of every architecture llamaprune takes (its own pruned type included)
+SUPPORTED_MODEL_TYPES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "llamaprune": "LlamaPruneForCausalLM",
+}
 
 
 @dataclass(frozen=True)
@@ -37,6 +47,7 @@ class Linear:
     axis: str
     index: str
     input: str
+    rotary: bool = False  # its output rows carry rotary position embeddings (query and key)
 
     @property
     def name(self) -> str:
@@ -66,8 +77,8 @@ BLOCKS = (
     Block("mlp", "mlp", "post_attention_layernorm", MLP),
 )
 LINEARS = (
-    Linear("self_attn.q_proj", "attention", ATTN, ROWS, "q", "attn_in"),
-    Linear("self_attn.k_proj", "attention", ATTN, ROWS, "kv", "attn_in"),
+    Linear("self_attn.q_proj", "attention", ATTN, ROWS, "q", "attn_in", rotary=True),
+    Linear("self_attn.k_proj", "attention", ATTN, ROWS, "kv", "attn_in", rotary=True),
     Linear("self_attn.v_proj", "attention", ATTN, ROWS, "kv", "attn_in"),
     Linear("self_attn.o_proj", "attention", ATTN, COLS, "q", "o_in"),
     Linear("mlp.gate_proj", "mlp", MLP, ROWS, "mlp", "mlp_in"),
@@ -75,6 +86,29 @@ LINEARS = (
     Linear("mlp.down_proj", "mlp", MLP, COLS, "mlp", "down_in"),
 )
 LINEAR_NAMES = tuple(linear.name for linear in LINEARS)
+
+
+# Where a checkpoint keeps its decoder layers, and a tensor key's parts: (prefix, layer, name inside the layer).
+LAYERS_PREFIX = "model.layers."
+LAYER_KEY = re.compile(r"^(?P<prefix>.*\blayers\.)(?P<layer>\d+)\.(?P<rest>.+)$")
+
+
+def split_layer_key(key: str) -> tuple[str, int, str] | None:
+    """``model.layers.3.mlp.up.weight`` -> (``model.layers.``, 3, ``mlp.up.weight``); None outside layers."""
+    match = LAYER_KEY.match(key)
+    if match is None:
+        return None
+    return match["prefix"], int(match["layer"]), match["rest"]
+
+
+def linear_of(rest: str) -> Linear | None:
+    """The linear that owns the layer tensor ``rest`` (its weight or bias), if any."""
+    return next((linear for linear in LINEARS if rest.startswith(linear.path + ".")), None)
+
+
+def output_linear(block: Block) -> Linear:
+    """The projection that ends ``block`` (o_proj, down_proj): the one whose input columns the groups cut."""
+    return next(linear for linear in LINEARS if linear.block == block.name and linear.axis == COLS)
 
 
 def _first_readers() -> dict[str, Linear]:
@@ -103,14 +137,19 @@ def linear_biases(config) -> dict[str, bool]:
 
     modeling_llamaprune.projection_biases applies the same rule (that file may import only torch and
     transformers); tests/test_arch.py checks that the two agree."""
+    rule = bias_rule(config)
+    return {linear.path: rule[(linear.kind, linear.axis)] for linear in LINEARS}
+
+
+def bias_rule(config) -> dict[tuple[str, str], bool]:
+    """(group kind, axis) -> whether those linears have a bias (``linear_biases`` says why)."""
     qwen2 = source_model_type(config) == "qwen2"
     attention = bool(getattr(config, "attention_bias", False))
     mlp = bool(getattr(config, "mlp_bias", False))
     output = bool(getattr(config, "output_bias", False))
-    rule = {
+    return {
         (ATTN, ROWS): attention or qwen2,
         (ATTN, COLS): (attention and not qwen2) or output,
         (MLP, ROWS): mlp,
         (MLP, COLS): mlp or output,
     }
-    return {linear.path: rule[(linear.kind, linear.axis)] for linear in LINEARS}

@@ -12,10 +12,12 @@ for without loading it. A config may be uniform or already pruned per layer (``p
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
-from llamaprune.core.arch import ATTN, MLP, linear_biases
+from llamaprune.core.arch import ATTN, COLS, MLP, ROWS, SUPPORTED_MODEL_TYPES, bias_rule, source_model_type
 
 
 @dataclass(frozen=True)
@@ -162,17 +164,17 @@ def model_shape(config) -> ModelShape:
     head_dim = getattr(config, "head_dim", None)
     if head_dim is None:
         head_dim = hidden // layers[0].num_attention_heads
-    biases = linear_biases(config)
+    biases = bias_rule(config)
     return ModelShape(
         hidden_size=hidden,
         head_dim=head_dim,
         vocab_size=config.vocab_size,
         layers=layers,
-        attention_bias=biases["self_attn.q_proj"],
-        o_proj_bias=biases["self_attn.o_proj"],
-        mlp_bias=biases["mlp.gate_proj"],
+        attention_bias=biases[(ATTN, ROWS)],
+        o_proj_bias=biases[(ATTN, COLS)],
+        mlp_bias=biases[(MLP, ROWS)],
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-        down_proj_bias=biases["mlp.down_proj"],
+        down_proj_bias=biases[(MLP, COLS)],
     )
 
 
@@ -184,3 +186,18 @@ def iter_groups(shape: ModelShape) -> Iterator[Group]:
             yield Group(layer, ATTN, g, attn_cost)
         for c in range(layer_shape.mlp_channels):
             yield Group(layer, MLP, c, mlp_cost)
+
+
+def config_fingerprint(config) -> dict:
+    """What a plan or table must match: architecture family, a hash of all shapes, parameter count."""
+    shape = model_shape(config)
+    fields = asdict(shape)
+    if fields["down_proj_bias"] == fields["mlp_bias"]:  # as before output biases existed: hashes stay the same
+        del fields["down_proj_bias"]
+    blob = json.dumps(fields, sort_keys=True).encode()
+    model_type = source_model_type(config)
+    return {
+        "architecture": SUPPORTED_MODEL_TYPES.get(model_type, model_type),
+        "config_hash": hashlib.sha256(blob).hexdigest()[:16],
+        "num_parameters": shape.counts().total,
+    }

@@ -20,9 +20,8 @@ from pathlib import Path
 
 from llamaprune.core.artifacts import SCHEMA_VERSION, atomic_write_bytes, plain_value
 from llamaprune.core.errors import MissingInput, UsageError
-from llamaprune.core.groups import LayerShape, ModelShape, model_shape
+from llamaprune.core.groups import LayerShape, ModelShape, config_fingerprint, model_shape
 from llamaprune.core.user_files import read_utf8
-from llamaprune.io.loading import config_fingerprint
 
 PLAN_KIND = "llamaprune-plan"
 SKIPPABLE = ("attention", "mlp")

@@ -24,13 +24,14 @@ import gguf
 import numpy as np
 import torch
 
+from llamaprune.core.arch import linear_of, split_layer_key
 from llamaprune.core.artifacts import manifest_in, refuse_existing
 from llamaprune.core.choices import parse_choice
 from llamaprune.core.errors import UsageError
 from llamaprune.core.groups import model_shape
 from llamaprune.core.temporaries import temporary_dir
 from llamaprune.export.gguf_vocab import add_vocab
-from llamaprune.io.layer_stream import LAYERS_PREFIX, read_tensors, tensor_files
+from llamaprune.io.layer_stream import read_tensors, tensor_files
 from llamaprune.io.loading import EMBEDDED, Source, embedded_gguf
 from llamaprune.io.pruned_checkpoint import PLAN_FILE, TIED_HEAD
 from llamaprune.runs.phase import Phase, preflight
@@ -59,7 +60,6 @@ FILE_TYPES = {
     OutType.bf16: gguf.LlamaFileType.MOSTLY_BF16,
     OutType.q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
 }
-QUERY, KEY = "self_attn.q_proj", "self_attn.k_proj"
 ROPE_TYPES = ("default", "linear", "llama3")
 BASE_TYPES = ("llama", "mistral")
 
@@ -238,12 +238,12 @@ def out_tensors(files: dict[str, Path], config, arch: gguf.MODEL_ARCH, shapes: l
             raise UsageError(f"tensor {key} of the checkpoint has no GGUF counterpart; export supports llama layers")
         with safe_open(files[key], framework="pt") as f:
             shape = tuple(f.get_slice(key).get_shape())
-        layer = _layer(key)
+        parts = split_layer_key(key)
+        linear = linear_of(parts[2]) if parts else None
         heads = None
-        if layer is not None and QUERY in key:
-            heads = shapes[layer].heads
-        elif layer is not None and KEY in key:
-            heads = shapes[layer].kv_heads
+        if linear is not None and linear.rotary:  # llama.cpp's rope pairs rows differently: permuted per head
+            shape_of = shapes[parts[1]]
+            heads = shape_of.heads if linear.index == "q" else shape_of.kv_heads
         out.append(OutTensor(name, shape, _tensor_type(shape, weight_type), key, heads))
     if arch == gguf.MODEL_ARCH.DECI:
         out += stand_ins(shapes, config, weight_type)
@@ -402,15 +402,9 @@ def _numpy_type(qtype: QType) -> type:
     return {QType.F32: np.float32, QType.F16: np.float16}.get(qtype, np.uint8)
 
 
-def _layer(key: str) -> int | None:
-    if not key.startswith(LAYERS_PREFIX):
-        return None
-    return int(key[len(LAYERS_PREFIX):].split(".", 1)[0])
-
-
 def _tensor_order(key: str) -> tuple[int, str]:
     """Embeddings, then the layers in order, then the final norm and head: a file that reads front to back."""
-    layer = _layer(key)
-    if layer is not None:
-        return (1 + layer, key)
+    parts = split_layer_key(key)
+    if parts is not None:
+        return (1 + parts[1], key)
     return (0 if "embed" in key else 1 << 30, key)

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-LAYERS_PREFIX = "model.layers."
+from llamaprune.core.arch import ATTN, LAYERS_PREFIX, Block
+
 EMBEDDINGS = "model.embed_tokens.weight"
 
 
@@ -31,7 +32,7 @@ def tensor_files(path: Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file of checkpoint directory ``path`` that holds it (headers only)."""
     from safetensors import safe_open
 
-    from llamaprune.io.pruned_checkpoint import safetensors_files
+    from llamaprune.io.weights import safetensors_files
 
     files = {}
     for file in safetensors_files(Path(path)) or ():
@@ -54,8 +55,7 @@ def read_tensors(files: dict[str, Path], keys: list[str]) -> dict[str, torch.Ten
 def read_rows(files: dict[str, Path], key: str, rows: list[int]) -> torch.Tensor:
     """Rows ``rows`` of the checkpoint's 2-D tensor ``key``, each read at its offset in the file: the rest of the
     tensor is never read (a safetensors slice reads the whole tensor first)."""
-    from llamaprune.io.pruned_checkpoint import SAFETENSORS_DTYPES
-    from llamaprune.io.weights import read_header
+    from llamaprune.io.weights import SAFETENSORS_DTYPES, read_header
 
     header = read_header(files[key])
     info = header.tensors[key]
@@ -194,16 +194,16 @@ class LayerStream:
             "attention_mask": mask,
         }
 
-    def attention(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        """The attention sub-block's residual update for ``hidden`` (zero when the layer skips attention)."""
-        if block.self_attn is None:
+    def sub_block(self, decoder: nn.Module, block: Block, hidden: torch.Tensor) -> torch.Tensor:
+        """The residual update of ``block`` (a sub-block of the layer table) of the decoder layer ``decoder`` for
+        ``hidden``: its norm, then the block (attention with the positions and mask); zero where it is skipped."""
+        module = getattr(decoder, block.module)
+        if module is None:
             return torch.zeros_like(hidden)
-        return block.self_attn(hidden_states=block.input_layernorm(hidden), **self.context(hidden))[0]
-
-    def mlp(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        if block.mlp is None:
-            return torch.zeros_like(hidden)
-        return block.mlp(block.post_attention_layernorm(hidden))
+        normed = getattr(decoder, block.norm)(hidden)
+        if block.kind == ATTN:
+            return module(hidden_states=normed, **self.context(hidden))[0]
+        return module(normed)
 
     def batches(self, hidden: torch.Tensor) -> list[torch.Tensor]:
         return list(hidden.split(self.batch_size))

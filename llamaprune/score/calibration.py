@@ -21,17 +21,18 @@ group, so a group's gradient is that of its summed token loss over a full group'
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from llamaprune.core.arch import INPUT_READERS, LINEARS, ROWS, Linear
+from llamaprune.core.arch import INPUT_READERS, LINEARS, ROWS
 from llamaprune.core.errors import UsageError
 from llamaprune.core.groups import LayerShape, ModelShape
 from llamaprune.io.text_data import batches
+from llamaprune.score.accumulators import Accumulators, ParamSpec
 from llamaprune.score.importance.fluctuation import accumulate_sum
 from llamaprune.score.importance.influence import accumulate_cosine
-from llamaprune.score.importance.taylor import GradientState, fold_gradient, new_state
+from llamaprune.score.importance.taylor import fold_gradient, new_state
 from llamaprune.score.importance.wanda import accumulate_sq_norm
 
 # Per-feature statistics of a linear's input: name -> fold(x, running value or None) -> running value.
@@ -41,44 +42,6 @@ INPUT_STATISTICS = {"sq_norm": accumulate_sq_norm, "sum": accumulate_sum}
 # Collected on every pass, whatever the criteria: stats.safetensors always has them (docs/ARTIFACTS.md); the sums
 # give the input means that bias compensation needs (llamaprune.apply.refit).
 RECORDED_STATISTICS = ("sq_norm", "sum")
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """A prunable weight or bias of one layer, with the module (``linear``) it belongs to."""
-
-    name: str
-    param: torch.nn.Parameter
-    layer: int
-    linear: Linear
-    num_groups: int
-
-    @property
-    def kind(self) -> str:
-        return self.linear.kind
-
-    @property
-    def axis(self) -> str:
-        return self.linear.axis
-
-    @property
-    def input(self) -> str:
-        return self.linear.input
-
-    @property
-    def is_bias(self) -> bool:
-        return self.param.dim() == 1
-
-
-@dataclass
-class Accumulators:
-    """Everything the hooks fold batches into. Each entry adds up over shards of calibration data (a gradient
-    state keeps the summed w*G itself: |w*G| is taken only when the scores are made)."""
-
-    inputs: dict[tuple[int, str, str], torch.Tensor] = field(default_factory=dict)  # (layer, input, statistic)
-    cosines: dict[int, torch.Tensor] = field(default_factory=dict)
-    gradients: dict[str, GradientState] = field(default_factory=dict)  # by ParamSpec.name
-    tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """Scoring across processes with torch.distributed, as launched by ``torchrun``: which process this is, the
-share of calibration work each one takes, and the sums of the accumulators over all of them.
+share of calibration work each one takes, and sums of tensors over all of them.
 
-Every accumulator of a calibration pass adds up over disjoint shares of the windows (``calibrate.Accumulators``),
-so each process scores its share and the sums are all-reduced before any per-group reduction: the table is
+Every accumulator of a calibration pass adds up over disjoint shares of the windows (``score.accumulators``),
+so each process scores its share and the sums are all-reduced before any per-group reduction
+(``score.sharded.reduce_accumulators``): the table is
 that of one process on all the windows, up to float summation order. Process 0 writes the run. Gloo on CPU,
 NCCL on CUDA (each process on the GPU of its LOCAL_RANK, which becomes its "cuda"). A process that stops
 (killed, out of memory) makes the others' next collective fail; they end with one line saying so, and
@@ -18,15 +19,11 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import torch
 
 from llamaprune.core.errors import UsageError
-
-if TYPE_CHECKING:
-    from llamaprune.score.calibration import Accumulators
-    from llamaprune.score.sharded import ShardedGradients
 
 T = TypeVar("T")
 # How long a collective waits for a process that neither answers nor exits (a hung peer, not a dead one).
@@ -128,18 +125,6 @@ def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> None:
         dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
         if buffer is not tensor:
             tensor.copy_(buffer)
-
-
-def reduce_accumulators(acc: Accumulators, sharded: ShardedGradients | None = None) -> None:
-    """Sum every accumulator of ``acc`` over all processes (w*G before its absolute value), so that the
-    per-group reductions see all the windows; ``sharded`` reduces the gradient shards of an FSDP model."""
-    if sharded is not None:
-        sharded.reduce(acc)
-    else:
-        all_reduce_sum([t for name in sorted(acc.gradients) for t in (acc.gradients[name].wg,
-                                                                       acc.gradients[name].fisher)])
-    all_reduce_sum([acc.inputs[key] for key in sorted(acc.inputs)] + [acc.cosines[k] for k in sorted(acc.cosines)])
-    acc.tokens = all_reduce_count(acc.tokens)
 
 
 def all_reduce_count(count: int) -> int:

@@ -33,11 +33,12 @@ from llamaprune.core.criteria import (
     parse_criteria,
 )
 from llamaprune.core.errors import UsageError
-from llamaprune.core.groups import ModelShape, group_id, iter_groups, model_shape
+from llamaprune.core.groups import ModelShape, config_fingerprint, group_id, iter_groups, model_shape
 from llamaprune.core.tables import groups_schema, layers_schema, with_meta
-from llamaprune.io.loading import Device, DType, config_fingerprint
+from llamaprune.io.loading import Device, DType
 from llamaprune.runs.peak_memory import PeakMemory
-from llamaprune.score.calibration import RECORDED_STATISTICS, Accumulators, ParamSpec, calibrate, param_specs
+from llamaprune.score.accumulators import Accumulators, ParamSpec
+from llamaprune.score.calibration import RECORDED_STATISTICS, calibrate, param_specs
 from llamaprune.score.collectives import Ranks
 from llamaprune.score.importance.influence import block_influence
 
@@ -127,8 +128,7 @@ def score(
     ``model`` was loaded from (``llamaprune.io.weights``). Under torchrun (``ranks``) each process passes its share
     of the batches and gets the table of all of them; a model sharded by ``sharded_scoring.shard_model`` has
     its gradients folded shard by shard."""
-    from llamaprune.score.collectives import reduce_accumulators
-    from llamaprune.score.sharded import ShardedGradients, gathered, is_sharded
+    from llamaprune.score.sharded import ShardedGradients, gathered, is_sharded, reduce_accumulators
 
     criteria = parse_criteria(",".join(criteria))
     shape = model_shape(model.config)

@@ -18,10 +18,10 @@ import torch
 
 from llamaprune.core.arch import ROWS
 from llamaprune.core.errors import UsageError
-from llamaprune.score.calibration import Accumulators, GradientGroup, ParamSpec
-from llamaprune.score.collectives import Ranks, all_reduce_sum
+from llamaprune.score.accumulators import Accumulators, GradientState, ParamSpec
+from llamaprune.score.calibration import GradientGroup
+from llamaprune.score.collectives import Ranks, all_reduce_count, all_reduce_sum
 from llamaprune.score.importance import index_sums
-from llamaprune.score.importance.taylor import GradientState
 
 
 def is_sharded(model) -> bool:
@@ -144,3 +144,15 @@ def load_sharded(path: Path, config, dtype: torch.dtype, device: str, ranks: Ran
     rotary = model.model.rotary_emb  # its buffers are computed, not stored
     model.model.rotary_emb = type(rotary)(config=model.config).to(device)
     return model.eval()
+
+
+def reduce_accumulators(acc: Accumulators, sharded: ShardedGradients | None = None) -> None:
+    """Sum every accumulator of ``acc`` over all processes (w*G before its absolute value), so that the
+    per-group reductions see all the windows; ``sharded`` reduces the gradient shards of an FSDP model."""
+    if sharded is not None:
+        sharded.reduce(acc)
+    else:
+        all_reduce_sum([t for name in sorted(acc.gradients) for t in (acc.gradients[name].wg,
+                                                                       acc.gradients[name].fisher)])
+    all_reduce_sum([acc.inputs[key] for key in sorted(acc.inputs)] + [acc.cosines[k] for k in sorted(acc.cosines)])
+    acc.tokens = all_reduce_count(acc.tokens)

@@ -25,7 +25,8 @@ from llamaprune.io.layer_stream import LayerStream, trim_heap, unmap_large_frees
 from llamaprune.io.loading import Source
 from llamaprune.io.weights import safetensors_files
 from llamaprune.runs.peak_memory import PeakMemory
-from llamaprune.score.calibration import Accumulators, layer_hooks, layer_param_specs
+from llamaprune.score.accumulators import Accumulators
+from llamaprune.score.calibration import layer_hooks, layer_param_specs
 from llamaprune.score.in_memory import (
     ScoreResult,
     check_finite,

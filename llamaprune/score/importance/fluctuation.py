@@ -20,7 +20,7 @@ from llamaprune.core.arch import COLS
 from llamaprune.score.importance import block_index_sums, group_sum, token_sums
 
 if TYPE_CHECKING:
-    from llamaprune.score.calibration import Accumulators, ParamSpec
+    from llamaprune.score.accumulators import Accumulators, ParamSpec
 
 
 def accumulate_sum(x: torch.Tensor, acc: torch.Tensor | None) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 from llamaprune.score.importance import weight_group_sum
 
 if TYPE_CHECKING:
-    from llamaprune.score.calibration import Accumulators, ParamSpec
+    from llamaprune.score.accumulators import Accumulators, ParamSpec
 
 
 def magnitude_score(weight: torch.Tensor) -> torch.Tensor:

@@ -14,25 +14,10 @@ reduced to per-group sums at once; |w * G| needs the summed product w*G, kept pe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import torch
 
+from llamaprune.score.accumulators import Accumulators, GradientState, ParamSpec
 from llamaprune.score.importance import group_sum
-
-if TYPE_CHECKING:
-    from llamaprune.score.calibration import Accumulators, ParamSpec
-
-
-@dataclass
-class GradientState:
-    """Running sums for one parameter: w*G elementwise (float32 unless asked otherwise), and the per-group Fisher
-    term. Sharded scoring (``llamaprune.score.sharded``) hands the formulas ``wg`` already reduced to per-index
-    sums of |w*G|, which group the same way."""
-
-    wg: torch.Tensor
-    fisher: torch.Tensor
 
 
 def new_state(weight: torch.Tensor, num_groups: int, dtype: torch.dtype = torch.float32) -> GradientState:

@@ -17,7 +17,7 @@ import torch
 from llamaprune.score.importance import group_sum, token_sums, weight_group_sum
 
 if TYPE_CHECKING:
-    from llamaprune.score.calibration import Accumulators, ParamSpec
+    from llamaprune.score.accumulators import Accumulators, ParamSpec
 
 
 def accumulate_sq_norm(x: torch.Tensor, acc: torch.Tensor | None) -> torch.Tensor:
