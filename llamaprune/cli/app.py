@@ -252,24 +252,9 @@ def plan_command(
     overwrite: Annotated[bool, typer.Option(help="Replace existing plans of the same names.")] = False,
 ) -> None:
     """Turn target ratios into pruning plans (phase 2): RUN_DIR/plans/<name>.json and .png, no torch."""
-    from dataclasses import replace
-
-    from llamaprune.core.artifacts import read_manifest
-    from llamaprune.plan import (
-        SUMMARY_COLUMNS,
-        PlanOptions,
-        iter_plans,
-        load_run,
-        parse_distribution,
-        parse_layers,
-        parse_ratios,
-        plan_names,
-        refuse_existing_plans,
-        summary_rows,
-        write_plans,
-    )
+    from llamaprune.plan import SUMMARY_COLUMNS, PlanOptions, parse_distribution, parse_layers, parse_ratios
+    from llamaprune.plan.command import plan_ratios
     from llamaprune.plan.sql import format_rows
-    from llamaprune.runs.phase import Phase, run_phase
 
     targets = sorted(set(ratio or []) | set(parse_ratios(ratios) if ratios else []))
     if not targets:
@@ -290,21 +275,10 @@ def plan_command(
         uniform=uniform,
         remove_empty_layers=remove_empty_layers,
     )
-    for target in targets[1:]:  # every ratio is checked before any plan is written
-        replace(options, ratio=target)
-    refuse_existing_plans(run_dir, plan_names(options, targets, name), overwrite)
-    with run_phase(Phase("plan", run_dir, in_place=True), lambda _: load_run(run_dir)) as run:
-        rows = []
-        # One plan in memory at a time, largest ratio first: an unreachable target fails before a file is written.
-        for plan in iter_plans(run.inputs, options, targets[::-1], name):
-            write_plans(run_dir, [plan], png=png)
-            rows[:0] = summary_rows([plan])
-        typer.echo("ratios are fractions of the model's total parameters removed (*_prunable: of attention+MLP)")
-        typer.echo(format_rows(list(SUMMARY_COLUMNS), rows))
-        names = [row[0] for row in rows]
-        run.summary.update(options=options.to_dict(), ratios=targets, plans=names, seconds=run.seconds())
-        run.record(read_manifest(run_dir))
-    typer.echo(f"wrote {len(rows)} plan(s) to {run_dir / 'plans'} in {run.summary['seconds']:.2f} s")
+    rows, seconds = plan_ratios(run_dir, options, targets, name, png, overwrite)
+    typer.echo("ratios are fractions of the model's total parameters removed (*_prunable: of attention+MLP)")
+    typer.echo(format_rows(list(SUMMARY_COLUMNS), rows))
+    typer.echo(f"wrote {len(rows)} plan(s) to {run_dir / 'plans'} in {seconds:.2f} s")
 
 
 @app.command("sql")
