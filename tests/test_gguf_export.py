@@ -462,7 +462,8 @@ def test_the_pre_tokenizer_is_named_as_llama_cpp_s_converter_names_it():
 
 
 def test_mlp_widths_off_llama_cpp_s_blocks_are_named_with_the_fix(caplog):
-    from llamaprune.export.gguf import LayerShape, warn_unaligned
+    from llamaprune.core.groups import LayerShape
+    from llamaprune.export.gguf import warn_unaligned
 
     warn_unaligned([LayerShape(4, 2, 64), LayerShape(0, 0, 0), LayerShape(4, 2, 96)])
     assert not caplog.records

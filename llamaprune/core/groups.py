@@ -34,6 +34,10 @@ class LayerShape:
         return 0 if "attention" in self.skip else self.num_key_value_heads
 
     @property
+    def query_heads(self) -> int:
+        return 0 if "attention" in self.skip else self.num_attention_heads
+
+    @property
     def mlp_channels(self) -> int:
         return 0 if "mlp" in self.skip else self.intermediate_size
 

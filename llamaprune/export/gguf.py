@@ -28,7 +28,7 @@ from llamaprune.core.arch import linear_of, split_layer_key
 from llamaprune.core.artifacts import manifest_in, refuse_existing
 from llamaprune.core.choices import parse_choice
 from llamaprune.core.errors import UsageError
-from llamaprune.core.groups import model_shape
+from llamaprune.core.groups import LayerShape, model_shape
 from llamaprune.core.temporaries import temporary_dir
 from llamaprune.export.gguf_vocab import add_vocab
 from llamaprune.io.layer_stream import read_tensors, tensor_files
@@ -71,15 +71,6 @@ class ExportOptions:
     format: str = ExportFormat.gguf.value
     outtype: str = OutType.f32.value
     overwrite: bool = False
-
-
-@dataclass(frozen=True)
-class LayerShape:
-    """Query heads, KV heads and MLP width of one decoder layer; 0 where the layer skips that block."""
-
-    heads: int
-    kv_heads: int
-    intermediate: int
 
 
 @dataclass(frozen=True)
@@ -153,7 +144,7 @@ def warn_unaligned(shapes: list[LayerShape]) -> None:
     """Say so where MLP widths are not whole blocks: llama.cpp then runs a batch (a prompt) through slower
     kernels, and q8_0 keeps those down_proj rows in f16 (bench/RESULTS.md: prompt processing 0.84x the dense
     model's speed instead of 1.26x on SmolLM2 at 20%)."""
-    odd = [i for i, shape in enumerate(shapes) if shape.intermediate % BLOCK]
+    odd = [i for i, shape in enumerate(shapes) if shape.mlp_channels % BLOCK]
     if odd:
         log.warning("%d of %d layers have MLP widths that are not multiples of %d, which slows llama.cpp's prompt "
                     "processing and keeps their q8_0 down_proj in f16: plan with --round-to %d for llama.cpp",
@@ -200,8 +191,7 @@ def context_length(config) -> int:
 
 def layer_shapes(config) -> list[LayerShape]:
     """Each decoder layer's widths as stored in the checkpoint (``groups.model_shape``'s, 0 for a skipped block)."""
-    return [LayerShape(layer.num_attention_heads if layer.kv_groups else 0, layer.kv_groups, layer.mlp_channels)
-            for layer in model_shape(config).layers]
+    return list(model_shape(config).layers)
 
 
 def written_shapes(shapes: list[LayerShape], arch: gguf.MODEL_ARCH) -> list[LayerShape]:
@@ -217,8 +207,8 @@ def written_shapes(shapes: list[LayerShape], arch: gguf.MODEL_ARCH) -> list[Laye
         return shapes
     out = []
     for index, shape in enumerate(shapes):
-        heads, kv_heads = (1, 1) if index == 0 and shape.heads == 0 else (shape.heads, shape.kv_heads)
-        out.append(LayerShape(heads, kv_heads, shape.intermediate or 1))
+        heads, kv_heads = (1, 1) if index == 0 and shape.query_heads == 0 else (shape.query_heads, shape.kv_groups)
+        out.append(LayerShape(heads, kv_heads, shape.mlp_channels or 1))
     return out
 
 
@@ -243,7 +233,7 @@ def out_tensors(files: dict[str, Path], config, arch: gguf.MODEL_ARCH, shapes: l
         heads = None
         if linear is not None and linear.rotary:  # llama.cpp's rope pairs rows differently: permuted per head
             shape_of = shapes[parts[1]]
-            heads = shape_of.heads if linear.index == "q" else shape_of.kv_heads
+            heads = shape_of.query_heads if linear.index == "q" else shape_of.kv_groups
         out.append(OutTensor(name, shape, _tensor_type(shape, weight_type), key, heads))
     if arch == gguf.MODEL_ARCH.DECI:
         out += stand_ins(shapes, config, weight_type)
@@ -284,11 +274,11 @@ def stand_ins(shapes: list[LayerShape], config, weight_type: QType) -> list[OutT
 
     out = []
     for index, shape in enumerate(shapes):
-        if index == 0 and shape.heads == 0:
+        if index == 0 and shape.query_heads == 0:
             out.append(OutTensor(_name(T.ATTN_NORM, 0), (hidden,), QType.F32, fill=1.0))
             out += [zeros(kind, 0, (head_dim, hidden)) for kind in (T.ATTN_Q, T.ATTN_K, T.ATTN_V)]
             out.append(zeros(T.ATTN_OUT, 0, (hidden, head_dim)))
-        if shape.intermediate == 0:
+        if shape.mlp_channels == 0:
             out.append(OutTensor(_name(T.FFN_NORM, index), (hidden,), QType.F32, fill=1.0))
             out += [zeros(kind, index, (1, hidden)) for kind in (T.FFN_GATE, T.FFN_UP)]
             out.append(zeros(T.FFN_DOWN, index, (hidden, 1)))
@@ -326,9 +316,9 @@ def add_metadata(writer: gguf.GGUFWriter, config, arch: gguf.MODEL_ARCH, shapes:
     writer.add_block_count(len(shapes))
     writer.add_context_length(context_length(config))
     writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(value("intermediate"))
-    writer.add_head_count(value("heads"))
-    writer.add_head_count_kv(value("kv_heads"))
+    writer.add_feed_forward_length(value("mlp_channels"))
+    writer.add_head_count(value("query_heads"))
+    writer.add_head_count_kv(value("kv_groups"))
     # Always explicit: llama.cpp's default head size is hidden_size / heads, which pruning breaks.
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
