@@ -79,7 +79,7 @@ def check_plan(plan: Plan, config, what: str = "plan") -> None:
 
 
 
-def check_weights(plan: Plan, weights: str | None, options: ApplyOptions, what: str) -> None:
+def check_scored_weights(plan: Plan, weights: str | None, options: ApplyOptions, what: str) -> None:
     """Refuse a plan scored on other weights than the checkpoint's (of the same shapes, or the fingerprint
     check would have), unless ``force``; either fingerprint unknown (GGUF, hub, .bin, older plans): no check."""
     if None in (plan.weights_fingerprint, weights) or plan.weights_fingerprint == weights:
@@ -153,7 +153,7 @@ def apply(options: ApplyOptions) -> dict:
     def inputs(checked: Checked) -> tuple[list[str] | None, list[str] | None]:
         """Evaluation and calibration texts: bad input fails here, before any weights load."""
         check_plan(plan, checked.config, f"plan {options.plan}")
-        check_weights(plan, checked.weights, options, f"plan {options.plan}")
+        check_scored_weights(plan, checked.weights, options, f"plan {options.plan}")
         return options.eval.test_rows() if options.eval else None, compensation.rows(run_dir)
 
     evaluation = options.eval

@@ -34,13 +34,20 @@ class PerplexityResult:
         return asdict(self)
 
 
-def window_nll_sum(logits, input_ids):
-    """Summed next-token NLL of each window, in float32: shape (batch,)."""
+def shifted_nll(logits, labels, reduction: str):
+    """The next-token NLL of ``labels`` under ``logits`` in float32 (labels -100 take none), reduced as
+    torch's cross_entropy ``reduction`` says, and the shifted targets: evaluation and finetuning share it."""
     import torch.nn.functional as F
 
     shifted = logits[:, :-1].float()
-    targets = input_ids[:, 1:]
-    nll = F.cross_entropy(shifted.reshape(-1, shifted.size(-1)), targets.reshape(-1), reduction="none")
+    targets = labels[:, 1:]
+    nll = F.cross_entropy(shifted.reshape(-1, shifted.size(-1)), targets.reshape(-1), reduction=reduction)
+    return nll, targets
+
+
+def window_nll_sum(logits, input_ids):
+    """Summed next-token NLL of each window, in float32: shape (batch,)."""
+    nll, targets = shifted_nll(logits, input_ids, "none")
     return nll.view(targets.shape).sum(dim=1)
 
 

@@ -24,10 +24,10 @@ from llamaprune.io.pruned_checkpoint import MODELING_FILE, save_pruned
 from llamaprune.recover.data import TrainingText, build_examples, read_source
 from llamaprune.recover.finetune import FinetuneOptions, Method, finetune, merge_lora
 from llamaprune.recover.loss_curve import CURVE_JSON, CURVE_PNG, plot_curve
+from llamaprune.runs.command_log import TRAINING_LOG
 from llamaprune.runs.phase import Phase, run_phase
 
 ADAPTER_DIR = "adapter"
-LOG_NAME = "training.log"
 # Files of the input directory that the output gets from elsewhere: the save, or this run's own reports.
 NOT_COPIED = {"config.json", MODELING_FILE.name, EVAL_FILE, CURVE_JSON, CURVE_PNG, MANIFEST}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
@@ -60,7 +60,7 @@ class FinetuneRun:
         seq_lens = (("--seq-len", self.options.seq_len),) + ((("--eval-seq-len", evaluation.seq_len),)
                                                              if evaluation else ())
         return Phase(
-            "finetune", self.out, self.overwrite, self.model if model_ready else None, self.device, LOG_NAME,
+            "finetune", self.out, self.overwrite, self.model if model_ready else None, self.device, TRAINING_LOG,
             inputs=(local_file(self.options.dataset, "train", self.options.data_dir),
                     None if model_ready else Path(self.model), evaluation and evaluation.test_file),
             seq_lens=seq_lens,

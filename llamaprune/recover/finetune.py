@@ -143,13 +143,9 @@ class FinetuneResult:
 
 def token_nll(logits, labels):
     """(summed next-token NLL in float32, number of predicted tokens): labels -100 take no loss."""
-    import torch.nn.functional as F
+    from llamaprune.evaluate.perplexity import shifted_nll
 
-    shifted = logits[:, :-1].float()
-    targets = labels[:, 1:]
-    nll = F.cross_entropy(
-        shifted.reshape(-1, shifted.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+    nll, targets = shifted_nll(logits, labels, "sum")
     return nll, int((targets != IGNORE_INDEX).sum())
 
 

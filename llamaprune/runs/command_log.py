@@ -21,6 +21,7 @@ from pathlib import Path
 from llamaprune.core.artifacts import stamp
 
 LOG_NAME = "run.log"
+TRAINING_LOG = "training.log"  # the log of a command that trains (finetune, prune), as the seed toolkit names it
 PACKAGE = "llamaprune"
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 

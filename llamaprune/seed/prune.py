@@ -30,6 +30,7 @@ from llamaprune.io.loading import Device, DType
 from llamaprune.plan import LayerStrategy, Normalize, PlanOptions, Strategy
 from llamaprune.recover.finetune import FinetuneOptions, Method
 from llamaprune.recover.loss_curve import CURVE_JSON, CURVE_PNG
+from llamaprune.runs.command_log import TRAINING_LOG
 from llamaprune.runs.phase import Phase, PhaseRun, run_phase
 from llamaprune.score.in_memory import ScoreOptions
 
@@ -37,7 +38,6 @@ log = logging.getLogger(__name__)
 
 ARTIFACTS = Path("artifacts")
 MODEL_DIR = "model"
-LOG_NAME = "training.log"
 
 
 class _CriterionName(str, Enum):
@@ -140,7 +140,7 @@ class PruneOptions:
         seq_lens += [("--finetune_seq_len", self.finetune_seq_len)] if self.finetune else []
         finetune = self.finetune_options()
         return Phase(
-            "prune", self.run_dir, self.overwrite, self.base_model, self.device, LOG_NAME,
+            "prune", self.run_dir, self.overwrite, self.base_model, self.device, TRAINING_LOG,
             inputs=(local_file(self.dataset, "train", self.data_dir),
                     self.eval_options().test_file if self.test_after_prune else None,
                     local_file(finetune.dataset, "train", self.data_dir) if self.finetune else None),
