@@ -26,7 +26,8 @@ from llamaprune.core.arch import BLOCKS, COLS, LAYERS_PREFIX, LINEARS, Block, li
 from llamaprune.core.choices import parse_choice
 from llamaprune.core.errors import UsageError
 from llamaprune.core.plan_file import Plan
-from llamaprune.io.layer_stream import LayerStream, read_tensors, tensor_files, unmap_large_frees
+from llamaprune.io.layer_stream import LayerStream, unmap_large_frees
+from llamaprune.io.weights import load_file, read_tensors, tensor_files
 from llamaprune.score.in_memory import STATS_FILE
 
 DEFAULT_DAMP = 1e-3
@@ -242,8 +243,6 @@ class CompensationOptions:
         if self.method is Compensation.none:
             return {}
         if self.method is Compensation.bias:
-            from safetensors.torch import load_file
-
             path = stats_file(run_dir)
             if loaded is not None:
                 weight_of = loaded.model.state_dict().__getitem__

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from llamaprune.io.weights import read_tensors, save_file
+
 
 class SpilledTensors(Mapping[str, torch.Tensor]):
     """A read-only mapping of name -> tensor whose values live in ``directory`` (in memory when it is None)."""
@@ -34,20 +36,15 @@ class SpilledTensors(Mapping[str, torch.Tensor]):
         if self.directory is None:
             self.held.update(tensors)
             return
-        from safetensors.torch import save_file
-
         path = self.directory / f"part-{self.parts:05d}.safetensors"
         self.parts += 1
-        save_file({key: tensor.contiguous() for key, tensor in tensors.items()}, str(path))
+        save_file(tensors, path)
         self.files.update(dict.fromkeys(tensors, path))
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key in self.held:
             return self.held[key]
-        from safetensors import safe_open
-
-        with safe_open(str(self.files[key]), framework="pt") as f:
-            return f.get_tensor(key)
+        return read_tensors({key: self.files[key]}, [key])[key]
 
     def __iter__(self) -> Iterator[str]:
         yield from self.held

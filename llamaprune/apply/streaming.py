@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,15 @@ from llamaprune.core.errors import UsageError
 from llamaprune.core.plan_file import Plan
 from llamaprune.io.loading import DType
 from llamaprune.io.pruned_checkpoint import TIED_HEAD
-from llamaprune.io.weights import FLOAT_CODES, SAFE_INDEX, SAFE_WEIGHTS, SAFETENSORS_DTYPES
+from llamaprune.io.weights import (
+    FLOAT_CODES,
+    SAFE_INDEX,
+    SAFE_WEIGHTS,
+    SAFETENSORS_DTYPES,
+    header_bytes,
+    read_header,
+    read_tensors,
+)
 
 DTYPE_CODES = {DType.float32: "F32", DType.bfloat16: "BF16", DType.float16: "F16"}
 
@@ -56,31 +63,29 @@ def plan_tensors(
 ) -> list[TensorSlice]:
     """Every output tensor, in input order, with its output name, dtype and shape (headers only, no data).
     With ``tied`` embeddings a stored ``lm_head.weight`` is dropped: transformers ties it on load."""
-    from safetensors import safe_open
-
     out = []
     for path in files:
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():
-                if tied and key == TIED_HEAD:
-                    continue
-                info = f.get_slice(key)
-                source_code = info.get_dtype()
-                if source_code not in SAFETENSORS_DTYPES:
-                    raise UsageError(
-                        f"{path.name}: tensor {key} has dtype {source_code}; llamaprune streams only "
-                        f"{', '.join(SAFETENSORS_DTYPES)} (dequantize the checkpoint first)"
-                    )
-                code = source_code
-                if dtype is not None and code in FLOAT_CODES:
-                    code = DTYPE_CODES[DType(dtype)]
-                codes = (source_code, code)
-                route = tensor_route(key, plan, path.name)
-                if route is None:
-                    continue
-                out_key, layer, rest = route
-                shape = info.get_shape() if layer is None else sliced_shape(rest, info.get_shape(), indices[layer])
-                out.append(TensorSlice(path, key, out_key, *codes, tuple(shape), layer, rest))
+        header = read_header(path)
+        for key in sorted(header.tensors):
+            if tied and key == TIED_HEAD:
+                continue
+            info = header.tensors[key]
+            source_code = info["dtype"]
+            if source_code not in SAFETENSORS_DTYPES:
+                raise UsageError(
+                    f"{path.name}: tensor {key} has dtype {source_code}; llamaprune streams only "
+                    f"{', '.join(SAFETENSORS_DTYPES)} (dequantize the checkpoint first)"
+                )
+            code = source_code
+            if dtype is not None and code in FLOAT_CODES:
+                code = DTYPE_CODES[DType(dtype)]
+            codes = (source_code, code)
+            route = tensor_route(key, plan, path.name)
+            if route is None:
+                continue
+            out_key, layer, rest = route
+            shape = info["shape"] if layer is None else sliced_shape(rest, info["shape"], indices[layer])
+            out.append(TensorSlice(path, key, out_key, *codes, tuple(shape), layer, rest))
     return out
 
 
@@ -132,32 +137,13 @@ def shard_tensors(tensors: list[TensorSlice], max_shard_size: int | str) -> dict
     return {name: [by_key[k] for k in keys] for name, keys in split.filename_to_tensors.items()}
 
 
-def safetensors_header(tensors: list[TensorSlice]) -> bytes:
-    """The header of a safetensors file holding ``tensors`` in order, padded to 8 bytes."""
-    header: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for t in tensors:
-        header[t.out_key] = {
-            "dtype": t.dtype,
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + t.nbytes],
-        }
-        offset += t.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    return struct.pack("<Q", len(blob)) + blob
-
-
 def read_sliced(t: TensorSlice, indices: dict[int, dict], scratch: torch.Tensor,
                 replace: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Read one tensor and slice it into ``scratch`` (valid until the next call), or take it from ``replace``.
     The file is opened per tensor, so at most one tensor is ever mapped."""
-    from safetensors import safe_open
-
     if t.computed:
         return replace[t.out_key].to(SAFETENSORS_DTYPES[t.dtype]).contiguous()
-    with safe_open(t.source, framework="pt") as f:
-        tensor = f.get_tensor(t.key)
+    tensor = read_tensors({t.key: t.source}, [t.key])[t.key]
     if t.layer is not None:
         out = scratch[: t.numel * tensor.element_size()].view(tensor.dtype).view(t.shape)
         tensor = slice_tensor(t.rest, tensor, indices[t.layer], out=out)
@@ -176,7 +162,7 @@ def write_shard(path: Path, tensors: list[TensorSlice], indices: dict[int, dict]
                 replace: Mapping[str, torch.Tensor]) -> None:
     """Write a safetensors file tensor by tensor: the plan gives the header before any data is read."""
     with open(path, "wb") as f:
-        f.write(safetensors_header(tensors))
+        f.write(header_bytes([(t.out_key, t.dtype, t.shape, t.nbytes) for t in tensors]))
         for t in tensors:
             tensor = read_sliced(t, indices, scratch, replace)
             if tuple(tensor.shape) != t.shape:

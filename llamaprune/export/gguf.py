@@ -31,9 +31,9 @@ from llamaprune.core.errors import UsageError
 from llamaprune.core.groups import LayerShape, model_shape
 from llamaprune.core.temporaries import temporary_dir
 from llamaprune.export.gguf_vocab import add_vocab
-from llamaprune.io.layer_stream import read_tensors, tensor_files
 from llamaprune.io.loading import EMBEDDED, Source, embedded_gguf
 from llamaprune.io.pruned_checkpoint import PLAN_FILE, TIED_HEAD
+from llamaprune.io.weights import read_header, read_tensors, tensor_files
 from llamaprune.runs.phase import Phase, preflight
 
 log = logging.getLogger(__name__)
@@ -215,9 +215,8 @@ def written_shapes(shapes: list[LayerShape], arch: gguf.MODEL_ARCH) -> list[Laye
 def out_tensors(files: dict[str, Path], config, arch: gguf.MODEL_ARCH, shapes: list[LayerShape],
                 weight_type: QType) -> list[OutTensor]:
     """Every tensor of the file, in order, from the safetensors headers (no data read)."""
-    from safetensors import safe_open
-
     names = gguf.get_tensor_name_map(arch, len(shapes))
+    headers = {file: read_header(file) for file in set(files.values())}
     tied = bool(getattr(config, "tie_word_embeddings", False))
     out = []
     for key in sorted(files, key=_tensor_order):
@@ -226,8 +225,7 @@ def out_tensors(files: dict[str, Path], config, arch: gguf.MODEL_ARCH, shapes: l
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise UsageError(f"tensor {key} of the checkpoint has no GGUF counterpart; export supports llama layers")
-        with safe_open(files[key], framework="pt") as f:
-            shape = tuple(f.get_slice(key).get_shape())
+        shape = tuple(headers[files[key]].tensors[key]["shape"])
         parts = split_layer_key(key)
         linear = linear_of(parts[2]) if parts else None
         heads = None

@@ -24,49 +24,9 @@ import torch
 from torch import nn
 
 from llamaprune.core.arch import ATTN, LAYERS_PREFIX, Block
+from llamaprune.io.weights import read_rows, read_tensors, tensor_files
 
 EMBEDDINGS = "model.embed_tokens.weight"
-
-
-def tensor_files(path: Path) -> dict[str, Path]:
-    """Tensor name -> the safetensors file of checkpoint directory ``path`` that holds it (headers only)."""
-    from safetensors import safe_open
-
-    from llamaprune.io.weights import safetensors_files
-
-    files = {}
-    for file in safetensors_files(Path(path)) or ():
-        with safe_open(file, framework="pt") as f:
-            files.update(dict.fromkeys(f.keys(), file))
-    return files
-
-
-def read_tensors(files: dict[str, Path], keys: list[str]) -> dict[str, torch.Tensor]:
-    """The tensors ``keys`` of a checkpoint (``files`` from ``tensor_files``)."""
-    from safetensors import safe_open
-
-    out = {}
-    for key in keys:
-        with safe_open(files[key], framework="pt") as f:
-            out[key] = f.get_tensor(key)
-    return out
-
-
-def read_rows(files: dict[str, Path], key: str, rows: list[int]) -> torch.Tensor:
-    """Rows ``rows`` of the checkpoint's 2-D tensor ``key``, each read at its offset in the file: the rest of the
-    tensor is never read (a safetensors slice reads the whole tensor first)."""
-    from llamaprune.io.weights import SAFETENSORS_DTYPES, read_header
-
-    header = read_header(files[key])
-    info = header.tensors[key]
-    dtype, width = SAFETENSORS_DTYPES[info["dtype"]], info["shape"][1]
-    size, start = width * dtype.itemsize, header.data_start + info["data_offsets"][0]
-    out = bytearray(len(rows) * size)
-    with open(files[key], "rb") as f:
-        for i, row in enumerate(rows):
-            f.seek(start + row * size)
-            out[i * size : (i + 1) * size] = f.read(size)
-    return torch.frombuffer(out, dtype=dtype).view(len(rows), width)
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
@@ -104,6 +64,20 @@ def unmap_large_frees(threshold: int = 1 << 20) -> None:
         libc.mallopt(M_MMAP_THRESHOLD, threshold)
 
 
+def skeleton(config, dtype: torch.dtype) -> nn.Module:
+    """The model of ``config`` on the meta device: its shapes without memory, for weights read in pieces."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def compute_rotary(model: nn.Module, device: str) -> None:
+    """Give a skeleton its rotary embedding on ``device``: its buffers are computed from the config, not stored."""
+    rotary = model.model.rotary_emb
+    model.model.rotary_emb = type(rotary)(config=model.config).to(device)
+
+
 @dataclass
 class LayerStream:
     """A model's embeddings, head and decoder layers, the layers materialized one at a time when ``files``
@@ -125,14 +99,10 @@ class LayerStream:
         ``device``, where each layer goes in its turn). ``head`` False, for a pass that makes no logits
         (scoring, compensation): the final norm and head are never read, nor the embeddings but the rows that
         ``embed`` needs."""
-        from transformers import AutoModelForCausalLM
-
         files = tensor_files(path)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = skeleton(config, dtype)
         stream = cls(model, files, batch_size, device)
-        rotary = model.model.rotary_emb
-        model.model.rotary_emb = type(rotary)(config=model.config).to(device)  # its buffers are computed, not stored
+        compute_rotary(model, device)
         if not head:
             return stream
         outside = {k: v for k, v in files.items() if not k.startswith(LAYERS_PREFIX)}

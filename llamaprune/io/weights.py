@@ -1,4 +1,5 @@
-"""A checkpoint's weight files, checked and fingerprinted before any weights load.
+"""Safetensors weights: a checkpoint's files checked and fingerprinted before any weights load, and the one place
+where tensors are read from and written to safetensors files (whole, by rows, by slices; headers).
 
 Safetensors files are read by their headers: a truncated or foreign file, or tensors whose shapes are not the
 ones config.json describes, is refused in one line that names the file. The fingerprint hashes the headers
@@ -121,6 +122,78 @@ def _tensors(doc) -> dict[str, dict] | None:
         ):
             return None
     return tensors
+
+
+def tensor_files(path: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file of checkpoint directory ``path`` that holds it (headers only)."""
+    from safetensors import safe_open
+
+    files = {}
+    for file in safetensors_files(Path(path)) or ():
+        with safe_open(file, framework="pt") as f:
+            files.update(dict.fromkeys(f.keys(), file))
+    return files
+
+
+def read_tensors(files: dict[str, Path], keys: list[str]) -> dict[str, torch.Tensor]:
+    """The tensors ``keys`` of a checkpoint (``files`` from ``tensor_files``)."""
+    from safetensors import safe_open
+
+    out = {}
+    for key in keys:
+        with safe_open(files[key], framework="pt") as f:
+            out[key] = f.get_tensor(key)
+    return out
+
+
+def read_rows(files: dict[str, Path], key: str, rows: list[int]) -> torch.Tensor:
+    """Rows ``rows`` of the checkpoint's 2-D tensor ``key``, each read at its offset in the file: the rest of the
+    tensor is never read (a safetensors slice reads the whole tensor first)."""
+    header = read_header(files[key])
+    info = header.tensors[key]
+    dtype, width = SAFETENSORS_DTYPES[info["dtype"]], info["shape"][1]
+    size, start = width * dtype.itemsize, header.data_start + info["data_offsets"][0]
+    out = bytearray(len(rows) * size)
+    with open(files[key], "rb") as f:
+        for i, row in enumerate(rows):
+            f.seek(start + row * size)
+            out[i * size : (i + 1) * size] = f.read(size)
+    return torch.frombuffer(out, dtype=dtype).view(len(rows), width)
+
+
+def read_slice(file: Path, key: str, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` (first dimension) of the tensor ``key`` of one file."""
+    from safetensors import safe_open
+
+    with safe_open(file, framework="pt", device="cpu") as f:
+        return f.get_slice(key)[start:stop]
+
+
+def load_file(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a small safetensors file (a run's statistics, a spilled layer)."""
+    from safetensors.torch import load_file as load
+
+    return load(str(path))
+
+
+def save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file of ``tensors`` (made contiguous)."""
+    from safetensors.torch import save_file as save
+
+    save({key: tensor.contiguous() for key, tensor in tensors.items()}, str(path), metadata=metadata)
+
+
+def header_bytes(entries: list[tuple[str, str, tuple[int, ...], int]]) -> bytes:
+    """The header of a safetensors file holding ``entries`` (key, dtype code, shape, bytes) in order, padded to 8
+    bytes: what a writer puts before the tensors' data, back to back."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for key, dtype, shape, nbytes in entries:
+        header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob
 
 
 def fingerprint(headers: list[Header]) -> str:

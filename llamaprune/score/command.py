@@ -26,11 +26,11 @@ log = logging.getLogger(__name__)
 
 def write_tables(out: Path, result: ScoreResult) -> None:
     """groups.parquet, layers.parquet and stats.safetensors into ``out``."""
-    from safetensors.torch import save_file
+    from llamaprune.io.weights import save_file
 
     write_table(result.groups, out / GROUPS_FILE)
     write_table(result.layers, out / LAYERS_FILE)
-    save_file(result.stats, str(out / STATS_FILE), metadata={"schema_version": str(SCHEMA_VERSION)})
+    save_file(result.stats, out / STATS_FILE, metadata={"schema_version": str(SCHEMA_VERSION)})
 
 
 def score_entry(result: ScoreResult) -> dict:

@@ -121,14 +121,11 @@ def load_sharded(path: Path, config, dtype: torch.dtype, device: str, ranks: Ran
     """The model of a safetensors checkpoint directory, sharded across the processes as it loads: built on the
     meta device, sharded, then each process reads only its rows of every tensor, so no process ever holds the
     whole model."""
-    from safetensors import safe_open
-    from transformers import AutoModelForCausalLM
-
-    from llamaprune.io.layer_stream import tensor_files
+    from llamaprune.io.layer_stream import compute_rotary, skeleton
+    from llamaprune.io.weights import read_slice, tensor_files
 
     files = tensor_files(path)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = skeleton(config, dtype)
     shard_model(model)
     model.to_empty(device=device)
     for name, param in model.named_parameters():
@@ -139,10 +136,9 @@ def load_sharded(path: Path, config, dtype: torch.dtype, device: str, ranks: Ran
             key = "model.embed_tokens.weight"
         if key is None:
             raise UsageError(f"{path} has no tensor {name}; is it a complete checkpoint of this config?")
-        with safe_open(files[key], framework="pt", device="cpu") as f, torch.no_grad():
-            local.copy_(f.get_slice(key)[start : start + local.shape[0]].to(dtype))
-    rotary = model.model.rotary_emb  # its buffers are computed, not stored
-    model.model.rotary_emb = type(rotary)(config=model.config).to(device)
+        with torch.no_grad():
+            local.copy_(read_slice(files[key], key, start, start + local.shape[0]).to(dtype))
+    compute_rotary(model, device)  # after to_empty, which would leave its computed buffers uninitialized
     return model.eval()
 
 
