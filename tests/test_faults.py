@@ -1,7 +1,9 @@
-"""Fault injection: ``kill -9`` and SIGTERM at random moments of score, apply and finetune (forked from one warm
-process, tests/fault_runner.py). After every kill the output is absent or complete and loadable, the sources are
-byte for byte as before, SIGTERM leaves no temporary behind, and a rerun into the same directory succeeds and
-sweeps what the killed runs left."""
+"""Fault injection: ``kill -9`` and SIGTERM at random moments of score, apply and finetune, and once each while the
+output is surely half-written (forked from one warm process, tests/fault_runner.py). A signal that reaches a
+running command interrupts it (signal 9, or exit 143 for SIGTERM); one whose moment comes after the command has
+returned is not sent, and that run's output is complete. After every kill the output is absent or complete and
+loadable (absent while its temporary is left), the sources are byte for byte as before, SIGTERM leaves no
+temporary behind, and a rerun into the same directory succeeds and sweeps what the killed runs left."""
 
 from __future__ import annotations
 
@@ -28,7 +30,9 @@ from llamaprune.plan import load_run
 
 RUNNER = Path(__file__).with_name("fault_runner.py")
 COMMANDS = ("score", "apply", "finetune")
-KILLS = {signal.SIGKILL: 4, signal.SIGTERM: 2}  # per command, at stratified random fractions of its duration
+# Per command, at stratified random fractions of its duration, then one more of each as soon as the output's
+# temporary is locked (the moment it is surely half-written). SIGKILL's comes last: the rerun must sweep it.
+KILLS = {signal.SIGTERM: 2, signal.SIGKILL: 4}
 TEMPORARY = re.compile(r"^\..+\.(tmp|old)-")  # what atomic_dir names its temporaries (docs/ARTIFACTS.md)
 
 
@@ -50,11 +54,13 @@ class Faults:
     params: dict[str, int]  # parameters of each command's complete output
 
 
-def fraction_points(seed: int) -> list[tuple[float, int]]:
+def kill_points(seed: int) -> list[tuple[float | str, int]]:
+    """(when, signal) per kill: a fraction of the command's duration, or "temporary" (tests/fault_runner.py)."""
     rng = random.Random(seed)
     points = []
     for signum, count in KILLS.items():
         points += [(0.05 + 0.95 * (i + rng.random()) / count, int(signum)) for i in range(count)]
+        points.append(("temporary", int(signum)))
     return points
 
 
@@ -80,8 +86,8 @@ def faults(tmp_path_factory, tokenizer) -> Faults:
     for seed, command in enumerate(COMMANDS):
         parent = base / command
         parent.mkdir()
-        points = enumerate(fraction_points(seed))
-        kills = [[str(parent / f"out{i}"), fraction, signum] for i, (fraction, signum) in points]
+        points = enumerate(kill_points(seed))
+        kills = [[str(parent / f"out{i}"), when, signum] for i, (when, signum) in points]
         jobs.append({"argv": argv[command], "full": str(parent / "full"), "kills": kills})
     sources = [model, plan_path, calib]
     before = {path: digest(path) for path in sources}
@@ -117,21 +123,33 @@ def test_a_killed_command_leaves_nothing_half_written_and_a_rerun_succeeds(fault
     check_complete(command, parent / "full", faults.params[command])
     for kill in job["kills"]:
         out = Path(kill["out"])
+        own = [name for name in kill["left"] if name.startswith(f".{out.name}.")]
+        if not kill["running"]:  # the command returned before its moment came: no signal, so it is whole
+            assert kill["when"] != "temporary" and kill["outcome"] == "exit 0", kill
+            check_complete(command, out, faults.params[command])
+            continue
         if kill["signal"] == signal.SIGKILL:
-            assert kill["outcome"] in ("signal 9", "exit 0"), kill
+            assert kill["outcome"] == "signal 9", kill
         else:  # SIGTERM unwinds like Ctrl-C: exit 143 and no temporary of this output left
-            assert kill["outcome"] in ("exit 143", "exit 0"), kill
-            assert not [name for name in kill["left"] if name.startswith(f".{out.name}.")], kill
+            assert kill["outcome"] == "exit 143", kill
+            assert not own, kill
+        if own:  # killed while its output was half-written: nothing under the final name
+            assert not out.exists(), kill
+        if kill["when"] == "temporary":  # landed midway, as it is meant to: nothing published, kill -9's left
+            assert not out.exists() and bool(own) == (kill["signal"] == signal.SIGKILL), kill
         if out.exists():
             check_complete(command, out, faults.params[command])
     assert {path: digest(path) for path in faults.sources} == faults.before
+    left = job["kills"][-1]["left"]  # the last kill's (kill -9 midway), which no later run has swept yet
+    assert left and temporaries(parent) == left, job["kills"][-1]
     rerun = Path(job["kills"][0]["out"])
     argv = [arg.replace("{out}", str(rerun)) for arg in faults.argv[command]]
     result = CliRunner().invoke(app, [*argv, "--overwrite"])
     assert result.exit_code == 0, result.output
     check_complete(command, rerun, faults.params[command])
     assert temporaries(parent) == []  # what kill -9 left was swept by the rerun
-    interrupted = sum(kill["outcome"] != "exit 0" for kill in job["kills"])
+    interrupted = sum(kill["running"] for kill in job["kills"])
     midway = sum(any(name.startswith(f".{Path(k['out']).name}.") for name in k["left"]) for k in job["kills"])
+    assert interrupted >= len(KILLS) and midway >= 1, job["kills"]  # at least the kills on the temporary
     print(f"{command} ({job['seconds']:.2f} s): {interrupted} of {len(job['kills'])} kills interrupted it, "
           f"{midway} while its temporary output existed")

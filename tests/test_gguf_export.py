@@ -450,6 +450,7 @@ def test_a_sentencepiece_tokenizer_tokenizes_in_llama_cpp_as_in_transformers(tmp
     assert relative_error(got, transformers_logits(pruned, tokens)) < REL_TOL
 
 
+@pytest.mark.real
 def test_the_pre_tokenizer_is_named_as_llama_cpp_s_converter_names_it():
     """The hash of CHECK_TEXT's tokens names SmolLM2's pre-tokenizer as its own GGUF file does."""
     from transformers import AutoTokenizer

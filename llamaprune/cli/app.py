@@ -36,16 +36,22 @@ app = typer.Typer(
     help="Structured pruning of LLaMA-family models: score once, plan many ratios, apply to a checkpoint.",
 )
 
-@app.callback()
-def root(
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
-) -> None:
-    """Structured pruning of LLaMA-family models."""
+def _print_version(version: bool) -> None:
+    """Eager, so that it runs before the missing command is noticed."""
     if version:
         from llamaprune import __version__
 
         typer.echo(__version__)
         raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool, typer.Option("--version", help="Print the version and exit.", is_eager=True, callback=_print_version)
+    ] = False,
+) -> None:
+    """Structured pruning of LLaMA-family models."""
 
 
 def one_line_errors(command):
