@@ -40,7 +40,7 @@ def test_usage_errors_are_one_line(args, says, help_of):
 
 
 # The commands, in the order the README's table and the help list them.
-COMMANDS = ["eval", "score", "plan", "sql", "apply", "export", "finetune", "prune"]
+COMMANDS = ["eval", "score", "plan", "sql", "apply", "export", "finetune", "prune", "refresh-code"]
 
 
 def listed_commands(help_text: str) -> list[str]:

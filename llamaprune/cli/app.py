@@ -430,6 +430,10 @@ def export_command(
                f"{summary['bytes'] / 2**20:.1f} MiB -> {out}")
 
 
+app.command("finetune")(one_line_errors(finetune_command))
+app.command("prune")(one_line_errors(prune_command))
+
+
 @app.command("refresh-code")
 @one_line_errors
 def refresh_code_command(
@@ -445,7 +449,3 @@ def refresh_code_command(
     changed = refresh_modeling_file(checkpoint)
     typer.echo(f"{checkpoint / MODELING_FILE.name}: {'replaced with' if changed else 'already'} llamaprune "
                f"{__version__}'s")
-
-
-app.command("finetune")(one_line_errors(finetune_command))
-app.command("prune")(one_line_errors(prune_command))
