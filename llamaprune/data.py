@@ -10,13 +10,12 @@ A source is a hub name (``wikitext2``, ``ptb``, ``c4``) or a local ``.txt`` / ``
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from llamaprune.errors import MissingInput, UsageError
-from llamaprune.user_files import parquet_errors, read_utf8
+from llamaprune.user_files import parquet_errors, parse_json, read_utf8
 
 HUB_SOURCES = ("wikitext2", "ptb", "c4")
 LOCAL_SUFFIXES = (".txt", ".raw", ".jsonl", ".parquet")
@@ -121,10 +120,7 @@ def jsonl_records(path: Path, required: tuple[str, ...]) -> list[dict]:
     for number, line in enumerate(read_utf8(path).split("\n"), 1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UsageError(f"{path}:{number} is not valid JSON ({err.msg})") from None
+        record = parse_json(line, f"{path}:{number}")
         missing = [field for field in required if not isinstance(record, dict) or field not in record]
         if missing:
             raise UsageError(

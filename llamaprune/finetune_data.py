@@ -12,7 +12,6 @@ Alpaca. An example is a pair of 1-D token tensors (input_ids, labels); labels ar
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from llamaprune.data import evaluation_windows, jsonl_records, load_rows
 from llamaprune.errors import UsageError
+from llamaprune.user_files import parse_json
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,8 @@ def is_instruction_file(path: Path) -> bool:
         return False
     try:
         with path.open(encoding="utf-8") as f:
-            record = json.loads(next((line for line in f if line.strip()), "{}"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+            record = parse_json(next((line for line in f if line.strip()), "{}"), path)
+    except (UsageError, UnicodeDecodeError):
         return False  # read as text, which names the file and the line (or byte) that is wrong
     return isinstance(record, dict) and all(field in record for field in INSTRUCTION_FIELDS)
 

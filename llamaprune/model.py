@@ -31,7 +31,7 @@ from types import SimpleNamespace
 from llamaprune.arch import source_model_type
 from llamaprune.errors import MissingInput, UsageError
 from llamaprune.groups import model_shape
-from llamaprune.user_files import read_utf8
+from llamaprune.user_files import parse_json, read_utf8
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +135,7 @@ def load_config(source: Source):
 
 def _raw_config(path: Path) -> SimpleNamespace:
     """config.json as plain attributes, before transformers parses (and maybe fails on) it."""
-    try:
-        raw = json.loads(read_utf8(path))
-    except json.JSONDecodeError as err:
-        raise UsageError(f"{path} is not valid JSON ({err}); give a Hugging Face checkpoint directory") from None
+    raw = parse_json(read_utf8(path), path, "give a Hugging Face checkpoint directory")
     return SimpleNamespace(**raw) if isinstance(raw, dict) else SimpleNamespace()
 
 

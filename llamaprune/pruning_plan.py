@@ -22,7 +22,7 @@ from llamaprune.artifacts import SCHEMA_VERSION, atomic_write_bytes, plain_value
 from llamaprune.errors import MissingInput, UsageError
 from llamaprune.groups import LayerShape, ModelShape, model_shape
 from llamaprune.model import config_fingerprint
-from llamaprune.user_files import read_utf8
+from llamaprune.user_files import read_json
 
 PLAN_KIND = "llamaprune-plan"
 SKIPPABLE = ("attention", "mlp")
@@ -287,10 +287,7 @@ def read_plan(path: Path) -> Plan:
     path = Path(path)
     if not path.is_file():
         raise MissingInput(f"plan not found: {path}; make one with `llamaprune plan RUN_DIR --ratio R`")
-    try:
-        doc = json.loads(read_utf8(path, "make the plan again with `llamaprune plan`"))
-    except json.JSONDecodeError as err:
-        raise UsageError(f"{path} is not valid JSON ({err})") from None
+    doc = read_json(path, "make the plan again with `llamaprune plan`")
     return plan_from_dict(doc, origin=str(path))
 
 

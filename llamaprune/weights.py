@@ -14,7 +14,6 @@ tensor's data, so that a plan scored on one checkpoint is not applied unnoticed 
 from __future__ import annotations
 
 import hashlib
-import json
 import pickle
 import struct
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llamaprune.errors import UsageError
-from llamaprune.user_files import read_utf8
+from llamaprune.user_files import parse_json, read_json
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -52,9 +51,9 @@ def safetensors_files(path: Path) -> list[Path] | None:
     index = path / SAFE_INDEX
     if index.is_file():
         try:
-            weight_map = json.loads(read_utf8(index, DOWNLOAD))["weight_map"]
+            weight_map = read_json(index, DOWNLOAD)["weight_map"]
             names = list(dict.fromkeys(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (KeyError, TypeError, AttributeError):
             raise UsageError(f"{index} is not a safetensors index (no weight_map); {DOWNLOAD}") from None
         return [path / name for name in names]
     if (path / SAFE_WEIGHTS).is_file():
@@ -73,8 +72,8 @@ def read_header(path: Path) -> Header:
         length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
         raw = f.read(length) if 0 <= length <= min(size - 8, MAX_HEADER) else b""
     try:
-        doc = json.loads(raw) if raw else None
-    except ValueError:
+        doc = parse_json(raw, path) if raw else None
+    except UsageError:
         doc = None
     tensors = _tensors(doc)
     if tensors is None:

@@ -178,6 +178,53 @@ def test_a_latin1_manifest_is_one_line_naming_it(run):
     assert_one_error_line(invoke("plan", run, "--ratio", 0.1), str(run / "manifest.json"), "is not UTF-8 text")
 
 
+DEEP = "[" * 100_000 + "]" * 100_000  # deeper than Python's recursion limit: json.loads raises RecursionError
+
+
+def deep_table_metadata(path):
+    import pyarrow.parquet as pq
+
+    pq.write_table(pq.read_table(path).replace_schema_metadata({b"llamaprune": DEEP.encode()}), path)
+
+
+# (command, the file it reads, how to spoil it, fragments of the one error line): every JSON document a user
+# gives, nested too deeply
+DEEP_JSON = {
+    "apply-plan": (lambda run, model, tmp: ["apply", tmp / "plan.json", "--model", model, "--out", tmp / "out"],
+                   lambda run, model, tmp: tmp / "plan.json", ["make the plan again"]),
+    "sql-plan": (lambda run, model, tmp: ["sql", run, "SELECT count(*) FROM plans"],
+                 lambda run, model, tmp: run / "plans" / "deep.json", ["make the plan again"]),
+    "manifest": (lambda run, model, tmp: ["plan", run, "--ratio", 0.1],
+                 lambda run, model, tmp: run / "manifest.json", ["llamaprune score"]),
+    "config": (lambda run, model, tmp: score_args(model, tmp),
+               lambda run, model, tmp: model / "config.json", ["give a Hugging Face checkpoint directory"]),
+    "safetensors-index": (lambda run, model, tmp: score_args(model, tmp),
+                          lambda run, model, tmp: model / "model.safetensors.index.json", ["download it again"]),
+    "finetune-jsonl": (lambda run, model, tmp: ["finetune", model, "--out", tmp / "out", "--dataset",
+                                                tmp / "alpaca.jsonl"],
+                       lambda run, model, tmp: tmp / "alpaca.jsonl", []),
+    "calibration-jsonl": (lambda run, model, tmp: score_args(model, tmp, tmp / "calib.jsonl"),
+                          lambda run, model, tmp: tmp / "calib.jsonl", []),
+}
+
+
+@pytest.mark.parametrize("case", DEEP_JSON)
+def test_deeply_nested_json_is_one_line_naming_the_file_not_a_recursion_error(case, run, model, tmp_path):
+    args, where, fragments = DEEP_JSON[case]
+    path = where(run, model, tmp_path)
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(DEEP + "\n")
+    result = invoke(*args(run, model, tmp_path))
+    where = f"{path}:1" if path.suffix == ".jsonl" else str(path)
+    assert_one_error_line(result, f"{where} is JSON nested too deeply to read", *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+def test_table_metadata_nested_too_deeply_is_one_line(run):
+    deep_table_metadata(run / "groups.parquet")
+    assert_one_error_line(invoke("sql", run, "SELECT 1 FROM groups"), "has no llamaprune metadata")
+
+
 def test_out_under_a_file_is_one_line_naming_the_file(tiny_checkpoint, tmp_path):
     (tmp_path / "afile").write_text("x")
     args = score_args(tiny_checkpoint, tmp_path)
