@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from llamaprune.cli_options import DeviceOpt, DTypeOpt
+from llamaprune.cli_options import INSTALL_EVAL, DeviceOpt, DTypeOpt
 from llamaprune.criteria import names_text
 from llamaprune.model import Device, DType
 
@@ -72,7 +72,7 @@ def prune_command(
     ] = None,
     tasks: Annotated[
         str | None, typer.Option("--tasks", help="With --test_after_prune: zero-shot lm-eval tasks too, e.g. "
-                                                 "piqa,arc_easy (needs pip install 'llamaprune[eval]').")
+                                                 f"piqa,arc_easy (needs {INSTALL_EVAL}).")
     ] = None,
     tasks_limit: Annotated[
         int | None, typer.Option("--tasks_limit", "--tasks-limit", help="At most N examples per task.")
