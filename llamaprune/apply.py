@@ -29,7 +29,7 @@ from llamaprune.checkpoint import (
     write_tokenizer_files,
 )
 from llamaprune.compensate import CompensationOptions
-from llamaprune.errors import UsageError
+from llamaprune.errors import UsageError, flag
 from llamaprune.evaluate import EVAL_FILE, EvalOptions, compare, measure
 from llamaprune.model import Device, DType, config_fingerprint, load_model, register, resolve_device
 from llamaprune.pruning_plan import Plan, check_shape, read_plan
@@ -166,7 +166,8 @@ def apply(options: ApplyOptions) -> dict:
     phase = Phase("apply", options.out, options.overwrite, options.model, options.device,
                   inputs=(options.plan, run_dir and run_dir / MANIFEST, evaluation and evaluation.test_file,
                           compensation.calibration_file),
-                  tokenizer=evaluation is not None, seq_lens=(("--seq-len", evaluation.seq_len),) if evaluation else ())
+                  tokenizer=evaluation is not None,
+                  seq_lens=((flag("eval --seq-len"), evaluation.seq_len),) if evaluation else ())
     with run_phase(phase, inputs) as run:
         source, config, tmp = run.checked.source, run.checked.config, run.dir
         rows, calibration = run.inputs

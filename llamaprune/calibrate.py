@@ -27,7 +27,7 @@ import torch
 
 from llamaprune.arch import INPUT_READERS, LINEARS, ROWS, Linear
 from llamaprune.data import batches
-from llamaprune.errors import UsageError
+from llamaprune.errors import UsageError, flag
 from llamaprune.groups import LayerShape, ModelShape
 from llamaprune.importance.fluctuation import accumulate_sum
 from llamaprune.importance.influence import accumulate_cosine
@@ -222,6 +222,6 @@ def _run_batch(model, batch: torch.Tensor, acc: Accumulators, gradients: bool, w
     if not torch.isfinite(loss):
         raise UsageError(
             f"calibration loss is {loss.item()} in group {step}; score in float32 (--dtype float32) or with a "
-            f"smaller --batch-size"
+            f"smaller {flag('score --batch-size')}"
         )
     (loss if weight == 1 else loss * weight).backward()

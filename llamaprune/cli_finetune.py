@@ -13,9 +13,11 @@ import typer
 
 from llamaprune.arch import LINEAR_NAMES
 from llamaprune.cli_options import DataDir, DeviceOpt, DTypeOpt
+from llamaprune.errors import flags_named
 from llamaprune.model import Device, DType
 
 
+@flags_named({"eval --seq-len": "--eval-seq-len"})  # --seq-len is the training examples'
 def finetune_command(
     model_dir: Annotated[
         str,

@@ -14,6 +14,7 @@ import typer
 
 from llamaprune.cli_options import INSTALL_EVAL, DeviceOpt, DTypeOpt
 from llamaprune.criteria import names_text
+from llamaprune.errors import flags_named
 from llamaprune.model import Device, DType
 
 
@@ -116,12 +117,14 @@ def prune_command(
     directory and the seed's files (description.txt, global_group_table.csv or layer_importance_config.json,
     pruning_strategy.png, logs/<stamp>/training.log)."""
     from llamaprune.plan import parse_distribution
-    from llamaprune.prune import PruneOptions, prune, summary_lines
+    from llamaprune.prune import SEED_FLAGS, PruneOptions, prune, summary_lines
 
+    with flags_named(SEED_FLAGS):  # PruneOptions and prune name the seed's flags themselves
+        distribution = parse_distribution(pruning_distribution) if pruning_distribution else None
     options = PruneOptions(
         base_model=base_model, save_ckpt_log_name=save_ckpt_log_name, pruning_ratio=pruning_ratio,
         importance_method=importance_method, method=method,
-        pruning_distribution=parse_distribution(pruning_distribution) if pruning_distribution else None,
+        pruning_distribution=distribution,
         pruning_strategy=pruning_strategy, freeze_top_n_layers=freeze_top_n_layers,
         remove_empty_layers=remove_empty_layers, normalize=normalize, compensate=compensate,
         compensation_samples=compensation_samples, dataset=dataset, num_samples=num_samples, seq_len=seq_len,

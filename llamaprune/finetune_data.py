@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llamaprune.data import evaluation_windows, jsonl_records, load_rows
-from llamaprune.errors import UsageError
+from llamaprune.errors import UsageError, flag, given_flags
 from llamaprune.user_files import parse_json
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def build_examples(tokenizer, source: TrainingText, samples: int, seq_len: int, 
     """
     rng = random.Random(seed)
     if source.records is None:
-        windows = evaluation_windows(tokenizer, source.rows, seq_len)
+        windows = evaluation_windows(tokenizer, source.rows, seq_len, option=flag("finetune --seq-len"))
         order = rng.sample(range(len(windows)), min(samples, len(windows)))
         examples = [(windows[i], windows[i].clone()) for i in order]
     else:
@@ -114,8 +114,9 @@ def build_examples(tokenizer, source: TrainingText, samples: int, seq_len: int, 
         examples = [(ids, labels) for ids, labels in examples if (labels[1:] != IGNORE_INDEX).any()]
         if len(examples) < len(records):
             log.warning(
-                "%d instruction(s) dropped: their prompt fills --seq-len %d",
+                "%d instruction(s) dropped: their prompt fills %s %d",
                 len(records) - len(examples),
+                flag("finetune --seq-len"),
                 seq_len,
             )
     if len(examples) < samples:
@@ -133,9 +134,10 @@ def split_validation(examples: list, fraction: float, batch_size: int, seed: int
     """(train, validation): a seeded ``fraction`` of the examples, at least one batch, held out."""
     count = max(math.ceil(fraction * len(examples)), min(batch_size, len(examples)))
     if len(examples) - count < 1:
+        smaller = given_flags("finetune --batch-size")
         raise UsageError(
             f"{len(examples)} example(s) leave none for training after holding out {count} for validation; "
-            f"use more --samples (or more text) or a smaller --batch-size"
+            f"use more {flag('finetune --samples')} (or more text)" + "".join(f" or a smaller {f}" for f in smaller)
         )
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from llamaprune.artifacts import MANIFEST, atomic_write_json, manifest_in, new_manifest, plain_value
 from llamaprune.checkpoint import MODELING_FILE, save_pruned
-from llamaprune.errors import UsageError
+from llamaprune.errors import UsageError, flag
 from llamaprune.evaluate import EVAL_FILE, EvalOptions, compare, measure
 from llamaprune.finetune import FinetuneOptions, Method, finetune, merge_lora
 from llamaprune.finetune_data import TrainingText, build_examples, read_source
@@ -48,7 +48,7 @@ class FinetuneRun:
 
     def __post_init__(self) -> None:
         if self.save_adapter and self.options.method is not Method.lora:
-            raise UsageError("--save-adapter keeps a LoRA adapter; use it with --method lora")
+            raise UsageError(f"--save-adapter keeps a LoRA adapter; use it with {flag('finetune --method')} lora")
 
     def phase(self, model_ready: bool = True) -> Phase:
         """The run as a phase; ``model_ready`` False checks all but the input model, which an earlier phase of
@@ -56,8 +56,8 @@ class FinetuneRun:
         from llamaprune.data import local_file
 
         evaluation = self.eval
-        seq_lens = (("--seq-len", self.options.seq_len),) + ((("--eval-seq-len", evaluation.seq_len),)
-                                                             if evaluation else ())
+        seq_lens = ((flag("finetune --seq-len"), self.options.seq_len),)
+        seq_lens += ((flag("eval --seq-len"), evaluation.seq_len),) if evaluation else ()
         return Phase(
             "finetune", self.out, self.overwrite, self.model if model_ready else None, self.device, LOG_NAME,
             inputs=(local_file(self.options.dataset, "train", self.options.data_dir),
