@@ -3,14 +3,18 @@ code 2, no traceback, nothing written. (A bug keeps its traceback: tests/test_cl
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
+import re
 import shutil
+import typing
 from pathlib import Path
 
 import pytest
 import torch
+import typer
 from conftest import TAYLOR, assert_one_error_line, calibration_text, write_run
 from typer.testing import CliRunner
 
@@ -176,6 +180,121 @@ def test_a_table_without_readable_metadata_is_one_line(run):
 def test_a_latin1_manifest_is_one_line_naming_it(run):
     (run / "manifest.json").write_bytes(b'{"schema_version": 1, "x": "' + LATIN1.strip() + b'"}')
     assert_one_error_line(invoke("plan", run, "--ratio", 0.1), str(run / "manifest.json"), "is not UTF-8 text")
+
+
+DEEP = "[" * 100_000 + "]" * 100_000  # deeper than Python's recursion limit: json.loads raises RecursionError
+
+
+def deep_table_metadata(path):
+    import pyarrow.parquet as pq
+
+    pq.write_table(pq.read_table(path).replace_schema_metadata({b"llamaprune": DEEP.encode()}), path)
+
+
+# (command, the file it reads, how to spoil it, fragments of the one error line): every JSON document a user
+# gives, nested too deeply
+DEEP_JSON = {
+    "apply-plan": (lambda run, model, tmp: ["apply", tmp / "plan.json", "--model", model, "--out", tmp / "out"],
+                   lambda run, model, tmp: tmp / "plan.json", ["make the plan again"]),
+    "sql-plan": (lambda run, model, tmp: ["sql", run, "SELECT count(*) FROM plans"],
+                 lambda run, model, tmp: run / "plans" / "deep.json", ["make the plan again"]),
+    "manifest": (lambda run, model, tmp: ["plan", run, "--ratio", 0.1],
+                 lambda run, model, tmp: run / "manifest.json", ["llamaprune score"]),
+    "config": (lambda run, model, tmp: score_args(model, tmp),
+               lambda run, model, tmp: model / "config.json", ["give a Hugging Face checkpoint directory"]),
+    "safetensors-index": (lambda run, model, tmp: score_args(model, tmp),
+                          lambda run, model, tmp: model / "model.safetensors.index.json", ["download it again"]),
+    "finetune-jsonl": (lambda run, model, tmp: ["finetune", model, "--out", tmp / "out", "--dataset",
+                                                tmp / "alpaca.jsonl"],
+                       lambda run, model, tmp: tmp / "alpaca.jsonl", []),
+    "calibration-jsonl": (lambda run, model, tmp: score_args(model, tmp, tmp / "calib.jsonl"),
+                          lambda run, model, tmp: tmp / "calib.jsonl", []),
+}
+
+
+@pytest.mark.parametrize("case", DEEP_JSON)
+def test_deeply_nested_json_is_one_line_naming_the_file_not_a_recursion_error(case, run, model, tmp_path):
+    args, where, fragments = DEEP_JSON[case]
+    path = where(run, model, tmp_path)
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(DEEP + "\n")
+    result = invoke(*args(run, model, tmp_path))
+    where = f"{path}:1" if path.suffix == ".jsonl" else str(path)
+    assert_one_error_line(result, f"{where} is JSON nested too deeply to read", *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+def test_table_metadata_nested_too_deeply_is_one_line(run):
+    deep_table_metadata(run / "groups.parquet")
+    assert_one_error_line(invoke("sql", run, "SELECT 1 FROM groups"), "has no llamaprune metadata")
+
+
+def test_apply_names_the_calibration_flag_as_typed(tmp_path):
+    result = invoke("apply", tmp_path / "plan.json", "--model", tmp_path / "model", "--out", tmp_path / "out",
+                    "--compensate", "lstsq", "--calibration-samples", 0)
+    assert_one_error_line(result, "--calibration-samples must be positive, got 0")
+
+
+def option_arguments(tmp_path) -> dict[str, list]:
+    """Per command, arguments under which every option is checked (--eval, --tasks, --finetune, lstsq), all of
+    whose inputs are missing: nothing loads, and an option checked before that fails changes the error."""
+    gone = tmp_path / "missing"
+    return {
+        "eval": [gone / "model", "--dataset", gone / "test.txt", "--tasks", "piqa"],
+        "score": [gone / "model", "--out", tmp_path / "out", "--dataset", gone / "calib.txt"],
+        "plan": [gone / "run", "--ratio", 0.2],
+        "sql": [gone / "run", "SELECT 1"],
+        "apply": [gone / "plan.json", "--model", gone / "model", "--out", tmp_path / "out", "--eval", gone / "t.txt",
+                  "--tasks", "piqa", "--finetune", "lora", "--finetune-dataset", gone / "train.txt",
+                  "--compensate", "lstsq", "--calibration", gone / "calib.txt"],
+        "export": [gone / "model", "--out", tmp_path / "out.gguf"],
+        "finetune": [gone / "model", "--out", tmp_path / "out", "--dataset", gone / "train.txt", "--eval",
+                     gone / "test.txt"],
+        "prune": ["--base_model", gone / "model", "--dataset", gone / "calib.txt", "--eval_dataset", gone / "t.txt",
+                  "--test_after_prune", "--finetune", "--tasks", "piqa", "--output_dir", tmp_path / "run"],
+    }
+
+
+# Options whose value names an input, an output or lm-eval tasks: a bad one is reported by what it names.
+NAMES_SOMETHING = {"dataset", "eval_dataset", "finetune_dataset", "calibration", "base_model", "data_dir", "tasks",
+                   "tasks_dir", "output_dir", "name", "save_ckpt_log_name", "lora_targets"}
+BAD_VALUES = {int: ["0", "-1", "1"], float: ["0", "-1", "1", "1.5", "nan"], str: ["bogus"]}
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*")
+
+
+def option_kinds(command: str) -> dict[str, type]:
+    """The int, float and str options of ``command`` (by parameter name), from its function's annotations."""
+    info = next(c for c in app.registered_commands if c.name == command)
+    kinds = {}
+    for name, hint in typing.get_type_hints(inspect.unwrap(info.callback)).items():
+        kinds[name] = next((kind for kind in (float, int, str) if kind in {hint, *typing.get_args(hint)}), None)
+    return kinds
+
+
+def test_an_option_value_refused_names_the_flag_as_typed(tmp_path):
+    """Every command, every number and choice option, a few bad values each: an error the value causes names
+    that option as the command spells it (not a field, nor another command's or phase's flag: apply's
+    --finetune-seq-len, prune's --eval_seq_len), and any other flag it names is one of the command's."""
+    commands, wrong = typer.main.get_command(app).commands, []
+    for command, args in option_arguments(tmp_path).items():
+        params = commands[command].params
+        flags = {o for p in params for o in (*p.opts, *p.secondary_opts) if o.startswith("--")}
+        kinds = option_kinds(command)
+        baseline = invoke(command, *args)
+        assert baseline.exit_code == 2, (command, baseline.output)
+        for param in params:
+            if param.param_type_name != "option" or param.name in NAMES_SOMETHING or not kinds.get(param.name):
+                continue
+            for value in BAD_VALUES[kinds[param.name]]:
+                result = invoke(command, *args, param.opts[0], value)
+                assert result.exit_code == 2, (command, param.opts[0], value, result.output)
+                if result.stderr == baseline.stderr:
+                    continue  # a good value, or one checked later than the missing input
+                line = result.stderr.strip().splitlines()[-1]
+                named = FLAG.findall(re.sub(r"`[^`]*`", "", line))  # `llamaprune other-command ...` aside
+                if not set(named) & {*param.opts, *param.secondary_opts} or not set(named) <= flags:
+                    wrong.append(f"{command} {param.opts[0]} {value}: {line}")
+    assert not wrong, "\n".join(wrong)
 
 
 def test_out_under_a_file_is_one_line_naming_the_file(tiny_checkpoint, tmp_path):

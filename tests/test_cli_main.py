@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 import llamaprune
@@ -103,3 +104,28 @@ def test_the_cli_runner_sees_the_bug_too(tmp_path, monkeypatch):
     assert result.exit_code == 1 and isinstance(result.exception, ValueError)
     assert str(result.exception) == BROADCAST
     assert "error:" not in result.output
+
+
+@pytest.mark.parametrize("command", ["eval", "apply", "prune"])
+def test_help_names_the_eval_extra_whole(command):
+    """Rich markup would read [eval] as a style tag and print `pip install 'llamaprune'`."""
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"})
+    assert result.exit_code == 0, result.output
+    assert "pip install 'llamaprune[eval]'" in result.output
+    assert "\\[" not in result.output
+
+
+def help_texts(command):
+    yield command.name, command.help or ""
+    for param in command.params:
+        yield f"{command.name} {param.name}", getattr(param, "help", None) or ""
+    for sub in getattr(command, "commands", {}).values():
+        yield from help_texts(sub)
+
+
+def test_no_help_text_loses_characters_to_rich_markup():
+    """typer renders help as rich markup: an unescaped [word] would vanish as a style tag."""
+    from rich.markup import render
+
+    for where, text in help_texts(typer.main.get_command(app)):
+        assert render(text).plain == text.replace("\\[", "["), where

@@ -203,6 +203,23 @@ def test_unreachable_target_names_the_largest_reachable_ratio(run):
     assert make_plan(run, PlanOptions(ratio=best, protect_layers=(1,))).achieved_ratio == best
 
 
+def test_plan_errors_inside_prune_name_the_seed_flags(run):
+    """``prune`` plans under the seed's flags, some options of ``plan`` fixed: errors name only what it has."""
+    from llamaprune.core.errors import flags_named
+    from llamaprune.seed.prune import SEED_FLAGS
+
+    with flags_named(SEED_FLAGS), pytest.raises(ValueError, match="unreachable") as err:
+        make_plan(run, PlanOptions(ratio=0.5, freeze_top_n=1))
+    assert "choose --pruning_ratio " in str(err.value) and str(err.value).endswith(", or relax --freeze_top_n_layers, "
+                                                                                   "--pruning_distribution")
+    with flags_named(SEED_FLAGS), pytest.raises(ValueError, match="--freeze_top_n_layers 2 freezes every one"):
+        make_plan(run, PlanOptions(ratio=0.1, freeze_top_n=2))
+    with flags_named(SEED_FLAGS), pytest.raises(ValueError, match="--pruning_ratio 2 is outside"):
+        PlanOptions(ratio=2)
+    with pytest.raises(ValueError, match="relax --protect-layers, --freeze-top-n, --min-kv-heads"):  # plan's own
+        make_plan(run, PlanOptions(ratio=0.5, freeze_top_n=1))
+
+
 @pytest.mark.xfail(
     strict=True,
     raises=AssertionError,

@@ -251,7 +251,7 @@ def test_the_root_shim_shows_the_seed_options():
     [
         (("--importance_method", "taylor3"), "taylor3"),
         (("--pruning_ratio", 1.0), "ratio 1.0"),
-        (("--finetune", "--lora_r", 0), "lora-r"),
+        (("--finetune", "--lora_r", 0), "--lora_r must be positive"),  # the seed's flag, not finetune's --lora-r
         (("--method", "layer", "--pruning_distribution", "2-8"), "2-8"),
         (("--dataset", "no_such_dir/missing.txt"), "missing.txt"),
     ],

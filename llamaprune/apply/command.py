@@ -20,7 +20,7 @@ from pathlib import Path
 from llamaprune.apply.refit import CompensationOptions
 from llamaprune.apply.streaming import check_params, stream_checkpoint
 from llamaprune.core.artifacts import MANIFEST, atomic_write_json, manifest_in, new_manifest, plain_value
-from llamaprune.core.errors import UsageError
+from llamaprune.core.errors import UsageError, flag
 from llamaprune.core.groups import config_fingerprint
 from llamaprune.core.plan_file import Plan, check_shape, read_plan
 from llamaprune.core.tables import check_fingerprint
@@ -160,7 +160,8 @@ def apply(options: ApplyOptions) -> dict:
     phase = Phase("apply", options.out, options.overwrite, options.model, options.device,
                   inputs=(options.plan, run_dir and run_dir / MANIFEST, evaluation and evaluation.test_file,
                           compensation.calibration_file),
-                  tokenizer=evaluation is not None, seq_lens=(("--seq-len", evaluation.seq_len),) if evaluation else ())
+                  tokenizer=evaluation is not None,
+                  seq_lens=((flag("eval --seq-len"), evaluation.seq_len),) if evaluation else ())
     with run_phase(phase, inputs) as run:
         source, config, tmp = run.checked.source, run.checked.config, run.dir
         rows, calibration = run.inputs

@@ -23,7 +23,7 @@ from enum import Enum
 
 import torch
 
-from llamaprune.core.errors import UsageError
+from llamaprune.core.errors import UsageError, flag
 from llamaprune.score.importance import token_sums
 
 
@@ -97,7 +97,7 @@ def mean_bias(
 def non_finite(where: str) -> UsageError:
     return UsageError(
         f"the calibration activations became NaN or infinite at {where}: check that the checkpoint's weights are "
-        f"finite, or compensate with --compensate bias or other calibration text"
+        f"finite, or compensate with {flag('apply --compensate')} bias or other calibration text"
     )
 
 
@@ -116,9 +116,11 @@ def refit(sums: FitSums, damp: float, where: str = "a layer") -> tuple[torch.Ten
     factor, info = torch.linalg.cholesky_ex(system)
     sums.system = system = None  # the factor replaces it: one (k+1)^2 matrix fewer while solving
     if info:
+        damp_flag = flag("apply --damp")
         raise UsageError(
             f"the least-squares refit of {where} is singular (some of its {k} kept inputs are constant or "
-            f"collinear on the calibration text, and --damp is {damp}): give --damp a positive value such as 1e-3"
+            f"collinear on the calibration text, and {damp_flag} is {damp}): give {damp_flag} a positive value such "
+            f"as 1e-3"
         )
     solution = torch.cholesky_solve(target, factor)
     dtype = sums.weight.dtype

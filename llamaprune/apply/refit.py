@@ -24,7 +24,7 @@ from llamaprune.apply.slicing import kept_indices, tensor_route
 from llamaprune.apply.spill import SpilledTensors
 from llamaprune.core.arch import BLOCKS, COLS, LAYERS_PREFIX, LINEARS, Block, linear_biases, output_linear
 from llamaprune.core.choices import parse_choice
-from llamaprune.core.errors import UsageError
+from llamaprune.core.errors import UsageError, flag
 from llamaprune.core.plan_file import Plan
 from llamaprune.io.layer_stream import LayerStream, unmap_large_frees
 from llamaprune.io.weights import load_file, read_tensors, tensor_files
@@ -179,7 +179,7 @@ def mean_biases(plan: Plan, stats: dict[str, torch.Tensor], weight_of: Callable[
             if key not in stats:
                 raise UsageError(
                     f"{source} has no input means ({key}); it was scored before compensation existed: score the "
-                    f"model again with `llamaprune score`, or use --compensate lstsq --calibration TEXT"
+                    f"model again with `llamaprune score`, or use {_use_lstsq()}"
                 )
             prefix = f"{LAYERS_PREFIX}{lp.layer}.{path}"
             weight = weight_of(f"{prefix}.weight")
@@ -192,6 +192,10 @@ def mean_biases(plan: Plan, stats: dict[str, torch.Tensor], weight_of: Callable[
             # the kept columns are as the plan slices them: only the bias is new
             tensors[output_key(plan, lp.layer, path, "bias")] = mean_bias(stats[key] / tokens, weight, keep, bias)[1]
     return tensors
+
+
+def _use_lstsq() -> str:
+    return f"{flag('apply --compensate')} lstsq {flag('apply --calibration')} TEXT"
 
 
 @dataclass(frozen=True)
@@ -210,12 +214,14 @@ class CompensationOptions:
     device: str = "cpu"  # where a streamed checkpoint's layers are run (an in-memory model stays where it is)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "method", parse_choice(Compensation, self.method, "--compensate"))
-        for name in ("num_samples", "seq_len", "batch_size"):
+        object.__setattr__(self, "method", parse_choice(Compensation, self.method, flag("apply --compensate")))
+        for name, option in (("num_samples", "--calibration-samples"), ("seq_len", "--calibration-seq-len")):
             if getattr(self, name) <= 0:
-                raise UsageError(f"--calibration-{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+                raise UsageError(f"{flag('apply ' + option)} must be positive, got {getattr(self, name)}")
+        if self.batch_size <= 0:  # no command has a flag for it: every one runs 8 windows at a time
+            raise UsageError(f"the compensation batch_size must be positive, got {self.batch_size}")
         if not self.damp >= 0:
-            raise UsageError(f"--damp must be 0 or more, got {self.damp}")
+            raise UsageError(f"{flag('apply --damp')} must be 0 or more, got {self.damp}")
 
     @property
     def calibration_file(self) -> Path | None:
@@ -231,7 +237,10 @@ class CompensationOptions:
         if self.method is not Compensation.lstsq:
             return None
         if self.calibration is None:
-            raise UsageError("--compensate lstsq refits on calibration text; give it with --calibration TEXT")
+            raise UsageError(
+                f"{flag('apply --compensate')} lstsq refits on calibration text; give it with "
+                f"{flag('apply --calibration')} TEXT"
+            )
         return load_rows(self.calibration, split="train", data_dir=self.data_dir)
 
     def tensors(self, plan: Plan, config, source_path: str | None = None, loaded=None, rows: list[str] | None = None,
@@ -261,7 +270,8 @@ class CompensationOptions:
                                                  device=self.device, head=False)
             tokenizer = AutoTokenizer.from_pretrained(source_path)
             unmap_large_frees()  # a layer's temporaries go back to the OS when freed, not to the heap
-        windows = calibration_windows(tokenizer, rows, self.num_samples, self.seq_len, self.seed)
+        windows = calibration_windows(tokenizer, rows, self.num_samples, self.seq_len, self.seed,
+                                      flag("apply --calibration-seq-len"))
         return refit_layers(stream, plan, windows, self.damp, progress, spill)
 
 
@@ -270,7 +280,7 @@ def stats_file(run_dir: Path | None) -> Path:
     path = run_dir / STATS_FILE if run_dir is not None else None
     if path is None or not path.is_file():
         raise UsageError(
-            f"--compensate bias needs the input means in the plan's run directory ({STATS_FILE}), and this plan "
-            f"has none; keep the plan in RUN/plans/ or use --compensate lstsq --calibration TEXT"
+            f"{flag('apply --compensate')} bias needs the input means in the plan's run directory ({STATS_FILE}), "
+            f"and this plan has none; keep the plan in RUN/plans/ or use {_use_lstsq()}"
         )
     return path

@@ -26,7 +26,7 @@ from llamaprune.cli.finetune import finetune_command, report_finetune
 from llamaprune.cli.options import DataDir, DeviceOpt, DTypeOpt, TasksDirOpt, TasksLimitOpt, TasksOpt
 from llamaprune.cli.prune import prune_command
 from llamaprune.core.criteria import CRITERIA, FORWARD_ONLY, help_text
-from llamaprune.core.errors import UsageError
+from llamaprune.core.errors import UsageError, flags_named
 from llamaprune.io.loading import Device, DType
 
 app = typer.Typer(
@@ -307,8 +307,25 @@ def sql_command(
     typer.echo(format_rows(columns, rows, fmt))
 
 
+# apply --finetune: the finetuning options under apply's names (see llamaprune.core.errors.flag); None: not an option
+# of apply (its --batch-size is the evaluation's)
+APPLY_FINETUNE_FLAGS: dict[str, str | None] = {
+    "finetune --method": "--finetune",
+    "finetune --dataset": "--finetune-dataset",
+    "finetune --samples": "--finetune-samples",
+    "finetune --seq-len": "--finetune-seq-len",
+    "finetune --lr": "--finetune-lr",
+    "finetune --epochs": "--finetune-epochs",
+    **dict.fromkeys(
+        ("finetune --batch-size", "finetune --grad-accum", "finetune --lora-dropout", "finetune --lora-targets",
+         "finetune --val-every")
+    ),
+}
+
+
 @app.command("apply")
 @one_line_errors
+@flags_named(APPLY_FINETUNE_FLAGS)
 def apply_command(
     plan: Annotated[Path, typer.Argument(metavar="PLAN", help="Plan JSON written by `llamaprune plan`.")],
     model: Annotated[str, typer.Option(help="Checkpoint the plan is for: dir, .gguf, hub id, smollm2-135m.")],
@@ -365,6 +382,8 @@ def apply_command(
         evaluation = EvalOptions(eval_dataset, seq_len, max_windows, batch_size, data_dir, zero_shot_tasks)
     elif zero_shot_tasks is not None:
         raise UsageError("--tasks runs beside the perplexity of --eval; add --eval DATASET, e.g. --eval wikitext2")
+    compensation = CompensationOptions(compensate, calibration, calibration_samples, calibration_seq_len, damp,
+                                       data_dir=data_dir)
     recovery = None
     if finetune:
         from llamaprune.recover.command import FinetuneRun, read_inputs, run_finetune
@@ -382,8 +401,6 @@ def apply_command(
         plan_out = pruned_out
     else:
         plan_out = out
-    compensation = CompensationOptions(compensate, calibration, calibration_samples, calibration_seq_len, damp,
-                                       data_dir=data_dir)
     summary = apply(ApplyOptions(plan, model, plan_out, dtype, device, max_shard_size, overwrite, evaluation,
                                  compensation, force))
     before, after = summary["params_before"], summary["params_after"]

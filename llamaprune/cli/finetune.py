@@ -13,9 +13,11 @@ import typer
 
 from llamaprune.cli.options import DataDir, DeviceOpt, DTypeOpt
 from llamaprune.core.arch import LINEAR_NAMES
+from llamaprune.core.errors import flags_named
 from llamaprune.io.loading import Device, DType
 
 
+@flags_named({"eval --seq-len": "--eval-seq-len"})  # --seq-len is the training examples'
 def finetune_command(
     model_dir: Annotated[
         str,

@@ -12,8 +12,9 @@ from typing import Annotated
 
 import typer
 
-from llamaprune.cli.options import DeviceOpt, DTypeOpt
+from llamaprune.cli.options import INSTALL_EVAL, DeviceOpt, DTypeOpt
 from llamaprune.core.criteria import names_text
+from llamaprune.core.errors import flags_named
 from llamaprune.io.loading import Device, DType
 
 
@@ -72,7 +73,7 @@ def prune_command(
     ] = None,
     tasks: Annotated[
         str | None, typer.Option("--tasks", help="With --test_after_prune: zero-shot lm-eval tasks too, e.g. "
-                                                 "piqa,arc_easy (needs pip install 'llamaprune[eval]').")
+                                                 f"piqa,arc_easy (needs {INSTALL_EVAL}).")
     ] = None,
     tasks_limit: Annotated[
         int | None, typer.Option("--tasks_limit", "--tasks-limit", help="At most N examples per task.")
@@ -116,12 +117,14 @@ def prune_command(
     directory and the seed's files (description.txt, global_group_table.csv or layer_importance_config.json,
     pruning_strategy.png, logs/<stamp>/training.log)."""
     from llamaprune.plan import parse_distribution
-    from llamaprune.seed.prune import PruneOptions, prune, summary_lines
+    from llamaprune.seed.prune import SEED_FLAGS, PruneOptions, prune, summary_lines
 
+    with flags_named(SEED_FLAGS):  # PruneOptions and prune name the seed's flags themselves
+        distribution = parse_distribution(pruning_distribution) if pruning_distribution else None
     options = PruneOptions(
         base_model=base_model, save_ckpt_log_name=save_ckpt_log_name, pruning_ratio=pruning_ratio,
         importance_method=importance_method, method=method,
-        pruning_distribution=parse_distribution(pruning_distribution) if pruning_distribution else None,
+        pruning_distribution=distribution,
         pruning_strategy=pruning_strategy, freeze_top_n_layers=freeze_top_n_layers,
         remove_empty_layers=remove_empty_layers, normalize=normalize, compensate=compensate,
         compensation_samples=compensation_samples, dataset=dataset, num_samples=num_samples, seq_len=seq_len,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from llamaprune.core.errors import MissingInput, UsageError
 from llamaprune.core.temporaries import publish, temporary_dir
-from llamaprune.core.user_files import read_utf8
+from llamaprune.core.user_files import read_json
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -93,12 +93,7 @@ def read_manifest(run_dir: Path) -> dict:
         raise MissingInput(
             f"no {MANIFEST} in {run_dir}; create the run directory with `llamaprune score MODEL --out {run_dir}`"
         )
-    try:
-        manifest = json.loads(read_utf8(path, "re-run `llamaprune score` to rebuild the run directory"))
-    except json.JSONDecodeError as err:
-        raise UsageError(
-            f"{path} is not valid JSON ({err}); re-run `llamaprune score` to rebuild it"
-        ) from err
+    manifest = read_json(path, "re-run `llamaprune score` to rebuild the run directory")
     version = manifest.get("schema_version") if isinstance(manifest, dict) else None
     if version != SCHEMA_VERSION:
         raise UsageError(

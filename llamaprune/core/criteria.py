@@ -21,7 +21,7 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from llamaprune.core.errors import UsageError
+from llamaprune.core.errors import UsageError, flag
 
 FORMULAS = "llamaprune.score.importance"  # the package of every formula: ``formula`` is "module:function" in it
 PARAM = "param"
@@ -88,7 +88,10 @@ def parse_criteria(text: str) -> tuple[str, ...]:
     names = [c.strip() for c in text.split(",") if c.strip()]
     unknown = [c for c in names if c not in REGISTRY]
     if unknown or not names:
-        raise UsageError(f"unknown criterion {', '.join(unknown) or '(none)'}; choose from {', '.join(CRITERIA)}")
+        raise UsageError(
+            f"unknown criterion {', '.join(unknown) or '(none)'} in {flag('score --criteria')}; choose from "
+            f"{', '.join(CRITERIA)}"
+        )
     return tuple(c for c in CRITERIA if c in names)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from llamaprune.core.artifacts import SCHEMA_VERSION, atomic_write_bytes, plain_value
 from llamaprune.core.errors import MissingInput, UsageError
 from llamaprune.core.groups import LayerShape, ModelShape, config_fingerprint, model_shape
-from llamaprune.core.user_files import read_utf8
+from llamaprune.core.user_files import read_json
 
 PLAN_KIND = "llamaprune-plan"
 SKIPPABLE = ("attention", "mlp")
@@ -286,10 +286,7 @@ def read_plan(path: Path) -> Plan:
     path = Path(path)
     if not path.is_file():
         raise MissingInput(f"plan not found: {path}; make one with `llamaprune plan RUN_DIR --ratio R`")
-    try:
-        doc = json.loads(read_utf8(path, "make the plan again with `llamaprune plan`"))
-    except json.JSONDecodeError as err:
-        raise UsageError(f"{path} is not valid JSON ({err})") from None
+    doc = read_json(path, "make the plan again with `llamaprune plan`")
     return plan_from_dict(doc, origin=str(path))
 
 

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from llamaprune.core.artifacts import SCHEMA_VERSION, atomic_write_bytes
 from llamaprune.core.criteria import CRITERIA
 from llamaprune.core.errors import MissingInput, UsageError
-from llamaprune.core.user_files import parquet_errors
+from llamaprune.core.user_files import parquet_errors, parse_json
 
 GROUPS_FILE = "groups.parquet"
 LAYERS_FILE = "layers.parquet"
@@ -90,8 +90,8 @@ def read_table_meta(path: Path) -> dict:
         schema = pq.read_schema(path)
     raw = (schema.metadata or {}).get(META_KEY)
     try:
-        meta = json.loads(raw) if raw is not None else None
-    except ValueError:
+        meta = parse_json(raw, path) if raw is not None else None
+    except UsageError:
         meta = None
     if not isinstance(meta, dict):
         raise UsageError(f"{path} has no llamaprune metadata; it was not written by `llamaprune score`")

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from llamaprune.core.artifacts import plain_value
-from llamaprune.core.errors import UsageError
+from llamaprune.core.errors import UsageError, flag
 from llamaprune.evaluate.zero_shot import TaskOptions, zero_shot
 from llamaprune.io.text_data import evaluation_windows, load_rows, local_file
 
@@ -99,11 +99,11 @@ class EvalOptions:
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
-            raise UsageError(f"--seq-len must be at least 2, got {self.seq_len}")
+            raise UsageError(f"{flag('eval --seq-len')} must be at least 2, got {self.seq_len}")
         if self.max_windows is not None and self.max_windows <= 0:
-            raise UsageError(f"--max-windows must be positive, got {self.max_windows}")
+            raise UsageError(f"{flag('eval --max-windows')} must be positive, got {self.max_windows}")
         if self.batch_size <= 0:
-            raise UsageError(f"--batch-size must be positive, got {self.batch_size}")
+            raise UsageError(f"{flag('eval --batch-size')} must be positive, got {self.batch_size}")
 
     @property
     def test_file(self) -> Path | None:
@@ -121,7 +121,7 @@ class EvalOptions:
 def measure(model, tokenizer, options: EvalOptions, rows: list[str], progress: bool = True) -> dict:
     """Perplexity, forward speed and size of ``model`` (and its zero-shot accuracies when tasks are asked for);
     one warm-up batch first so one-off costs do not skew tokens/s."""
-    windows = evaluation_windows(tokenizer, rows, options.seq_len, options.max_windows)
+    windows = evaluation_windows(tokenizer, rows, options.seq_len, options.max_windows, flag("eval --seq-len"))
     perplexity(model, windows[: options.batch_size], options.batch_size, progress=False)
     result = perplexity(model, windows, options.batch_size, progress=progress)
     measured = {**result.to_dict(), "num_parameters": model.num_parameters()}
@@ -146,7 +146,7 @@ def evaluate_dataset(
 ) -> PerplexityResult:
     """Perplexity on the test split of a text source (``rows``: that split, if already read)."""
     rows = options.test_rows() if rows is None else rows
-    windows = evaluation_windows(tokenizer, rows, options.seq_len, options.max_windows)
+    windows = evaluation_windows(tokenizer, rows, options.seq_len, options.max_windows, flag("eval --seq-len"))
     return perplexity(model, windows, batch_size=options.batch_size, progress=progress)
 
 

@@ -12,7 +12,6 @@ safetensors checkpoint under ``$LLAMAPRUNE_CACHE`` (default ``$XDG_CACHE_HOME/ll
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import shutil
@@ -29,7 +28,7 @@ from types import SimpleNamespace
 
 from llamaprune.core.arch import SUPPORTED_MODEL_TYPES
 from llamaprune.core.errors import MissingInput, UsageError
-from llamaprune.core.user_files import read_utf8
+from llamaprune.core.user_files import parse_json, read_utf8
 
 log = logging.getLogger(__name__)
 
@@ -127,10 +126,7 @@ def load_config(source: Source):
 
 def _raw_config(path: Path) -> SimpleNamespace:
     """config.json as plain attributes, before transformers parses (and maybe fails on) it."""
-    try:
-        raw = json.loads(read_utf8(path))
-    except json.JSONDecodeError as err:
-        raise UsageError(f"{path} is not valid JSON ({err}); give a Hugging Face checkpoint directory") from None
+    raw = parse_json(read_utf8(path), path, "give a Hugging Face checkpoint directory")
     return SimpleNamespace(**raw) if isinstance(raw, dict) else SimpleNamespace()
 
 

@@ -10,13 +10,12 @@ A source is a hub name (``wikitext2``, ``ptb``, ``c4``) or a local ``.txt`` / ``
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from llamaprune.core.errors import MissingInput, UsageError
-from llamaprune.core.user_files import parquet_errors, read_utf8
+from llamaprune.core.user_files import parquet_errors, parse_json, read_utf8
 
 HUB_SOURCES = ("wikitext2", "ptb", "c4")
 LOCAL_SUFFIXES = (".txt", ".raw", ".jsonl", ".parquet")
@@ -121,10 +120,7 @@ def jsonl_records(path: Path, required: tuple[str, ...]) -> list[dict]:
     for number, line in enumerate(read_utf8(path).split("\n"), 1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UsageError(f"{path}:{number} is not valid JSON ({err.msg})") from None
+        record = parse_json(line, f"{path}:{number}")
         missing = [field for field in required if not isinstance(record, dict) or field not in record]
         if missing:
             raise UsageError(
@@ -161,27 +157,31 @@ def tokenize_rows(tokenizer, rows: list[str]):
     return torch.tensor(ids, dtype=torch.long)
 
 
-def evaluation_windows(tokenizer, rows: list[str], seq_len: int, max_windows: int | None = None):
-    """Non-overlapping windows of ``seq_len`` tokens, shape (n, seq_len); the tail is dropped."""
+def evaluation_windows(tokenizer, rows: list[str], seq_len: int, max_windows: int | None = None,
+                       option: str = "--seq-len"):
+    """Non-overlapping windows of ``seq_len`` tokens, shape (n, seq_len); the tail is dropped. ``option``: the
+    flag that set ``seq_len``, which a text too short for one window names."""
     ids = tokenize_rows(tokenizer, rows)
     count = ids.numel() // seq_len
     if count == 0:
-        raise UsageError(f"the text has {ids.numel()} tokens, fewer than --seq-len {seq_len}; use a shorter seq_len")
+        raise UsageError(f"the text has {ids.numel()} tokens, fewer than {option} {seq_len}; use a shorter {option}")
     if max_windows is not None:
         count = min(count, max_windows)
     return ids[: count * seq_len].view(count, seq_len)
 
 
-def calibration_windows(tokenizer, rows: list[str], num_samples: int, seq_len: int, seed: int):
-    """``num_samples`` windows of ``seq_len`` tokens at seeded random offsets, shape (n, seq_len)."""
+def calibration_windows(tokenizer, rows: list[str], num_samples: int, seq_len: int, seed: int,
+                        option: str = "--seq-len"):
+    """``num_samples`` windows of ``seq_len`` tokens at seeded random offsets, shape (n, seq_len); ``option`` as
+    in ``evaluation_windows``."""
     import torch
 
     ids = tokenize_rows(tokenizer, rows)
     room = ids.numel() - seq_len  # the last window starts here: starts 0..room, all of them drawable
     if room < 0:
         raise UsageError(
-            f"the calibration text has {ids.numel()} tokens, too few for --seq-len {seq_len}; "
-            f"use more text or a shorter seq_len"
+            f"the calibration text has {ids.numel()} tokens, too few for {option} {seq_len}; "
+            f"use more text or a shorter {option}"
         )
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, room + 1, (num_samples,), generator=generator)

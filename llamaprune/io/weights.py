@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from llamaprune.core.errors import UsageError
-from llamaprune.core.user_files import read_utf8
+from llamaprune.core.user_files import parse_json, read_json
 
 # Safetensors dtype codes llamaprune reads and writes; --dtype casts only the floating ones.
 SAFETENSORS_DTYPES = {
@@ -69,9 +69,9 @@ def safetensors_files(path: Path) -> list[Path] | None:
     index = path / SAFE_INDEX
     if index.is_file():
         try:
-            weight_map = json.loads(read_utf8(index, DOWNLOAD))["weight_map"]
+            weight_map = read_json(index, DOWNLOAD)["weight_map"]
             names = list(dict.fromkeys(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (KeyError, TypeError, AttributeError):
             raise UsageError(f"{index} is not a safetensors index (no weight_map); {DOWNLOAD}") from None
         return [path / name for name in names]
     if (path / SAFE_WEIGHTS).is_file():
@@ -90,8 +90,8 @@ def read_header(path: Path) -> Header:
         length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
         raw = f.read(length) if 0 <= length <= min(size - 8, MAX_HEADER) else b""
     try:
-        doc = json.loads(raw) if raw else None
-    except ValueError:
+        doc = parse_json(raw, path) if raw else None
+    except UsageError:
         doc = None
     tensors = _tensors(doc)
     if tensors is None:

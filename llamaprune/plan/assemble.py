@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from llamaprune.core.errors import UsageError
+from llamaprune.core.errors import UsageError, flag, given_flags
 from llamaprune.core.plan_file import SKIPPABLE, LayerPlan, Plan
 from llamaprune.plan.limits import removal_cost
 from llamaprune.plan.options import PlanOptions, Strategy
@@ -57,9 +57,10 @@ def assemble(tables: RunTables, order: Order, removal: np.ndarray, options: Plan
     kept = tables.width - removal
     gone = (kept == 0).all(axis=1)
     if gone.all():
+        keep = given_flags("plan --protect-layers", "plan --min-kv-heads", "plan --min-mlp-channels")
         raise UsageError(
-            f"ratio {options.ratio} would remove every layer; choose a smaller --ratio or keep layers with "
-            f"--protect-layers, --min-kv-heads, --min-mlp-channels"
+            f"ratio {options.ratio} would remove every layer; choose a smaller {flag('plan --ratio')}"
+            + (f" or keep layers with {', '.join(keep)}" if keep else "")
         )
     removed_groups = int((removal * tables.group_params).sum())
     removed = int(removal_cost(removal, tables).sum())

@@ -13,7 +13,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from llamaprune.core.errors import UsageError
+from llamaprune.core.errors import UsageError, flag, given_flags
 from llamaprune.core.tables import LAYERS_FILE
 from llamaprune.plan.options import PlanOptions
 from llamaprune.plan.tables import RunTables
@@ -46,7 +46,7 @@ def _protected(indices: tuple[int, ...], num_layers: int) -> list[int]:
     for i in indices:
         if not -num_layers <= i < num_layers:
             raise UsageError(
-                f"--protect-layers {i} is out of range for a model with {num_layers} layers; "
+                f"{flag('plan --protect-layers')} {i} is out of range for a model with {num_layers} layers; "
                 f"use 0..{num_layers - 1} or -1..-{num_layers}"
             )
     return [i % num_layers for i in indices]
@@ -55,7 +55,9 @@ def _protected(indices: tuple[int, ...], num_layers: int) -> list[int]:
 def _most_important(tables: RunTables, options: PlanOptions) -> np.ndarray:
     n = options.freeze_top_n
     if n >= tables.num_layers:
-        raise UsageError(f"--freeze-top-n {n} freezes every one of the {tables.num_layers} layers; use fewer")
+        raise UsageError(
+            f"{flag('plan --freeze-top-n')} {n} freezes every one of the {tables.num_layers} layers; use fewer"
+        )
     importance = layer_importance(tables, options.layer_importance)
     return np.lexsort((np.arange(tables.num_layers), -importance))[:n]
 
@@ -70,8 +72,8 @@ def layer_importance(tables: RunTables, source: str) -> np.ndarray:
     missing = np.flatnonzero(np.isnan(values))
     if missing.size:
         raise UsageError(
-            f"{LAYERS_FILE} has no {source} for layers {missing.tolist()}; choose another --layer-importance "
-            f"({', '.join(c for c in tables.layer_scores if c != source)})"
+            f"{LAYERS_FILE} has no {source} for layers {missing.tolist()}; choose another "
+            f"{flag('plan --layer-importance')} ({', '.join(c for c in tables.layer_scores if c != source)})"
         )
     return values
 
@@ -107,11 +109,14 @@ def param_budget(ratio: float, total: int) -> int:
     return budget + 1 if (budget + 1) / total <= ratio else budget
 
 
+RELAXABLE = ("protect-layers", "freeze-top-n", "min-kv-heads", "min-mlp-channels", "distribution")
+
+
 def unreachable(ratio: float, reachable: float, total: int) -> UsageError:
     """The error for a target above ``reachable`` params; the ratio it names is rounded down, so it fits."""
     best = math.floor(reachable / total * 1e4) / 1e4
+    relax = given_flags(*(f"plan --{name}" for name in RELAXABLE))
     return UsageError(
         f"ratio {ratio} is unreachable: with these constraints at most {best:.4f} of the parameters can be "
-        f"removed; choose --ratio {best} or less, or relax --protect-layers, --freeze-top-n, --min-kv-heads, "
-        f"--min-mlp-channels, --distribution"
+        f"removed; choose {flag('plan --ratio')} {best} or less" + (f", or relax {', '.join(relax)}" if relax else "")
     )

@@ -16,7 +16,7 @@ from enum import Enum
 
 from llamaprune.core.artifacts import plain_value
 from llamaprune.core.choices import parse_choice
-from llamaprune.core.errors import UsageError
+from llamaprune.core.errors import UsageError, flag
 
 BLOCK_INFLUENCE = "block_influence"
 
@@ -78,7 +78,7 @@ class PlanOptions:
             ("normalize", Normalize),
             ("layer_strategy", LayerStrategy),
         ):
-            object.__setattr__(self, name, parse_choice(enum, getattr(self, name), name))
+            object.__setattr__(self, name, parse_choice(enum, getattr(self, name), _flag(name)))
         object.__setattr__(self, "protect_layers", tuple(int(i) for i in self.protect_layers))
         if self.distribution is not None:
             object.__setattr__(self, "distribution", tuple(int(x) for x in self.distribution))
@@ -92,22 +92,28 @@ class PlanOptions:
 def _check_options(options: PlanOptions) -> None:
     if not 0 < options.ratio < 1:
         raise UsageError(
-            f"ratio {options.ratio} is outside (0, 1): it is the fraction of the model's total parameters to "
-            f"remove, e.g. --ratio 0.2"
+            f"{_flag('ratio')} {options.ratio} is outside (0, 1): it is the fraction of the model's total parameters "
+            f"to remove, e.g. {_flag('ratio')} 0.2"
         )
     for name in ("freeze_top_n", "min_kv_heads", "min_mlp_channels"):
         if getattr(options, name) < 0:
-            raise UsageError(f"{name} {getattr(options, name)} is negative; use 0 or more")
+            raise UsageError(f"{_flag(name)} {getattr(options, name)} is negative; use 0 or more")
     if options.round_to < 1:
-        raise UsageError(f"round_to {options.round_to} must be 1 or more (1 keeps any MLP width)")
+        raise UsageError(f"{_flag('round_to')} {options.round_to} must be 1 or more (1 keeps any MLP width)")
     dist = options.distribution
     if dist is not None and (len(dist) != 2 or min(dist) < 0 or sum(dist) == 0):
-        raise UsageError(f"distribution {dist} must be two non-negative shares A:M, not both 0, e.g. 2:8")
+        shown = ":".join(map(str, dist))
+        raise UsageError(f"{_flag('distribution')} {shown} must be two non-negative shares A:M, not both 0, e.g. 2:8")
     if options.uniform and (options.protect_layers or options.freeze_top_n or options.remove_empty_layers):
         raise UsageError(
-            "--uniform gives every layer the same shape, so it cannot be combined with --protect-layers, "
-            "--freeze-top-n or --remove-empty-layers; drop one of them"
+            f"{_flag('uniform')} gives every layer the same shape, so it cannot be combined with "
+            f"{_flag('protect_layers')}, {_flag('freeze_top_n')} or {_flag('remove_empty_layers')}; drop one of them"
         )
+
+
+def _flag(name: str) -> str:
+    """The flag of the option ``name`` of PlanOptions, as the running command spells it."""
+    return flag(f"plan --{name.replace('_', '-')}")
 
 
 def parse_ratios(spec: str) -> list[float]:
@@ -137,5 +143,5 @@ def parse_distribution(spec: str) -> tuple[int, int]:
     try:
         attn, mlp = (int(x) for x in spec.split(":"))
     except ValueError:
-        raise UsageError(f"--distribution {spec!r} is not A:M with integer shares, e.g. 2:8 or 0:10") from None
+        raise UsageError(f"{_flag('distribution')} {spec!r} is not A:M with integer shares, e.g. 2:8 or 0:10") from None
     return attn, mlp

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llamaprune.core.errors import UsageError
+from llamaprune.core.errors import UsageError, flag
 from llamaprune.core.tables import LAYERS_FILE
 from llamaprune.plan.options import Normalize, PlanOptions, Strategy
 from llamaprune.plan.tables import KINDS, RunTables
@@ -95,7 +95,7 @@ def _query_order(tables: RunTables, criterion: str, normalize: Normalize) -> Ord
     if np.isnan(score).any():
         raise UsageError(
             f"{tables.groups_path} has {int(np.isnan(score).sum())} null or NaN {criterion} scores; re-run "
-            f"`llamaprune score` or choose another --criterion"
+            f"`llamaprune score` or choose another {flag('plan --criterion')}"
         )
     seq = _plan_order(score, layer, kind, index)
     # a radix sort by partition that keeps the model-wide order within each

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llamaprune.core.artifacts import MANIFEST, atomic_write_json, manifest_in, new_manifest, plain_value
-from llamaprune.core.errors import UsageError
+from llamaprune.core.errors import UsageError, flag
 from llamaprune.core.groups import config_fingerprint
 from llamaprune.evaluate.perplexity import EVAL_FILE, EvalOptions, compare, measure
 from llamaprune.io.loading import Device, DType, load_model, resolve_source
@@ -49,7 +49,7 @@ class FinetuneRun:
 
     def __post_init__(self) -> None:
         if self.save_adapter and self.options.method is not Method.lora:
-            raise UsageError("--save-adapter keeps a LoRA adapter; use it with --method lora")
+            raise UsageError(f"--save-adapter keeps a LoRA adapter; use it with {flag('finetune --method')} lora")
 
     def phase(self, model_ready: bool = True) -> Phase:
         """The run as a phase; ``model_ready`` False checks all but the input model, which an earlier phase of
@@ -57,8 +57,8 @@ class FinetuneRun:
         from llamaprune.io.text_data import local_file
 
         evaluation = self.eval
-        seq_lens = (("--seq-len", self.options.seq_len),) + ((("--eval-seq-len", evaluation.seq_len),)
-                                                             if evaluation else ())
+        seq_lens = ((flag("finetune --seq-len"), self.options.seq_len),)
+        seq_lens += ((flag("eval --seq-len"), evaluation.seq_len),) if evaluation else ()
         return Phase(
             "finetune", self.out, self.overwrite, self.model if model_ready else None, self.device, TRAINING_LOG,
             inputs=(local_file(self.options.dataset, "train", self.options.data_dir),

@@ -12,14 +12,14 @@ Alpaca. An example is a pair of 1-D token tensors (input_ids, labels); labels ar
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from llamaprune.core.errors import UsageError
+from llamaprune.core.errors import UsageError, flag, given_flags
+from llamaprune.core.user_files import parse_json
 from llamaprune.io.text_data import evaluation_windows, jsonl_records, load_rows
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,8 @@ def is_instruction_file(path: Path) -> bool:
         return False
     try:
         with path.open(encoding="utf-8") as f:
-            record = json.loads(next((line for line in f if line.strip()), "{}"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+            record = parse_json(next((line for line in f if line.strip()), "{}"), path)
+    except (UsageError, UnicodeDecodeError):
         return False  # read as text, which names the file and the line (or byte) that is wrong
     return isinstance(record, dict) and all(field in record for field in INSTRUCTION_FIELDS)
 
@@ -105,7 +105,7 @@ def build_examples(tokenizer, source: TrainingText, samples: int, seq_len: int, 
     """
     rng = random.Random(seed)
     if source.records is None:
-        windows = evaluation_windows(tokenizer, source.rows, seq_len)
+        windows = evaluation_windows(tokenizer, source.rows, seq_len, option=flag("finetune --seq-len"))
         order = rng.sample(range(len(windows)), min(samples, len(windows)))
         examples = [(windows[i], windows[i].clone()) for i in order]
     else:
@@ -114,8 +114,9 @@ def build_examples(tokenizer, source: TrainingText, samples: int, seq_len: int, 
         examples = [(ids, labels) for ids, labels in examples if (labels[1:] != IGNORE_INDEX).any()]
         if len(examples) < len(records):
             log.warning(
-                "%d instruction(s) dropped: their prompt fills --seq-len %d",
+                "%d instruction(s) dropped: their prompt fills %s %d",
                 len(records) - len(examples),
+                flag("finetune --seq-len"),
                 seq_len,
             )
     if len(examples) < samples:
@@ -133,9 +134,10 @@ def split_validation(examples: list, fraction: float, batch_size: int, seed: int
     """(train, validation): a seeded ``fraction`` of the examples, at least one batch, held out."""
     count = max(math.ceil(fraction * len(examples)), min(batch_size, len(examples)))
     if len(examples) - count < 1:
+        smaller = given_flags("finetune --batch-size")
         raise UsageError(
             f"{len(examples)} example(s) leave none for training after holding out {count} for validation; "
-            f"use more --samples (or more text) or a smaller --batch-size"
+            f"use more {flag('finetune --samples')} (or more text)" + "".join(f" or a smaller {f}" for f in smaller)
         )
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)

@@ -22,7 +22,7 @@ from enum import Enum
 
 from llamaprune.core.arch import LINEAR_NAMES
 from llamaprune.core.choices import parse_choice
-from llamaprune.core.errors import UsageError
+from llamaprune.core.errors import UsageError, flag
 from llamaprune.recover.data import (
     IGNORE_INDEX,
     build_examples,
@@ -70,7 +70,7 @@ class FinetuneOptions:
     data_dir: str | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "method", parse_choice(Method, self.method, "--method"))
+        object.__setattr__(self, "method", parse_choice(Method, self.method, flag("finetune --method")))
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         _check_options(self)
 
@@ -97,18 +97,21 @@ def _check_options(o: FinetuneOptions) -> None:
     }
     for name, value in positive.items():
         if not value > 0:
-            raise UsageError(f"{name} must be positive, got {value}")
+            raise UsageError(f"{flag('finetune ' + name)} must be positive, got {value}")
     if o.seq_len < 2:
-        raise UsageError(f"--seq-len must be at least 2 (one token predicts the next), got {o.seq_len}")
+        raise UsageError(
+            f"{flag('finetune --seq-len')} must be at least 2 (one token predicts the next), got {o.seq_len}"
+        )
     if not 0 <= o.lora_dropout < 1:
-        raise UsageError(f"--lora-dropout must be in [0, 1), got {o.lora_dropout}")
+        raise UsageError(f"{flag('finetune --lora-dropout')} must be in [0, 1), got {o.lora_dropout}")
     if not 0 < o.val_fraction < 1:
         raise UsageError(f"the validation fraction must be in (0, 1), got {o.val_fraction}")
     if not 0 <= o.warmup_ratio < 1:
         raise UsageError(f"the warmup ratio must be in [0, 1), got {o.warmup_ratio}")
     if o.method is Method.lora and not o.lora_targets:
         raise UsageError(
-            f"--lora-targets is empty; name the linear layers to adapt, e.g. {','.join(LORA_TARGETS)}"
+            f"{flag('finetune --lora-targets')} is empty; name the linear layers to adapt, e.g. "
+            f"{','.join(LORA_TARGETS)}"
         )
 
 

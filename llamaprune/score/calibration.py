@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from llamaprune.core.arch import INPUT_READERS, LINEARS, ROWS
-from llamaprune.core.errors import UsageError
+from llamaprune.core.errors import UsageError, flag
 from llamaprune.core.groups import LayerShape, ModelShape
 from llamaprune.io.text_data import batches
 from llamaprune.score.accumulators import Accumulators, ParamSpec
@@ -185,6 +185,6 @@ def _run_batch(model, batch: torch.Tensor, acc: Accumulators, gradients: bool, w
     if not torch.isfinite(loss):
         raise UsageError(
             f"calibration loss is {loss.item()} in group {step}; score in float32 (--dtype float32) or with a "
-            f"smaller --batch-size"
+            f"smaller {flag('score --batch-size')}"
         )
     (loss if weight == 1 else loss * weight).backward()

@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from llamaprune.core.artifacts import SCHEMA_VERSION, new_manifest, plain_value
-from llamaprune.core.errors import UsageError
+from llamaprune.core.errors import UsageError, flag
 from llamaprune.core.tables import GROUPS_FILE, LAYERS_FILE, write_table
 from llamaprune.io.loading import resolve_device
 from llamaprune.runs.phase import Checked, Phase, preflight, run_phase
@@ -53,7 +53,8 @@ def score_into(out: Path | None, options: ScoreOptions, loaded, rows: list[str],
     from llamaprune.score.sharded import is_sharded, sharded_groups
     from llamaprune.score.streamed import score_streamed
 
-    windows = calibration_windows(loaded.tokenizer, rows, options.num_samples, options.seq_len, options.seed)
+    windows = calibration_windows(loaded.tokenizer, rows, options.num_samples, options.seq_len, options.seed,
+                                  flag("score --seq-len"))
     calibration = {
         "source": options.dataset,
         "n_samples": options.num_samples,
@@ -119,7 +120,7 @@ def score_run(options: ScoreOptions, out: Path, overwrite: bool = False) -> Scor
         check_source(resolve_source(options.model))
     phase = Phase("score", Path(out), overwrite, options.model, options.device,
                   inputs=(local_file(options.dataset, "train", options.data_dir),),
-                  seq_lens=(("--seq-len", options.seq_len),))
+                  seq_lens=((flag("score --seq-len"), options.seq_len),))
     main = ranks is None or ranks.main
     with process_group(ranks, resolve_device(options.device)):
         checked, error = None, None

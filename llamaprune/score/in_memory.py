@@ -32,7 +32,7 @@ from llamaprune.core.criteria import (
     needs_gradients,
     parse_criteria,
 )
-from llamaprune.core.errors import UsageError
+from llamaprune.core.errors import UsageError, flag
 from llamaprune.core.groups import ModelShape, config_fingerprint, group_id, iter_groups, model_shape
 from llamaprune.core.tables import groups_schema, layers_schema, with_meta
 from llamaprune.io.loading import Device, DType
@@ -92,14 +92,15 @@ class ScoreOptions:
 
     def __post_init__(self) -> None:
         parse_criteria(",".join(self.criteria))
-        object.__setattr__(self, "accumulate", parse_choice(Accumulate, self.accumulate, "--accumulate"))
+        object.__setattr__(self, "accumulate", parse_choice(Accumulate, self.accumulate, flag("score --accumulate")))
         if self.stream:
             check_streamable(self.criteria)
         for name in ("num_samples", "seq_len", "batch_size", "fisher_windows"):
             if getattr(self, name) <= 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+                option = flag(f"score --{name.replace('_', '-')}")
+                raise UsageError(f"{option} must be positive, got {getattr(self, name)}")
         if self.seq_len < 2:
-            raise UsageError(f"--seq-len must be at least 2, got {self.seq_len}")
+            raise UsageError(f"{flag('score --seq-len')} must be at least 2, got {self.seq_len}")
 
 
 def check_streamable(criteria) -> None:
@@ -236,7 +237,7 @@ def check_finite(scores: dict[tuple[int, str, str], torch.Tensor]) -> None:
         if not torch.isfinite(value).all():
             raise UsageError(
                 f"non-finite {criterion} importance in layer {layer} ({kind}); score in float32 "
-                f"(--dtype float32) or with a smaller --batch-size"
+                f"(--dtype float32) or with a smaller {flag('score --batch-size')}"
             )
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from llamaprune.core.artifacts import MANIFEST, atomic_write_json, plain_value, with_history
 from llamaprune.core.choices import parse_choice
 from llamaprune.core.criteria import NAMES, canonical
-from llamaprune.core.errors import UsageError
+from llamaprune.core.errors import UsageError, flags_named
 from llamaprune.evaluate.perplexity import EVAL_FILE, EvalOptions, measure
 from llamaprune.evaluate.zero_shot import task_lines, task_options
 from llamaprune.io.loading import Device, DType
@@ -61,6 +61,49 @@ class PruneMethod(str, Enum):
     @property
     def strategy(self) -> Strategy:
         return Strategy.global_ if self is PruneMethod.global_ else Strategy.layerwise
+
+
+# What the phases' options are called here (see llamaprune.core.errors.flag): the seed's flag, or None for one that
+# ``prune`` leaves at its default.
+SEED_FLAGS: dict[str, str | None] = {
+    "score --num-samples": "--num_samples",
+    "score --seq-len": "--seq_len",
+    "score --batch-size": "--gradient_batch_size",
+    "score --criteria": "--importance_method",
+    "score --fisher-windows": None,
+    "score --accumulate": None,
+    "plan --ratio": "--pruning_ratio",
+    "plan --criterion": "--importance_method",
+    "plan --strategy": "--method",
+    "plan --distribution": "--pruning_distribution",
+    "plan --layer-strategy": "--pruning_strategy",
+    "plan --freeze-top-n": "--freeze_top_n_layers",
+    "plan --remove-empty-layers": "--remove_empty_layers",
+    "plan --layer-importance": None,
+    "plan --protect-layers": None,
+    "plan --min-kv-heads": None,
+    "plan --min-mlp-channels": None,
+    "plan --round-to": None,
+    "plan --uniform": None,
+    "apply --calibration": "--dataset",
+    "apply --calibration-samples": "--compensation_samples",
+    "apply --calibration-seq-len": "--seq_len",
+    "apply --damp": None,
+    "eval --seq-len": "--eval_seq_len",
+    "eval --max-windows": "--max_windows",
+    "eval --batch-size": None,
+    "finetune --method": "--finetune_method",
+    "finetune --dataset": "--finetune_dataset",
+    "finetune --samples": "--finetune_samples",
+    "finetune --seq-len": "--finetune_seq_len",
+    "finetune --lr": "--finetune_lr",
+    "finetune --lora-r": "--lora_r",
+    "finetune --lora-alpha": "--lora_alpha",
+    **dict.fromkeys(
+        ("finetune --epochs", "finetune --batch-size", "finetune --grad-accum", "finetune --lora-dropout",
+         "finetune --lora-targets", "finetune --val-every")
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -124,8 +167,9 @@ class PruneOptions:
         if self.tasks is not None and not self.test_after_prune:
             raise UsageError("--tasks is measured with perplexity after pruning; add --test_after_prune")
         # Every phase checks its own options: bad input fails here, before any data or weights load.
-        self.score_options(), self.plan_options(), self.eval_options(), self.finetune_options()
-        self.compensation_options()
+        with flags_named(SEED_FLAGS):
+            self.score_options(), self.plan_options(), self.eval_options(), self.finetune_options()
+            self.compensation_options()
 
     @property
     def run_dir(self) -> Path:
@@ -236,6 +280,7 @@ def read_inputs(options: PruneOptions) -> _Inputs:
     )
 
 
+@flags_named(SEED_FLAGS)
 def prune(options: PruneOptions, progress: bool = True) -> dict:
     """Run every phase into ``options.run_dir`` (atomically); returns the summary the manifest records."""
     with run_phase(options.phase, lambda _: read_inputs(options)) as run:
