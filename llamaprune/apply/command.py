@@ -72,7 +72,7 @@ class ApplyOptions:
 
 def check_plan(plan: Plan, config, what: str = "plan") -> None:
     """Refuse a plan made for another model, naming both fingerprints, or one whose layers are not this
-    model's (``pruning_plan.check_shape``)."""
+    model's (``core.plan_file.check_shape``)."""
     check_fingerprint(plan.fingerprint, config_fingerprint(config), what)
     check_shape(plan, config, what)
 
@@ -99,7 +99,7 @@ def apply_plan(model, plan: Plan, replace: dict | None = None):
     """A new model: ``model`` pruned by ``plan`` in memory, tensor by tensor with the rules streaming uses.
     ``model`` itself is left as it was. Sliced tensors are new; the others (embeddings, norms, projections
     that lose nothing) are shared with ``model``, not copied, so training the result in place changes them in
-    ``model`` too. ``replace`` (output name -> tensor, from ``compensate.compensation_tensors``) takes the place
+    ``model`` too. ``replace`` (output name -> tensor, from ``apply.refit.CompensationOptions.tensors``) takes the place
     of the sliced o_proj / down_proj tensors and adds their output biases."""
     from llamaprune.apply.slicing import pruned_state
 

@@ -1,5 +1,5 @@
 """The compensation step of apply: the o_proj / down_proj tensors of a pruned checkpoint that error
-compensation changes, by output name, for streaming (``checkpoint.stream_checkpoint``) or an in-memory
+compensation changes, by output name, for streaming (``apply.streaming.stream_checkpoint``) or an in-memory
 ``apply_plan`` to write instead of the plainly sliced ones.
 
 Every kept o_proj and down_proj gets an output bias (zero where nothing of its input was removed), so the
@@ -248,7 +248,7 @@ class CompensationOptions:
                 spill: Path | None = None) -> Mapping[str, torch.Tensor]:
         """What the method writes instead of the sliced o_proj / down_proj tensors (empty for ``none``), for the
         safetensors checkpoint directory ``source_path`` (read layer by layer) or an in-memory model
-        (``loaded``, a ``model.LoadedModel``). ``spill``: a directory where refitted tensors wait on disk."""
+        (``loaded``, a ``io.loading.LoadedModel``). ``spill``: a directory where refitted tensors wait on disk."""
         if self.method is Compensation.none:
             return {}
         if self.method is Compensation.bias:

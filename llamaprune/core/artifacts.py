@@ -77,7 +77,7 @@ def refuse_existing(path: Path, overwrite: bool) -> None:
 @contextmanager
 def atomic_dir(path: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory that replaces ``path`` only if the block succeeds. It is locked
-    while it lives, so that a later run can tell it from the leftover of a killed one (``temporaries.sweep``)."""
+    while it lives, so that a later run can tell it from the leftover of a killed one (``core.temporaries.sweep``)."""
     path = Path(path)
     refuse_existing(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)

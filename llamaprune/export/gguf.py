@@ -190,7 +190,7 @@ def context_length(config) -> int:
 
 
 def layer_shapes(config) -> list[LayerShape]:
-    """Each decoder layer's widths as stored in the checkpoint (``groups.model_shape``'s, 0 for a skipped block)."""
+    """Each decoder layer's widths as stored in the checkpoint (``core.groups.model_shape``'s)."""
     return list(model_shape(config).layers)
 
 

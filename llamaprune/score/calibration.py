@@ -139,7 +139,7 @@ def calibrate(model, groups: Iterable[GradientGroup | torch.Tensor], shape: Mode
               accumulate: torch.dtype = torch.float32, sharded=None) -> Accumulators:
     """Run ``groups`` (``GradientGroup``s, or (B, L) LongTensors of token ids, each a group of its own) through
     ``model`` once, with a backward pass when ``gradients``; the model's mode, requires_grad flags and .grad
-    are restored afterwards. ``sharded`` (a ``sharded_scoring.ShardedGradients``, for an FSDP model) folds the
+    are restored afterwards. ``sharded`` (a ``score.sharded.ShardedGradients``, for an FSDP model) folds the
     gradient shards after each group instead of the per-parameter hooks."""
     from tqdm.auto import tqdm
 

@@ -124,10 +124,10 @@ def score(
     accumulate: Accumulate = Accumulate.fp32,
     ranks: Ranks | None = None,
 ) -> ScoreResult:
-    """Score every group of ``model`` over ``batches``: ``calibrate.GradientGroup``s, or LongTensor token ids
+    """Score every group of ``model`` over ``batches``: ``score.calibration.GradientGroup``s, or LongTensor token ids
     (B, L) that are each a group of their own. The tables record ``weights_fingerprint``, that of the checkpoint
     ``model`` was loaded from (``llamaprune.io.weights``). Under torchrun (``ranks``) each process passes its share
-    of the batches and gets the table of all of them; a model sharded by ``sharded_scoring.shard_model`` has
+    of the batches and gets the table of all of them; a model sharded by ``score.sharded.shard_model`` has
     its gradients folded shard by shard."""
     from llamaprune.score.sharded import ShardedGradients, gathered, is_sharded, reduce_accumulators
 

@@ -5,7 +5,7 @@ rows, and each process keeps the w*G sums of its own rows only.
 Each Fisher group of windows is split across the processes, so one backward pass per process makes the group's
 gradient: FSDP's reduce-scatter averages over processes, hence each loss is scaled by the number of processes.
 The Fisher term and |w*G| are first summed per row or column of each process's shard, then all-reduced and
-grouped (``importance.index_sums``), which is the same number as one process's ``group_sum``.
+grouped (``score.importance.index_sums``), which is the same number as one process's ``group_sum``.
 
     $ torchrun --nproc-per-node 8 -m llamaprune score meta-llama/Meta-Llama-3-70B --out run --fsdp
 """

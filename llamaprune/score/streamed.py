@@ -2,9 +2,9 @@
 
 The calibration windows' hidden states go through a safetensors checkpoint layer by layer
 (``llamaprune.io.layer_stream``): each layer is read, the same hooks as the whole-model pass
-(``calibrate.layer_hooks``) fold its inputs and block influence while the hidden states pass through it, its
+(``score.calibration.layer_hooks``) fold its inputs and block influence while the hidden states pass through it, its
 groups are scored while its weights are loaded, and it is dropped. Peak memory is about one layer plus the
-activations, not the model; the tables and stats are those of ``scoring.score`` on the same windows.
+activations, not the model; the tables and stats are those of ``score.in_memory.score`` on the same windows.
 
     >>> result = score_streamed(Path("ckpt"), config, windows, ("wanda", "magnitude"))   # doctest: +SKIP
     >>> result.groups.column_names[-2:]                                                  # doctest: +SKIP

@@ -265,7 +265,7 @@ class _Inputs:
 
     calibration: list[str]
     evaluation: list[str] | None
-    training: object | None  # finetune_data.TrainingText
+    training: object | None  # recover.data.TrainingText
 
 
 def read_inputs(options: PruneOptions) -> _Inputs:
