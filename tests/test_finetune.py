@@ -307,7 +307,7 @@ def test_finetune_eval_warms_up_like_apply_and_reports_the_params_ratio(
     tmp_path, tiny_checkpoint, train_txt, eval_txt, monkeypatch
 ):
     """Each measurement starts with one warm-up batch, so one-off costs do not skew the tokens/s ratio."""
-    from llamaprune.evaluate.perplexity import perplexity as evaluate
+    from llamaprune.evaluate import perplexity as evaluate
 
     calls = []
 

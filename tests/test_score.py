@@ -14,7 +14,7 @@ from llamaprune.cli.app import app
 from llamaprune.core.criteria import parse_criteria
 from llamaprune.core.groups import config_fingerprint, iter_groups, model_shape
 from llamaprune.core.tables import check_fingerprint, read_table, read_table_meta
-from llamaprune.runs.phase import peak_memory
+from llamaprune.runs import peak_memory
 from llamaprune.score.calibration import gradient_groups
 from llamaprune.score.in_memory import STATS_FILE, score
 

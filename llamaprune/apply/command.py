@@ -28,6 +28,7 @@ from llamaprune.evaluate.perplexity import EVAL_FILE, EvalOptions, compare, meas
 from llamaprune.io.loading import Device, DType, load_model, register, resolve_device
 from llamaprune.io.pruned_checkpoint import PLAN_FILE, pruned_config, save_pruned, write_config, write_tokenizer_files
 from llamaprune.io.weights import safetensors_files
+from llamaprune.recover.finetune import FinetuneOptions
 from llamaprune.runs.phase import Checked, Phase, run_phase
 
 log = logging.getLogger(__name__)
@@ -210,3 +211,22 @@ def _evaluate(model_name: str, options: ApplyOptions, rows: list[str]) -> dict:
     register()
     loaded = load_model(model_name, options.load_dtype, options.device)
     return measure(loaded.model, loaded.tokenizer, options.eval, rows)
+
+
+def apply_and_finetune(options: ApplyOptions,
+                       finetune: FinetuneOptions | None = None) -> tuple[Path, dict, dict | None]:
+    """``apply --finetune``: the pruned checkpoint goes to ``OUT-pruned`` (kept) and its finetuned copy to OUT;
+    returns where the pruned checkpoint is, the apply's summary and the finetune's (None without ``finetune``).
+    The finetune's input is the apply's output: everything but that is checked, and bad finetuning data fails,
+    before any work."""
+    if finetune is None:
+        return options.out, apply(options), None
+    from llamaprune.recover.command import FinetuneRun, read_inputs, run_finetune
+    from llamaprune.runs.phase import preflight
+
+    pruned = options.out.with_name(f"{options.out.name}-pruned")
+    recovery = FinetuneRun(str(pruned), options.out, finetune, options.eval, dtype=options.load_dtype,
+                           device=options.device, overwrite=options.overwrite, max_shard_size=options.max_shard_size)
+    preflight(recovery.phase(model_ready=False), lambda _: read_inputs(recovery))
+    summary = apply(dataclasses.replace(options, out=pruned))
+    return pruned, summary, run_finetune(recovery)

@@ -126,34 +126,22 @@ def eval_command(
     tasks_dir: TasksDirOpt = None,
 ) -> None:
     """Perplexity of a model on the test split of a text source (and zero-shot accuracy on lm-eval's --tasks)."""
-    from llamaprune.core.artifacts import atomic_write_json
-    from llamaprune.evaluate.perplexity import EvalOptions, evaluate_dataset
-    from llamaprune.evaluate.zero_shot import task_lines, task_options, zero_shot
-    from llamaprune.io.loading import load_model, warn_long_context
-    from llamaprune.runs.phase import check_model, check_writable, local_model, refuse_overlap
+    from llamaprune.evaluate.command import evaluate_model
+    from llamaprune.evaluate.perplexity import EvalOptions
+    from llamaprune.evaluate.zero_shot import task_lines, task_options
 
     zero_shot_tasks = task_options(tasks, tasks_limit, tasks_dir)
-    options = EvalOptions(dataset, seq_len, max_windows, batch_size, data_dir, zero_shot_tasks)
-    checked = check_model(model, device, tokenizer=True)
-    if out is not None:
-        refuse_overlap(out, [local_model(checked.source), options.test_file])
-        check_writable(out)
-    warn_long_context(checked.config, seq_len, "--seq-len")
-    rows = options.test_rows()  # a bad dataset or task name fails before the weights load
-    loaded = load_model(model, dtype, device)
-    result = evaluate_dataset(loaded.model, loaded.tokenizer, options, rows=rows)
-    report = {dataset: result.to_dict()}
+    report = evaluate_model(model, EvalOptions(dataset, seq_len, max_windows, batch_size, data_dir, zero_shot_tasks),
+                            dtype, device, out)
+    result = report[dataset]
     typer.echo(
-        f"{dataset}: perplexity {result.ppl:.3f} over {result.windows} windows of {seq_len} tokens "
-        f"({result.tokens_per_s:.0f} tokens/s)"
+        f"{dataset}: perplexity {result['ppl']:.3f} over {result['windows']} windows of {seq_len} tokens "
+        f"({result['tokens_per_s']:.0f} tokens/s)"
     )
-    if zero_shot_tasks is not None:
-        report["tasks"] = zero_shot(loaded.model, loaded.tokenizer, zero_shot_tasks, batch_size)
+    if "tasks" in report:
         for line in task_lines(report):
             typer.echo(line)
-    if out is not None:
-        atomic_write_json(out, report)
-    else:
+    if out is None:
         typer.echo(json.dumps(report))
 
 
@@ -371,7 +359,7 @@ def apply_command(
 ) -> None:
     """Slice a checkpoint by a plan into a smaller one that from_pretrained loads (phase 3), then optionally
     finetune it (--finetune lora|full): the pruned checkpoint is kept beside OUT as OUT-pruned."""
-    from llamaprune.apply.command import ApplyOptions, apply
+    from llamaprune.apply.command import ApplyOptions, apply_and_finetune
     from llamaprune.apply.refit import CompensationOptions
     from llamaprune.evaluate.perplexity import EvalOptions
     from llamaprune.evaluate.zero_shot import task_lines, task_options
@@ -386,23 +374,15 @@ def apply_command(
                                        data_dir=data_dir)
     recovery = None
     if finetune:
-        from llamaprune.recover.command import FinetuneRun, read_inputs, run_finetune
         from llamaprune.recover.finetune import FinetuneOptions
-        from llamaprune.runs.phase import preflight
 
-        options = FinetuneOptions(method=finetune, dataset=finetune_dataset, samples=finetune_samples,
-                                  seq_len=finetune_seq_len, epochs=finetune_epochs, lr=finetune_lr, lora_r=lora_r,
-                                  lora_alpha=lora_alpha, data_dir=data_dir)
-        pruned_out, out = out.with_name(f"{out.name}-pruned"), out
-        recovery = FinetuneRun(str(pruned_out), out, options, evaluation, dtype=dtype or DType.float32,
-                               device=device, overwrite=overwrite, max_shard_size=max_shard_size)
-        # Its input is the apply's output: all but that is checked, and bad finetuning data fails, before any work.
-        preflight(recovery.phase(model_ready=False), lambda _: read_inputs(recovery))
-        plan_out = pruned_out
-    else:
-        plan_out = out
-    summary = apply(ApplyOptions(plan, model, plan_out, dtype, device, max_shard_size, overwrite, evaluation,
-                                 compensation, force))
+        recovery = FinetuneOptions(method=finetune, dataset=finetune_dataset, samples=finetune_samples,
+                                   seq_len=finetune_seq_len, epochs=finetune_epochs, lr=finetune_lr, lora_r=lora_r,
+                                   lora_alpha=lora_alpha, data_dir=data_dir)
+    plan_out, summary, finetuned = apply_and_finetune(
+        ApplyOptions(plan, model, out, dtype, device, max_shard_size, overwrite, evaluation, compensation, force),
+        recovery,
+    )
     before, after = summary["params_before"], summary["params_after"]
     how = "streamed" if summary["streamed"] else "pruned in memory"
     seconds = summary["seconds"]
@@ -418,8 +398,8 @@ def apply_command(
         if zero_shot_tasks is not None:
             for line in task_lines(old, new):
                 typer.echo(line)
-    if recovery is not None:
-        report_finetune(run_finetune(recovery), recovery.options, evaluation, out)
+    if finetuned is not None:
+        report_finetune(finetuned, recovery, evaluation, out)
 
 
 @app.command("export")
