@@ -75,6 +75,11 @@ def _brute_force(model, batches):
     return expected
 
 
+# fluctuation's variance is E[x^2] - mean^2 from float32 token sums: it keeps fewer digits than the others where the
+# mean is large (1.6e-5 relative seen on torch 2.6, whose float32 sums add up in another order)
+REL = {"taylor": 1e-5, "taylor2": 1e-5, "wanda": 1e-5, "magnitude": 1e-5, "fluctuation": 1e-4}
+
+
 @pytest.mark.parametrize("kwargs", GQA, ids=lambda k: "-".join(f"{a}{b}" for a, b in k.items()))
 def test_criteria_match_brute_force(kwargs):
     model = tiny_model(tiny_config(layers=2, **kwargs))
@@ -85,7 +90,7 @@ def test_criteria_match_brute_force(kwargs):
     assert [r["group_id"] for r in table] == list(expected)
     for row in table:
         for criterion, value in expected[row["group_id"]].items():
-            assert row[criterion] == pytest.approx(value, rel=1e-5), (row["group_id"], criterion)
+            assert row[criterion] == pytest.approx(value, rel=REL[criterion]), (row["group_id"], criterion)
     for p in model.parameters():  # scoring leaves no gradient behind and restores requires_grad
         assert p.grad is None and p.requires_grad
 
