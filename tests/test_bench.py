@@ -1,11 +1,90 @@
-"""The benchmark scripts run end to end on a tiny model, so they cannot rot (figures are not asserted)."""
+"""The benchmark scripts run end to end on a tiny model, so they cannot rot. Timings are not asserted; what the tiny
+runs must produce is: the tiny model's size, every plan's parameters from its achieved ratio, finite positive
+perplexities and ratios, and the same figures in the JSON, the printed lines and RESULTS.md."""
 
+import json
+import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# bench/quality.py --tiny: a random LLaMA of hidden size 192, 6 query and 2 KV heads of 32, MLP 2048, 4 layers and
+# tied embeddings of the embedded tokenizer's 49,152 tokens; 8 x 32 calibration tokens, 4 windows of 128 to evaluate.
+HIDDEN, LAYERS, VOCAB = 192, 4, 49152
+TINY_PARAMS = VOCAB * HIDDEN + LAYERS * (HIDDEN * 32 * (2 * 6 + 2 * 2) + 3 * HIDDEN * 2048 + 2 * HIDDEN) + HIDDEN
+CRITERIA = ["taylor", "taylor2", "wanda", "magnitude", "random", "fluctuation"]
+LABELS = [f"global {c} {r}%" for c in CRITERIA for r in (10, 20, 30)] + [
+    "layerwise 2:8 inverse taylor2 20%",
+    "layerwise 2:8 uniform taylor2 20%",
+    "global taylor2 30% --remove-empty-layers",
+    "global taylor2 20% --uniform",
+    "global wanda 20% --normalize mean",
+    "global taylor2 20% + LoRA",
+    "global taylor2 20% + bias",
+    "global taylor2 20% + lstsq",
+]
+UNREACHABLE = ["layerwise 2:8 inverse taylor2 20%", "layerwise 2:8 uniform taylor2 20%"]
+SCORE_RATIOS = {"forward_time": 1.15, "grad_time": 1.25, "grad_peak": 1.1}  # bench/score.py's goals
+
+
+def finite_positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def check_quality(report: dict) -> None:
+    """bench/quality.py --tiny's quality.json: its settings, the dense model and a sane row per plan."""
+    assert {k: report[k] for k in ("model", "device", "dtype", "calibration", "eval", "speed_windows")} == {
+        "model": "tiny", "device": "cpu", "dtype": "torch.float32",
+        "calibration": {"source": "valid.txt", "num_samples": 8, "seq_len": 32},
+        "eval": {"128": {"windows": 4, "seq_len": 128}}, "speed_windows": 4,
+    }
+    assert finite_positive(report["score_seconds"])
+    dense = report["dense"]["128"]
+    assert dense["params"] == TINY_PARAMS
+    assert VOCAB / 2 < dense["ppl"] < VOCAB * 2, dense  # random weights: about as unsure as a uniform guess
+    rows = report["rows"]
+    assert [row["label"] for row in rows] == LABELS
+    # The layerwise 2:8 split can remove at most 6.75% of the tiny model; every other plan is reachable.
+    errors = {row["label"]: row["error"] for row in rows if "error" in row}
+    assert list(errors) == UNREACHABLE, errors
+    unreachable = "ratio 0.2 is unreachable: with these constraints at most 0.0675 "
+    assert all(error.startswith(unreachable) for error in errors.values()), errors
+    for row in rows:
+        if "error" in row:
+            continue
+        assert 0 < row["achieved_ratio"] <= row["ratio"], row
+        assert row["sweep"] == (row["label"] in LABELS[:18]), row
+        plan_after = dense["params"] * (1 - row["achieved_ratio"])
+        if "compensation_seconds" in row:  # o_proj / down_proj may gain output biases
+            assert finite_positive(row["compensation_seconds"])
+            assert plan_after - 0.5 < row["params"] <= plan_after + 2 * LAYERS * HIDDEN + 0.5, row
+        else:
+            assert abs(row["params"] - plan_after) < 0.5, row
+        assert finite_positive(row["ppl"]) and row["ppl"] == row["ppl@128"] > 1, row
+        assert finite_positive(row["speedup"]) and math.isfinite(row["plan_seconds"]) and row["plan_seconds"] >= 0
+        assert isinstance(row["removed_layers"], int) and 0 <= row["removed_layers"] < LAYERS, row
+    lora = next(row for row in rows if "+ LoRA" in row["label"])["lora"]  # 16 samples, a batch of 8 held out
+    assert {k: lora[k] for k in ("samples", "seq_len", "steps")} == {"samples": 16, "seq_len": 32, "steps": 1}
+    assert finite_positive(lora["seconds"])
+    for c in CRITERIA:  # a larger ratio removes more
+        sweep = [row for row in rows if row["criterion"] == c and row["sweep"]]
+        assert [row["ratio"] for row in sweep] == [0.1, 0.2, 0.3]
+        assert sweep[0]["params"] > sweep[1]["params"] > sweep[2]["params"], sweep
+
+
+def score_ratios(text: str) -> dict[str, float]:
+    """bench/score.py's "ratios (goal):" lines, each checked against its goal and its ok / MISSED verdict."""
+    found = re.findall(r"^ +(\w+) +(\S+) +\(<= ([\d.]+)\) +(ok|MISSED)$", text.split("ratios (goal):")[1], re.M)
+    ratios = {}
+    for key, value, goal, verdict in found:
+        ratios[key] = float(value)
+        assert float(goal) == SCORE_RATIOS[key] and verdict == ("ok" if float(value) <= float(goal) else "MISSED")
+    assert list(ratios) == list(SCORE_RATIOS) and all(map(finite_positive, ratios.values())), ratios
+    return ratios
 
 
 def test_bench_run_tiny_writes_results(tmp_path):
@@ -21,14 +100,53 @@ def test_bench_run_tiny_writes_results(tmp_path):
         assert section in results
     assert "stale" not in results and results.endswith(kept) and results.count("## Error compensation") == 1
     assert (tmp_path / "ppl_vs_ratio.png").stat().st_size > 1000
+    check_results(results, json.loads((tmp_path / "quality.json").read_text()))
+
+
+def check_results(results: str, report: dict) -> None:
+    """RESULTS.md's quality table shows quality.json's figures, and its scoring section bench/score.py's ratios."""
+    check_quality(report)
+    table = {line.split(" | ")[0].removeprefix("| "): line for line in results.splitlines() if line.startswith("| ")}
+    dense = report["dense"]["128"]
+    assert table["dense"] == f"| dense | 0% | {dense['params']:,} | {dense['ppl']:.2f} | 1.00 | |"
+    for row in report["rows"]:
+        if "error" in row:
+            assert table[row["label"]] == f"| {row['label']} | unreachable | |  | | |"
+            continue
+        label = row["label"] + (f" ({row['lora']['steps']} LoRA steps, {row['lora']['seconds']:.0f} s)"
+                                if "lora" in row else "")
+        assert table[label] == (f"| {label} | {row['achieved_ratio']:.1%} | {row['params']:,} | {row['ppl']:.2f} | "
+                                f"{row['speedup']:.2f} | {row['plan_seconds'] * 1000:.0f} |")
+    score_ratios(results.split("## Scoring cost")[1].split("## ")[0])
 
 
 def test_gpu_script_runs_on_cpu(tmp_path):
+    """bench/gpu.sh on CPU: quality (its quality.json under $OUT, its rows as printed), scoring cost ratios and
+    every phase of bench/scale.py, run by the tests' own Python ($PYTHON)."""
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
     done = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--device", "cpu", "--dtype", "float32", "--tiny"],
                           capture_output=True, text=True, cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "bench/quality" in done.stdout and "ratios (goal)" in done.stdout and "bench/scale" in done.stdout
+    check_gpu_output(done.stdout, json.loads((tmp_path / "quality.json").read_text()))
+
+
+SCALE_PHASES = ["build", "score --stream (forward-only)", "score taylor2", "plan --ratio 0.2",
+                "apply --compensate lstsq", "eval"]
+
+
+def check_gpu_output(out: str, report: dict) -> None:
+    """What bench/gpu.sh --tiny prints and writes: quality's rows as in its JSON, scoring's ratios, scale's phases."""
+    assert "bench/quality: tiny random model; eval 4 windows x 128 tokens" in out
+    check_quality(report)
+    for row in report["rows"]:
+        if "error" not in row:
+            assert f"  {row['label']:<42} achieved {row['achieved_ratio']:6.1%}" in out, row["label"]
+    assert "bench/score: 8 x 32 tokens, batch 8, tiny model, cpu, torch.float32" in out
+    score_ratios(out.split("bench/score:")[1].split("-- build:")[0])
+    scale = out.split("bench/scale: shape tiny, cpu,")[1].splitlines()[2:]
+    rows = [line for line in scale if line[:44].strip() in SCALE_PHASES]
+    assert [line[:44].strip() for line in rows] == SCALE_PHASES, scale
+    assert all(finite_positive(float(line[44:53])) for line in rows), rows  # every phase's wall seconds
 
 
 def test_scale_bench_runs_tiny(tmp_path):
