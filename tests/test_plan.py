@@ -220,12 +220,6 @@ def test_plan_errors_inside_prune_name_the_seed_flags(run):
         make_plan(run, PlanOptions(ratio=0.5, freeze_top_n=1))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="the bound leaves out the cheapest sub-block-emptying unit, though without it the layer's whole-layer "
-    "unit cannot be taken either",
-)
 def test_global_depth_unreachable_names_what_a_plan_can_remove(tmp_path):
     # one layer (which must stay): attention 5 params, two channels of 9 and MLP fixed 8; min_mlp_channels keeps a
     # channel unless the layer goes, so a plan removes at most attention and one channel: 14 of 31 params
@@ -236,14 +230,9 @@ def test_global_depth_unreachable_names_what_a_plan_can_remove(tmp_path):
     assert make_plan(run, replace(options, ratio=0.8)).params_after == 31 - 14
     with pytest.raises(ValueError, match="unreachable") as err:
         make_plan(run, options)
-    assert "at most 0.4516 " in str(err.value)  # it says 0.8387: all but the attention group
+    assert "at most 0.4516 " in str(err.value)  # not 0.8387: all but the attention group
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="with --remove-empty-layers the layerwise bound counts layers that go only at a larger budget",
-)
 def test_layerwise_depth_unreachable_names_a_ratio_that_makes_a_plan(run):
     options = PlanOptions(
         ratio=0.5,
@@ -256,7 +245,7 @@ def test_layerwise_depth_unreachable_names_a_ratio_that_makes_a_plan(run):
     with pytest.raises(ValueError, match="unreachable") as err:
         make_plan(run, options)
     best = float(str(err.value).split("choose --ratio ")[1].split(" ")[0])
-    make_plan(run, replace(options, ratio=best))  # 0.4872 is refused in turn: "at most 0.3600"
+    make_plan(run, replace(options, ratio=best))  # not 0.4872, which is refused in turn
 
 
 def test_bad_options_and_criteria_are_named(run):

@@ -48,12 +48,28 @@ def global_removal(tables: RunTables, order: Order, limits: Limits, options: Pla
     units = tables.units[1]
     reachable = int(units.cost.sum())
     emptiable = limits.eligible & (options.remove_empty_layers | (limits.most == tables.width).all(axis=1))
-    if emptiable.all() and units.last.any():  # one layer must stay: leave out the cheapest emptying unit
+    one_stays = emptiable.all() and units.last.any()  # every layer could go, and one must stay
+    if one_stays:  # targets up to here are planned, short of them where a whole-layer unit cannot be taken
         reachable -= int(units.cost[units.last].min())
-    if budget > reachable:
-        raise unreachable(options.ratio, reachable, tables.total)
+    if budget > reachable:  # the error names what a plan can remove at most
+        most = int(units.cost.sum()) - (_keeping_a_layer(units) if one_stays else 0)
+        raise unreachable(options.ratio, most, tables.total)
     taken = _take(units, budget)
     return _apply(units, taken, tables)
+
+
+def _keeping_a_layer(units: Units) -> int:
+    """What a plan must leave of its units so that a layer stays, at the least: a layer with a whole-layer unit
+    stays by leaving that unit (the rest of the layer may go; without the rest, that unit cannot be taken
+    either), one without by leaving its cheapest emptying unit (with --uniform, every layer's: layer -1)."""
+    whole = units.kind == 2
+    by_whole = dict(zip(units.layer[whole].tolist(), units.cost[whole].tolist(), strict=True))
+    keep = dict(by_whole)
+    emptying = units.last & ~whole
+    for layer, cost in zip(units.layer[emptying].tolist(), units.cost[emptying].tolist(), strict=True):
+        if layer not in by_whole:
+            keep[layer] = min(keep.get(layer, cost), cost)
+    return min(keep.values())
 
 
 def _group_units(tables: RunTables, order: Order, limits: Limits) -> tuple[Units, np.ndarray]:

@@ -9,13 +9,17 @@ to more important layers), and spent in valid removal steps per layer.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from llamaprune.plan.limits import (
     Limits,
+    floor_ratio,
     floor_step,
     layer_importance,
     next_step,
+    param_budget,
     prev_step,
     removal_cost,
     unreachable,
@@ -30,9 +34,46 @@ def layerwise_removal(tables: RunTables, order: Order, limits: Limits, options: 
     layer the least important groups go first (the order's partitions)."""
     full = tables.width * tables.group_params
     share = options.distribution or tuple(int(x) for x in full.sum(axis=0))
+    weight = _layer_weights(tables, options)
+    split = _split(tables, limits, options, share, weight, budget)
+    if not split.fits:
+        most = _most_spendable(tables, limits, options, share, weight, budget)
+        raise unreachable(options.ratio, most, tables.total)
+    budgets, active, gone, caps = split.budgets, split.active, split.gone, split.caps
+    removal = np.zeros_like(tables.width)
+    carry = 0  # what attention's rounding leaves goes to the MLP (when the MLP has a share)
+    for k in range(2):
+        if share[k]:
+            left = int(budgets[k]) + carry
+            spread = _waterfill(left, weight * full[:, k] * active, caps[:, k])
+            carry = _spend(removal, k, spread, left, tables, limits, together=options.uniform)
+    removal[gone] = tables.width[gone]
+    return removal
+
+
+@dataclass(frozen=True)
+class _Split:
+    """A budget split between attention and MLP (``budgets``, what the layers that go take already deducted),
+    the layers still to prune (``active``), those that go (``gone``) and what each active one may lose
+    (``caps``); it ``fits`` when each kind with a share can spend its budget."""
+
+    share: tuple[int, int]
+    budgets: np.ndarray
+    active: np.ndarray
+    gone: np.ndarray
+    caps: np.ndarray
+    capacity: np.ndarray  # per kind, all the layers can lose: their caps and the whole of the layers that go
+
+    @property
+    def fits(self) -> bool:
+        return not any(self.share[k] and self.budgets[k] > self.caps[:, k].sum() for k in range(2))
+
+
+def _split(tables: RunTables, limits: Limits, options: PlanOptions, share: tuple[int, int], weight: np.ndarray,
+           budget: int) -> _Split:
+    full = tables.width * tables.group_params
     attn_budget = budget * share[0] // sum(share)
     budgets = np.array([attn_budget, budget - attn_budget], dtype=np.int64)
-    weight = _layer_weights(tables, options)
     active = limits.eligible.copy()
     gone = np.zeros(tables.num_layers, dtype=bool)
     whole = removal_cost(tables.width, tables)
@@ -43,19 +84,41 @@ def layerwise_removal(tables: RunTables, order: Order, limits: Limits, options: 
         budgets -= whole[gone].sum(axis=0)
         active &= ~gone
     caps = removal_cost(limits.most, tables) * active[:, None]
-    if any(share[k] and budgets[k] > caps[:, k].sum() for k in range(2)):
-        capacity = caps.sum(axis=0) + whole[gone].sum(axis=0)
-        reachable = min(capacity[k] * sum(share) / share[k] for k in range(2) if share[k])
-        raise unreachable(options.ratio, float(reachable), tables.total)
-    removal = np.zeros_like(tables.width)
-    carry = 0  # what attention's rounding leaves goes to the MLP (when the MLP has a share)
-    for k in range(2):
-        if share[k]:
-            left = int(budgets[k]) + carry
-            spread = _waterfill(left, weight * full[:, k] * active, caps[:, k])
-            carry = _spend(removal, k, spread, left, tables, limits, together=options.uniform)
-    removal[gone] = tables.width[gone]
-    return removal
+    return _Split(share, budgets, active, gone, caps, caps.sum(axis=0) + whole[gone].sum(axis=0))
+
+
+def _most_spendable(tables: RunTables, limits: Limits, options: PlanOptions, share: tuple[int, int],
+                    weight: np.ndarray, budget: int) -> int:
+    """The largest budget below the refused ``budget`` that fits, and whose ratio as the error names it (rounded
+    down) fits too. With --remove-empty-layers more layers go as the budget grows, and a layer that goes lets its
+    kinds lose all of it, not just down to the minimums: what fits is then not every budget up to a bound. The
+    largest budget within what a refused budget's layers can lose is the next one to try: fewer layers go there, so
+    this ends within one step per layer. Where every layer could go, one must stay: the budget is below all they
+    hold."""
+    emptiable = limits.eligible & (options.remove_empty_layers | (limits.most == tables.width).all(axis=1))
+    if emptiable.all():
+        budget = min(budget, max(int(removal_cost(tables.width, tables).sum()) - 1, 0))
+    while True:
+        split = _split(tables, limits, options, share, weight, budget)
+        while not split.fits:
+            budget = min(budget - 1, _within(share, split.capacity))
+            split = _split(tables, limits, options, share, weight, budget)
+        named = param_budget(floor_ratio(budget, tables.total), tables.total)
+        if named == budget or _split(tables, limits, options, share, weight, named).fits:
+            return budget
+        budget = named
+
+
+def _within(share: tuple[int, int], capacity: np.ndarray) -> int:
+    """The largest budget whose split gives each kind with a share at most its ``capacity`` (attention gets
+    ``budget * a // (a + m)``, the MLP the rest)."""
+    a, m = share
+    bounds = []
+    if a:
+        bounds.append(((int(capacity[0]) + 1) * (a + m) - 1) // a)
+    if m:
+        bounds.append(int(capacity[1]) * (a + m) // m)
+    return min(bounds)
 
 
 def _layer_weights(tables: RunTables, options: PlanOptions) -> np.ndarray:

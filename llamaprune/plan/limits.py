@@ -112,9 +112,15 @@ def param_budget(ratio: float, total: int) -> int:
 RELAXABLE = ("protect-layers", "freeze-top-n", "min-kv-heads", "min-mlp-channels", "distribution")
 
 
-def unreachable(ratio: float, reachable: float, total: int) -> UsageError:
-    """The error for a target above ``reachable`` params; the ratio it names is rounded down, so it fits."""
-    best = math.floor(reachable / total * 1e4) / 1e4
+def floor_ratio(params: int, total: int) -> float:
+    """``params / total`` rounded down to 4 decimals, as an error names a ratio."""
+    return math.floor(params / total * 1e4) / 1e4
+
+
+def unreachable(ratio: float, reachable: int, total: int) -> UsageError:
+    """The error for a target beyond what a plan can remove: at most ``reachable`` params, which the strategy
+    found; the ratio it names is rounded down, so it fits."""
+    best = floor_ratio(reachable, total)
     relax = given_flags(*(f"plan --{name}" for name in RELAXABLE))
     return UsageError(
         f"ratio {ratio} is unreachable: with these constraints at most {best:.4f} of the parameters can be "
