@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,6 +20,8 @@ from conftest import VALID_TXT, tiny_config, tiny_model
 from safetensors.torch import load_file
 
 from llamaprune.core.criteria import CRITERIA
+from llamaprune.core.errors import UsageError
+from llamaprune.score.sharded import check_fsdp_torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCORE = ["score", "--dataset", str(VALID_TXT), "--num-samples", "16", "--seq-len", "24", "--batch-size", "4"]
@@ -78,6 +81,10 @@ def assert_same_run(a: Path, b: Path, rtol: float = 1e-6) -> None:
 def test_two_processes_score_like_one(checkpoint, single, mode):
     out = checkpoint.parent / f"two{'-'.join(mode)}"
     done = llamaprune(*SCORE, checkpoint, "--out", out, *mode, nproc=2)
+    if mode and not fsdp_supported():  # refused in one line by each process, nothing written
+        assert done.returncode != 0 and "--fsdp needs torch" in done.stdout + done.stderr
+        assert not out.exists()
+        return
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("scored ") == 1  # the first process reports, and writes
     assert_same_run(single, out)
@@ -86,6 +93,25 @@ def test_two_processes_score_like_one(checkpoint, single, mode):
     if mode:  # each process holds half of every w*G sum
         whole = json.loads((single / "manifest.json").read_text())["accumulators"]["bytes"]
         assert manifest["accumulators"]["bytes"] < 0.75 * whole
+
+
+def fsdp_supported() -> bool:
+    try:
+        check_fsdp_torch()
+    except UsageError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(("version", "refused"), [("2.6.0", True), ("2.8.0+cu128", True), ("2.13.0+cpu", False),
+                                                  ("2.14.1", False), ("3.0.0", False)])
+def test_fsdp_names_the_torch_it_needs(version, refused):
+    if refused:
+        said = f"--fsdp needs torch 2.13 or newer, and this is torch {version}"
+        with pytest.raises(UsageError, match=re.escape(said)):
+            check_fsdp_torch(version)
+    else:
+        check_fsdp_torch(version)
 
 
 def test_bf16_accumulators_take_half_the_memory(checkpoint, single):

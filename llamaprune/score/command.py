@@ -20,6 +20,7 @@ from llamaprune.io.loading import resolve_device
 from llamaprune.runs.phase import Checked, Phase, preflight, run_phase
 from llamaprune.score.collectives import Ranks
 from llamaprune.score.in_memory import STATS_FILE, ScoreOptions, ScoreResult, score
+from llamaprune.score.sharded import check_fsdp_torch
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,8 @@ def score_run(options: ScoreOptions, out: Path, overwrite: bool = False) -> Scor
     from llamaprune.score.streamed import check_source
 
     ranks = ranks_from_env()
+    if options.fsdp:
+        check_fsdp_torch()
     if options.fsdp and ranks is None:
         raise UsageError("--fsdp shards the model across the processes of a torchrun job; launch it with "
                          "`torchrun --nproc-per-node N -m llamaprune score ...`, or drop --fsdp")

@@ -23,6 +23,19 @@ from llamaprune.score.calibration import GradientGroup
 from llamaprune.score.collectives import Ranks, all_reduce_count, all_reduce_sum
 from llamaprune.score.importance import index_sums
 
+# The first torch whose FSDP2 the suite checks against one process (tests/test_distributed.py): torch 2.6 has no CPU
+# stream events, and 2.8 sums what it is told to average over gloo, which doubles the gradient scores.
+FSDP_TORCH = (2, 13)
+
+
+def check_fsdp_torch(version: str | None = None) -> None:
+    """``--fsdp`` on a torch older than ``FSDP_TORCH`` is refused in one line, before any work."""
+    version = version or torch.__version__
+    if tuple(int(part) for part in version.split("+")[0].split(".")[:2]) < FSDP_TORCH:
+        wanted = ".".join(map(str, FSDP_TORCH))
+        raise UsageError(f"--fsdp needs torch {wanted} or newer, and this is torch {version}: upgrade torch "
+                         f"(`pip install -U 'torch>={wanted}'`) or score without --fsdp (data parallel)")
+
 
 def is_sharded(model) -> bool:
     from torch.distributed.fsdp import FSDPModule
