@@ -35,8 +35,8 @@ from llamaprune.io.loading import LoadedModel, Source, load_model  # noqa: E402
 from llamaprune.io.text_data import calibration_windows, evaluation_windows, load_rows  # noqa: E402
 from llamaprune.plan import PlanOptions, load_run, make_plan  # noqa: E402
 from llamaprune.runs.peak_memory import PeakMemory  # noqa: E402
-from llamaprune.score.command import write_tables  # noqa: E402
-from llamaprune.score.in_memory import score  # noqa: E402
+from llamaprune.scoring.command import write_tables  # noqa: E402
+from llamaprune.scoring.in_memory import score  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 # (label, plan options, compensation): today's recipe, each knob alone, and FLAP's recipe in our code

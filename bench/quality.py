@@ -31,8 +31,8 @@ from llamaprune.core.criteria import CRITERIA  # noqa: E402
 from llamaprune.evaluate.perplexity import perplexity  # noqa: E402
 from llamaprune.io.text_data import calibration_windows, evaluation_windows, load_rows  # noqa: E402
 from llamaprune.plan import PlanOptions, load_run, make_plan  # noqa: E402
-from llamaprune.score.command import write_tables  # noqa: E402
-from llamaprune.score.in_memory import score  # noqa: E402
+from llamaprune.scoring.command import write_tables  # noqa: E402
+from llamaprune.scoring.in_memory import score  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 RATIOS = (0.1, 0.2, 0.3)

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llamaprune.score.in_memory import score  # noqa: E402
+from llamaprune.scoring.in_memory import score  # noqa: E402
 
 VALID_TXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-tokens" / "valid.txt"
 GOALS = {"grad_time": 1.25, "grad_peak": 1.1, "forward_time": 1.15}

@@ -68,8 +68,8 @@ def stream_score(src: Path, calibration: Path, num_samples: int, seq_len: int, b
 
     from llamaprune.core.criteria import FORWARD_ONLY
     from llamaprune.io.loading import DType
-    from llamaprune.score.command import score_run
-    from llamaprune.score.in_memory import ScoreOptions
+    from llamaprune.scoring.command import score_run
+    from llamaprune.scoring.in_memory import ScoreOptions
 
     imported = rss_bytes()
     out = src.parent / "run"

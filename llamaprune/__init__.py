@@ -16,7 +16,7 @@ import importlib
 __version__ = "0.1.0"
 
 _API = {
-    "score": "llamaprune.score.in_memory",
+    "score": "llamaprune.scoring.in_memory",
     "make_plan": "llamaprune.plan",
     "apply_plan": "llamaprune.apply.command",
     "load_pruned": "llamaprune.io.pruned_checkpoint",

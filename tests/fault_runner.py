@@ -30,7 +30,7 @@ import transformers  # noqa: E402,F401
 
 import llamaprune.apply.command  # noqa: E402,F401
 import llamaprune.recover.command  # noqa: E402,F401
-import llamaprune.score.command  # noqa: E402,F401
+import llamaprune.scoring.command  # noqa: E402,F401
 from llamaprune.cli.app import main  # noqa: E402
 from llamaprune.core.temporaries import LOCK  # noqa: E402
 
@@ -109,6 +109,8 @@ def run_job(job: dict, logs: str) -> dict:
         if running:  # the command has not returned: the signal interrupts it
             os.kill(pid, signum)
         _, killed = os.waitpid(pid, 0)
+        if running and outcome(killed) == "exit 0" and os.path.exists(returned_marker(log)):
+            running = False  # it returned between the check and the signal, which then found SIGTERM ignored
         parent = os.path.dirname(out)
         left = sorted(name for name in os.listdir(parent) if TEMPORARY.match(name))  # before the next run sweeps
         kills.append({"out": out, "when": when, "at": round(at, 3), "signal": signum, "running": running,

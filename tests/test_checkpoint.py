@@ -238,8 +238,8 @@ def test_load_pruned_registers_the_model_type_itself(tmp_path):
 def test_a_pruned_checkpoint_with_a_skipped_attention_streams_again(tmp_path):
     """Re-pruning: the table of a model whose layer 1 has no attention lists it with 0 KV heads and 0 query heads."""
     from llamaprune.plan import PlanOptions, load_run, make_plan
-    from llamaprune.score.command import write_tables
-    from llamaprune.score.in_memory import score
+    from llamaprune.scoring.command import write_tables
+    from llamaprune.scoring.in_memory import score
 
     config = tiny_config(heads=4, kv_heads=2, layers=3)
     once = plan_from_kept(config, [([0, 1], list(range(24))), ([], list(range(20))), ([0], [1, 2, 3])])

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from llamaprune.core.criteria import CRITERIA, NAMES, PARAM, REGISTRY, TABLE, canonical, parse_criteria
-from llamaprune.score.calibration import INPUT_STATISTICS
+from llamaprune.scoring.calibration import INPUT_STATISTICS
 from llamaprune.seed.prune import ImportanceMethod, PruneOptions
 
 

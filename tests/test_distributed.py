@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from llamaprune.core.criteria import CRITERIA
 from llamaprune.core.errors import UsageError
-from llamaprune.score.sharded import check_fsdp_torch
+from llamaprune.scoring.sharded import check_fsdp_torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCORE = ["score", "--dataset", str(VALID_TXT), "--num-samples", "16", "--seq-len", "24", "--batch-size", "4"]

@@ -14,7 +14,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "llamaprune"
 # Lowest first: a module imports only from its own folder and from folders before it.
-ORDER = ("core", "io", "runs", "evaluate", "score", "plan", "recover", "apply", "export", "seed", "cli")
+ORDER = ("core", "io", "runs", "evaluate", "scoring", "plan", "recover", "apply", "export", "seed", "cli")
 TOP_LEVEL = {"__init__.py", "__main__.py", "modeling_llamaprune.py"}
 
 

@@ -15,8 +15,8 @@ from llamaprune.core.criteria import parse_criteria
 from llamaprune.core.groups import config_fingerprint, iter_groups, model_shape
 from llamaprune.core.tables import check_fingerprint, read_table, read_table_meta
 from llamaprune.runs import peak_memory
-from llamaprune.score.calibration import gradient_groups
-from llamaprune.score.in_memory import STATS_FILE, score
+from llamaprune.scoring.calibration import gradient_groups
+from llamaprune.scoring.in_memory import STATS_FILE, score
 
 GQA = [dict(heads=4, kv_heads=4), dict(heads=4, kv_heads=2, bias=True), dict(heads=6, kv_heads=2),
        dict(heads=8, kv_heads=2, bias=True, tie=True), dict(heads=6, kv_heads=2, model_type="qwen2")]
@@ -96,7 +96,7 @@ def test_criteria_match_brute_force(kwargs):
 
 
 def test_weight_criteria_taken_a_few_rows_at_a_time_match_brute_force(monkeypatch):
-    from llamaprune.score import importance
+    from llamaprune.scoring import importance
 
     monkeypatch.setattr(importance, "BLOCK_ELEMENTS", 50)  # blocks of one to a few rows, the last one ragged
     model = tiny_model(tiny_config(layers=2))
@@ -210,7 +210,7 @@ def test_the_run_log_holds_info_records_whatever_the_root_level(tmp_path, tiny_c
             "--num-samples", "2", "--seq-len", "16", "--criteria", "magnitude"]
     assert CliRunner().invoke(app, args).exit_code == 0
     (log,) = run.glob("logs/*/run.log")
-    assert "INFO llamaprune.score.command: scoring" in log.read_text()
+    assert "INFO llamaprune.scoring.command: scoring" in log.read_text()
     assert logging.getLogger("llamaprune").level == logging.NOTSET  # as it was before the command
 
 
@@ -297,7 +297,7 @@ def test_real_model_table_against_its_config_and_a_brute_force_layer(real_model)
 def test_the_package_level_call_scores():
     """``llamaprune.score(model, batches, ...)`` is the phase function, also once its module is imported."""
     import llamaprune
-    import llamaprune.score.in_memory  # noqa: F401
+    import llamaprune.scoring.in_memory  # noqa: F401
 
     model = tiny_model(tiny_config())
     expected = score(model, [], criteria=("magnitude",), progress=False).groups

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 from llamaprune.cli.app import app
 from llamaprune.core.criteria import FORWARD_ONLY
 from llamaprune.core.tables import read_table_meta
-from llamaprune.score.in_memory import score
-from llamaprune.score.streamed import score_streamed
+from llamaprune.scoring.in_memory import score
+from llamaprune.scoring.streamed import score_streamed
 
 CONFIGS = [dict(heads=4, kv_heads=2), dict(heads=6, kv_heads=2, bias=True), dict(heads=4, kv_heads=4, tie=True),
            dict(heads=4, kv_heads=2, model_type="qwen2")]

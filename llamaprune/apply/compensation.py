@@ -24,7 +24,7 @@ from enum import Enum
 import torch
 
 from llamaprune.core.errors import UsageError, flag
-from llamaprune.score.importance import token_sums
+from llamaprune.scoring.importance import token_sums
 
 
 class Compensation(str, Enum):

@@ -28,7 +28,7 @@ from llamaprune.core.errors import UsageError, flag
 from llamaprune.core.plan_file import Plan
 from llamaprune.io.layer_stream import LayerStream, unmap_large_frees
 from llamaprune.io.weights import load_file, read_tensors, tensor_files
-from llamaprune.score.in_memory import STATS_FILE
+from llamaprune.scoring.in_memory import STATS_FILE
 
 DEFAULT_DAMP = 1e-3
 # The output projection of each block (o_proj, down_proj): the linears whose input columns a plan removes.

@@ -178,9 +178,9 @@ def score_command(
     """Measure importance and cost of every attention group and MLP channel (phase 1). Under
     `torchrun --nproc-per-node N -m llamaprune score ...` the processes share the calibration windows."""
     from llamaprune.core.criteria import parse_criteria
-    from llamaprune.score.collectives import ranks_from_env
-    from llamaprune.score.command import score_run
-    from llamaprune.score.in_memory import ScoreOptions
+    from llamaprune.scoring.collectives import ranks_from_env
+    from llamaprune.scoring.command import score_run
+    from llamaprune.scoring.in_memory import ScoreOptions
 
     options = ScoreOptions(model, dataset, num_samples, seq_len, batch_size, parse_criteria(criteria), seed, dtype,
                            device, data_dir, fisher_windows, accumulate, fsdp, stream)

@@ -4,8 +4,8 @@ read criterion names on machines without it, so formulas are named ("module:func
 
 Adding a criterion is one ``Criterion`` entry below plus its formula in ``llamaprune/importance/``; the
 score/plan/prune commands, the table columns (docs/ARTIFACTS.md, "groups.parquet") and the benchmarks
-follow. A formula of ``scope`` "param" gets one prunable weight or bias (``llamaprune.score.calibration.ParamSpec``)
-and the calibration accumulators (``llamaprune.score.calibration.Accumulators``) and returns one float64 score per
+follow. A formula of ``scope`` "param" gets one prunable weight or bias (``llamaprune.scoring.calibration.ParamSpec``)
+and the calibration accumulators (``llamaprune.scoring.calibration.Accumulators``) and returns one float64 score per
 group; the scores of a group's weights and biases add up. A formula of ``scope`` "table" gets the number of
 groups and the seed and returns one score per group in table order.
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from llamaprune.core.errors import UsageError, flag
 
-FORMULAS = "llamaprune.score.importance"  # the package of every formula: ``formula`` is "module:function" in it
+FORMULAS = "llamaprune.scoring.importance"  # the package of every formula: ``formula`` is "module:function" in it
 PARAM = "param"
 TABLE = "table"
 
@@ -33,8 +33,8 @@ class Criterion:
     """One importance criterion.
 
     ``gradients``: it needs the backward pass (each parameter's gradient folded per batch, see
-    ``llamaprune.score.importance.taylor``). ``input_stats``: per-feature statistics of each linear's input it
-    reads, by name of ``llamaprune.score.calibration.INPUT_STATISTICS``. ``aliases``: other names the one-shot
+    ``llamaprune.scoring.importance.taylor``). ``input_stats``: per-feature statistics of each linear's input it
+    reads, by name of ``llamaprune.scoring.calibration.INPUT_STATISTICS``. ``aliases``: other names the one-shot
     ``prune`` command accepts (the seed toolkit's)."""
 
     name: str

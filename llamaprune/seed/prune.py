@@ -32,7 +32,7 @@ from llamaprune.recover.finetune import FinetuneOptions, Method
 from llamaprune.recover.loss_curve import CURVE_JSON, CURVE_PNG
 from llamaprune.runs.command_log import TRAINING_LOG
 from llamaprune.runs.phase import Phase, PhaseRun, run_phase
-from llamaprune.score.in_memory import ScoreOptions
+from llamaprune.scoring.in_memory import ScoreOptions
 
 log = logging.getLogger(__name__)
 
@@ -292,7 +292,7 @@ def _run(options: PruneOptions, run: PhaseRun[_Inputs], progress: bool) -> None:
     from llamaprune.apply.command import apply_plan
     from llamaprune.evaluate.perplexity import compare
     from llamaprune.io.loading import load_model
-    from llamaprune.score.command import score_entry, score_into
+    from llamaprune.scoring.command import score_entry, score_into
 
     inputs, out, summary = run.inputs, run.dir, run.summary
     start = time.perf_counter()

@@ -1,5 +1,5 @@
 """What a calibration pass accumulates, and the prunable parameters it accumulates for: plain data shared by the
-hooks (``score.calibration``), the formulas (``score.importance``) and the collectives that add shards up.
+hooks (``scoring.calibration``), the formulas (``scoring.importance``) and the collectives that add shards up.
 
     >>> acc = Accumulators()
     >>> acc.tokens, acc.inputs
@@ -18,7 +18,7 @@ from llamaprune.core.arch import Linear
 @dataclass
 class GradientState:
     """Running sums for one parameter: w*G elementwise (float32 unless asked otherwise), and the per-group Fisher
-    term. Sharded scoring (``llamaprune.score.sharded``) hands the formulas ``wg`` already reduced to per-index
+    term. Sharded scoring (``llamaprune.scoring.sharded``) hands the formulas ``wg`` already reduced to per-index
     sums of |w*G|, which group the same way."""
 
     wg: torch.Tensor

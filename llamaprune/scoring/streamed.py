@@ -2,9 +2,9 @@
 
 The calibration windows' hidden states go through a safetensors checkpoint layer by layer
 (``llamaprune.io.layer_stream``): each layer is read, the same hooks as the whole-model pass
-(``score.calibration.layer_hooks``) fold its inputs and block influence while the hidden states pass through it, its
+(``scoring.calibration.layer_hooks``) fold its inputs and block influence while the hidden states pass through it, its
 groups are scored while its weights are loaded, and it is dropped. Peak memory is about one layer plus the
-activations, not the model; the tables and stats are those of ``score.in_memory.score`` on the same windows.
+activations, not the model; the tables and stats are those of ``scoring.in_memory.score`` on the same windows.
 
     >>> result = score_streamed(Path("ckpt"), config, windows, ("wanda", "magnitude"))   # doctest: +SKIP
     >>> result.groups.column_names[-2:]                                                  # doctest: +SKIP
@@ -25,9 +25,9 @@ from llamaprune.io.layer_stream import LayerStream, trim_heap, unmap_large_frees
 from llamaprune.io.loading import Source
 from llamaprune.io.weights import safetensors_files
 from llamaprune.runs.peak_memory import PeakMemory
-from llamaprune.score.accumulators import Accumulators
-from llamaprune.score.calibration import layer_hooks, layer_param_specs
-from llamaprune.score.in_memory import (
+from llamaprune.scoring.accumulators import Accumulators
+from llamaprune.scoring.calibration import layer_hooks, layer_param_specs
+from llamaprune.scoring.in_memory import (
     ScoreResult,
     check_finite,
     check_streamable,

@@ -2,7 +2,7 @@
 
 Every criterion produces an elementwise score over a weight (or bias) and is reduced to one number per
 group with :func:`group_sum` (or, for a score computed from the weight alone, :func:`weight_group_sum`, which
-takes it a block of rows at a time); hooks in ``llamaprune.score.calibration`` only route tensors here. Each module's
+takes it a block of rows at a time); hooks in ``llamaprune.scoring.calibration`` only route tensors here. Each module's
 ``*_groups`` function is the formula that ``llamaprune.core.criteria`` registers.
 
     >>> import torch

@@ -1,5 +1,5 @@
 """``llamaprune score``: load the model, draw calibration windows, score them, and write the run directory
-(tables, stats, manifest and log; docs/ARTIFACTS.md). ``llamaprune.score.in_memory`` holds the scoring itself.
+(tables, stats, manifest and log; docs/ARTIFACTS.md). ``llamaprune.scoring.in_memory`` holds the scoring itself.
 
     >>> result = score_run(ScoreOptions("smollm2-135m", num_samples=32), Path("artifacts/run1"))  # doctest: +SKIP
     >>> result.groups.num_rows, result.peak_memory_scope                                        # doctest: +SKIP
@@ -18,9 +18,9 @@ from llamaprune.core.errors import UsageError, flag
 from llamaprune.core.tables import GROUPS_FILE, LAYERS_FILE, write_table
 from llamaprune.io.loading import resolve_device
 from llamaprune.runs.phase import Checked, Phase, preflight, run_phase
-from llamaprune.score.collectives import Ranks
-from llamaprune.score.in_memory import STATS_FILE, ScoreOptions, ScoreResult, score
-from llamaprune.score.sharded import check_fsdp_torch
+from llamaprune.scoring.collectives import Ranks
+from llamaprune.scoring.in_memory import STATS_FILE, ScoreOptions, ScoreResult, score
+from llamaprune.scoring.sharded import check_fsdp_torch
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +46,13 @@ def score_into(out: Path | None, options: ScoreOptions, loaded, rows: list[str],
     ``out`` (None: a process of a distributed run other than the first, which writes nothing); returns the
     result and the run's new manifest, for the command to record. ``weights``: the checkpoint's fingerprint,
     recorded in both. With ``options.stream``, ``loaded`` has no model: the layers of its source (``config``'s)
-    are read one at a time (``llamaprune.score.streamed``)."""
+    are read one at a time (``llamaprune.scoring.streamed``)."""
     from llamaprune.io.loading import torch_dtype
     from llamaprune.io.text_data import calibration_windows
-    from llamaprune.score.calibration import gradient_groups
-    from llamaprune.score.collectives import share
-    from llamaprune.score.sharded import is_sharded, sharded_groups
-    from llamaprune.score.streamed import score_streamed
+    from llamaprune.scoring.calibration import gradient_groups
+    from llamaprune.scoring.collectives import share
+    from llamaprune.scoring.sharded import is_sharded, sharded_groups
+    from llamaprune.scoring.streamed import score_streamed
 
     windows = calibration_windows(loaded.tokenizer, rows, options.num_samples, options.seq_len, options.seed,
                                   flag("score --seq-len"))
@@ -108,8 +108,8 @@ def score_run(options: ScoreOptions, out: Path, overwrite: bool = False) -> Scor
     scores its share; the first one writes ``out``."""
     from llamaprune.io.loading import resolve_source
     from llamaprune.io.text_data import load_rows, local_file
-    from llamaprune.score.collectives import agree, process_group, ranks_from_env
-    from llamaprune.score.streamed import check_source
+    from llamaprune.scoring.collectives import agree, process_group, ranks_from_env
+    from llamaprune.scoring.streamed import check_source
 
     ranks = ranks_from_env()
     if options.fsdp:
@@ -150,7 +150,7 @@ def _load(options: ScoreOptions, checked: Checked, ranks: Ranks | None):
     """The model on this process's device; under --fsdp, only this process's shard of each parameter; with
     --stream, none (its layers are read in turn)."""
     from llamaprune.io.loading import LoadedModel, load_model, load_tokenizer, torch_dtype
-    from llamaprune.score.sharded import load_sharded
+    from llamaprune.scoring.sharded import load_sharded
 
     if options.stream:
         return LoadedModel(None, load_tokenizer(checked.source), checked.source)

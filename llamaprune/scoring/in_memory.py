@@ -1,6 +1,6 @@
 """Phase 1: run calibration batches through the model once and measure every group's importance and cost.
 
-One calibration pass (``llamaprune.score.calibration``) collects what every requested criterion needs (its entry in
+One calibration pass (``llamaprune.scoring.calibration``) collects what every requested criterion needs (its entry in
 ``llamaprune.core.criteria``); each criterion's formula then turns the accumulators into one score per group.
 Embeddings, norms and lm_head get no gradient at all.
 
@@ -37,10 +37,10 @@ from llamaprune.core.groups import ModelShape, config_fingerprint, group_id, ite
 from llamaprune.core.tables import groups_schema, layers_schema, with_meta
 from llamaprune.io.loading import Device, DType
 from llamaprune.runs.peak_memory import PeakMemory
-from llamaprune.score.accumulators import Accumulators, ParamSpec
-from llamaprune.score.calibration import RECORDED_STATISTICS, calibrate, param_specs
-from llamaprune.score.collectives import Ranks
-from llamaprune.score.importance.influence import block_influence
+from llamaprune.scoring.accumulators import Accumulators, ParamSpec
+from llamaprune.scoring.calibration import RECORDED_STATISTICS, calibrate, param_specs
+from llamaprune.scoring.collectives import Ranks
+from llamaprune.scoring.importance.influence import block_influence
 
 STATS_FILE = "stats.safetensors"
 
@@ -85,10 +85,10 @@ class ScoreOptions:
     dtype: DType = DType.float32
     device: Device = Device.cpu
     data_dir: str | None = None
-    fisher_windows: int = 8  # windows per gradient group (llamaprune.score.calibration): the Fisher term's grouping
+    fisher_windows: int = 8  # windows per gradient group (llamaprune.scoring.calibration): the Fisher term's grouping
     accumulate: Accumulate = Accumulate.fp32  # dtype of the w*G sums of the gradient criteria
-    fsdp: bool = False  # under torchrun: parameters, gradients and w*G sums sharded (llamaprune.score.sharded)
-    stream: bool = False  # read one decoder layer at a time (llamaprune.score.streamed): forward-only criteria
+    fsdp: bool = False  # under torchrun: parameters, gradients and w*G sums sharded (llamaprune.scoring.sharded)
+    stream: bool = False  # read one decoder layer at a time (llamaprune.scoring.streamed): forward-only criteria
 
     def __post_init__(self) -> None:
         parse_criteria(",".join(self.criteria))
@@ -124,12 +124,12 @@ def score(
     accumulate: Accumulate = Accumulate.fp32,
     ranks: Ranks | None = None,
 ) -> ScoreResult:
-    """Score every group of ``model`` over ``batches``: ``score.calibration.GradientGroup``s, or LongTensor token ids
+    """Score every group of ``model`` over ``batches``: ``scoring.calibration.GradientGroup``s, or LongTensor token ids
     (B, L) that are each a group of their own. The tables record ``weights_fingerprint``, that of the checkpoint
     ``model`` was loaded from (``llamaprune.io.weights``). Under torchrun (``ranks``) each process passes its share
-    of the batches and gets the table of all of them; a model sharded by ``score.sharded.shard_model`` has
+    of the batches and gets the table of all of them; a model sharded by ``scoring.sharded.shard_model`` has
     its gradients folded shard by shard."""
-    from llamaprune.score.sharded import ShardedGradients, gathered, is_sharded, reduce_accumulators
+    from llamaprune.scoring.sharded import ShardedGradients, gathered, is_sharded, reduce_accumulators
 
     criteria = parse_criteria(",".join(criteria))
     shape = model_shape(model.config)

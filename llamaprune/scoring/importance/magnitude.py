@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from llamaprune.score.importance import weight_group_sum
+from llamaprune.scoring.importance import weight_group_sum
 
 if TYPE_CHECKING:
-    from llamaprune.score.accumulators import Accumulators, ParamSpec
+    from llamaprune.scoring.accumulators import Accumulators, ParamSpec
 
 
 def magnitude_score(weight: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from llamaprune.score.accumulators import Accumulators, GradientState, ParamSpec
-from llamaprune.score.importance import group_sum
+from llamaprune.scoring.accumulators import Accumulators, GradientState, ParamSpec
+from llamaprune.scoring.importance import group_sum
 
 
 def new_state(weight: torch.Tensor, num_groups: int, dtype: torch.dtype = torch.float32) -> GradientState:

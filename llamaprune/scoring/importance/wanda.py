@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from llamaprune.score.importance import group_sum, token_sums, weight_group_sum
+from llamaprune.scoring.importance import group_sum, token_sums, weight_group_sum
 
 if TYPE_CHECKING:
-    from llamaprune.score.accumulators import Accumulators, ParamSpec
+    from llamaprune.scoring.accumulators import Accumulators, ParamSpec
 
 
 def accumulate_sq_norm(x: torch.Tensor, acc: torch.Tensor | None) -> torch.Tensor:

@@ -5,7 +5,7 @@ rows, and each process keeps the w*G sums of its own rows only.
 Each Fisher group of windows is split across the processes, so one backward pass per process makes the group's
 gradient: FSDP's reduce-scatter averages over processes, hence each loss is scaled by the number of processes.
 The Fisher term and |w*G| are first summed per row or column of each process's shard, then all-reduced and
-grouped (``score.importance.index_sums``), which is the same number as one process's ``group_sum``.
+grouped (``scoring.importance.index_sums``), which is the same number as one process's ``group_sum``.
 
     $ torchrun --nproc-per-node 8 -m llamaprune score meta-llama/Meta-Llama-3-70B --out run --fsdp
 """
@@ -18,10 +18,10 @@ import torch
 
 from llamaprune.core.arch import ROWS
 from llamaprune.core.errors import UsageError
-from llamaprune.score.accumulators import Accumulators, GradientState, ParamSpec
-from llamaprune.score.calibration import GradientGroup
-from llamaprune.score.collectives import Ranks, all_reduce_count, all_reduce_sum
-from llamaprune.score.importance import index_sums
+from llamaprune.scoring.accumulators import Accumulators, GradientState, ParamSpec
+from llamaprune.scoring.calibration import GradientGroup
+from llamaprune.scoring.collectives import Ranks, all_reduce_count, all_reduce_sum
+from llamaprune.scoring.importance import index_sums
 
 # The first torch whose FSDP2 the suite checks against one process (tests/test_distributed.py): torch 2.6 has no CPU
 # stream events, and 2.8 sums what it is told to average over gloo, which doubles the gradient scores.

@@ -29,11 +29,11 @@ from llamaprune.core.arch import INPUT_READERS, LINEARS, ROWS
 from llamaprune.core.errors import UsageError, flag
 from llamaprune.core.groups import LayerShape, ModelShape
 from llamaprune.io.text_data import batches
-from llamaprune.score.accumulators import Accumulators, ParamSpec
-from llamaprune.score.importance.fluctuation import accumulate_sum
-from llamaprune.score.importance.influence import accumulate_cosine
-from llamaprune.score.importance.taylor import fold_gradient, new_state
-from llamaprune.score.importance.wanda import accumulate_sq_norm
+from llamaprune.scoring.accumulators import Accumulators, ParamSpec
+from llamaprune.scoring.importance.fluctuation import accumulate_sum
+from llamaprune.scoring.importance.influence import accumulate_cosine
+from llamaprune.scoring.importance.taylor import fold_gradient, new_state
+from llamaprune.scoring.importance.wanda import accumulate_sq_norm
 
 # Per-feature statistics of a linear's input: name -> fold(x, running value or None) -> running value.
 # A criterion asks for them by name (llamaprune.core.criteria); stats.safetensors holds them as
@@ -90,7 +90,7 @@ def layer_param_specs(block, layer: int, layer_shape: LayerShape) -> list[ParamS
 def layer_hooks(block, layer: int, layer_shape: LayerShape, acc: Accumulators, statistics: tuple[str, ...]) -> list:
     """Forward hooks of one decoder block: its linears' inputs folded into ``statistics`` and its input/output
     cosines (block influence), into ``acc``; returns their handles. Per block, so that the whole-model pass and
-    the layer-streamed one (``llamaprune.score.streamed``) fold the same tensors the same way."""
+    the layer-streamed one (``llamaprune.scoring.streamed``) fold the same tensors the same way."""
 
     def input_hook(key: str):
         def hook(module, args):
@@ -139,7 +139,7 @@ def calibrate(model, groups: Iterable[GradientGroup | torch.Tensor], shape: Mode
               accumulate: torch.dtype = torch.float32, sharded=None) -> Accumulators:
     """Run ``groups`` (``GradientGroup``s, or (B, L) LongTensors of token ids, each a group of its own) through
     ``model`` once, with a backward pass when ``gradients``; the model's mode, requires_grad flags and .grad
-    are restored afterwards. ``sharded`` (a ``score.sharded.ShardedGradients``, for an FSDP model) folds the
+    are restored afterwards. ``sharded`` (a ``scoring.sharded.ShardedGradients``, for an FSDP model) folds the
     gradient shards after each group instead of the per-parameter hooks."""
     from tqdm.auto import tqdm
 

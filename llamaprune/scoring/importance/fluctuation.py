@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from llamaprune.core.arch import COLS
-from llamaprune.score.importance import block_index_sums, group_sum, token_sums
+from llamaprune.scoring.importance import block_index_sums, group_sum, token_sums
 
 if TYPE_CHECKING:
-    from llamaprune.score.accumulators import Accumulators, ParamSpec
+    from llamaprune.scoring.accumulators import Accumulators, ParamSpec
 
 
 def accumulate_sum(x: torch.Tensor, acc: torch.Tensor | None) -> torch.Tensor:

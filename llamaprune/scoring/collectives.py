@@ -1,9 +1,9 @@
 """Scoring across processes with torch.distributed, as launched by ``torchrun``: which process this is, the
 share of calibration work each one takes, and sums of tensors over all of them.
 
-Every accumulator of a calibration pass adds up over disjoint shares of the windows (``score.accumulators``),
+Every accumulator of a calibration pass adds up over disjoint shares of the windows (``scoring.accumulators``),
 so each process scores its share and the sums are all-reduced before any per-group reduction
-(``score.sharded.reduce_accumulators``): the table is
+(``scoring.sharded.reduce_accumulators``): the table is
 that of one process on all the windows, up to float summation order. Process 0 writes the run. Gloo on CPU,
 NCCL on CUDA (each process on the GPU of its LOCAL_RANK, which becomes its "cuda"). A process that stops
 (killed, out of memory) makes the others' next collective fail; they end with one line saying so, and
