@@ -129,6 +129,12 @@ def test_refresh_code_refuses_what_has_no_modeling_file(tmp_path):
     runner = CliRunner()
     assert_one_error_line(runner.invoke(app, ["refresh-code", str(tmp_path / "plain")]), "plain 'llama' checkpoint")
     assert_one_error_line(runner.invoke(app, ["refresh-code", str(tmp_path / "none")]), "has no config.json")
+    (tmp_path / "list").mkdir()
+    (tmp_path / "list" / "config.json").write_text("[1]")
+    assert_one_error_line(runner.invoke(app, ["refresh-code", str(tmp_path / "list")]), "names no model_type")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{")
+    assert_one_error_line(runner.invoke(app, ["refresh-code", str(tmp_path / "broken")]), "is not valid JSON")
     assert not (tmp_path / "plain" / MODELING_FILE.name).exists()
 
 

@@ -14,7 +14,6 @@ safetensors source, tensor by tensor) or by ``save_pruned`` (a model in memory).
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -129,14 +128,15 @@ def refresh_modeling_file(checkpoint: Path) -> bool:
     that a newer transformers needs, say) keeps the old code until its copy is replaced; weights and config stay.
     """
     from llamaprune.core.artifacts import atomic_write_bytes
+    from llamaprune.core.user_files import read_json
 
     config_file = Path(checkpoint) / "config.json"
-    try:
-        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
-    except FileNotFoundError:
-        raise UsageError(f"{checkpoint} has no config.json: give a checkpoint written by `llamaprune apply`") from None
-    except (ValueError, UnicodeDecodeError) as err:
-        raise UsageError(f"{config_file} is not a JSON config ({err})") from None
+    if not config_file.is_file():
+        raise UsageError(f"{checkpoint} has no config.json: give a checkpoint written by `llamaprune apply`")
+    config = read_json(config_file, "give a checkpoint written by `llamaprune apply`")
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if not isinstance(model_type, str):
+        raise UsageError(f"{config_file} names no model_type: give a checkpoint written by `llamaprune apply`")
     if model_type != MODEL_TYPE:
         raise UsageError(
             f"{checkpoint} is a plain {model_type!r} checkpoint: transformers loads it without a modeling file, "
