@@ -22,7 +22,7 @@ import torch
 from llamaprune.apply.compensation import Compensation, FitSums, mean_bias, non_finite, refit
 from llamaprune.apply.slicing import kept_indices, tensor_route
 from llamaprune.apply.spill import SpilledTensors
-from llamaprune.core.arch import BLOCKS, COLS, LAYERS_PREFIX, LINEARS, Block, linear_biases, output_linear
+from llamaprune.core.arch import BLOCKS, LAYERS_PREFIX, Block, linear_biases, output_linear
 from llamaprune.core.choices import parse_choice
 from llamaprune.core.errors import UsageError, flag
 from llamaprune.core.plan_file import Plan
@@ -32,7 +32,7 @@ from llamaprune.scoring.in_memory import STATS_FILE
 
 DEFAULT_DAMP = 1e-3
 # The output projection of each block (o_proj, down_proj): the linears whose input columns a plan removes.
-OUTPUTS = tuple(linear for linear in LINEARS if linear.axis == COLS)
+OUTPUTS = tuple(output_linear(block) for block in BLOCKS)
 
 
 def output_key(plan: Plan, layer: int, path: str, what: str) -> str:
