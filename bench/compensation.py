@@ -1,6 +1,7 @@
 """Error compensation on the quality protocol: criterion x allocation x compensation at a ratio, perplexity at
-two context lengths, and what compensation costs (seconds, peak memory) against one forward pass over its
-calibration text, timed right before it in the same process (the machine's load drifts).
+two context lengths on WikiText-2 test and on text of another domain (``heldout_rows``), and what compensation
+costs (seconds, peak memory) against one forward pass over its calibration text, timed right before it in the
+same process (the machine's load drifts).
 
 The protocol of the quality comparison with the peers (same model, same text, same windows): SmolLM2-135M,
 calibration windows from WikiText-2 valid, perplexity on the first 256 windows of 128 tokens and the first 64
@@ -39,15 +40,26 @@ from llamaprune.scoring.command import write_tables  # noqa: E402
 from llamaprune.scoring.in_memory import score  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
-# (label, plan options, compensation): today's recipe, each knob alone, and FLAP's recipe in our code
+# (label, plan options, compensation, its other options): today's recipe, each knob alone, FLAP's recipe in our
+# code, and the selections of the compensation pass
+LSTSQ_OBS = dict(select="obs")
 CASES = [
-    ("global taylor2", dict(criterion="taylor2"), "none"),
-    ("global taylor2 + bias", dict(criterion="taylor2"), "bias"),
-    ("global taylor2 + lstsq", dict(criterion="taylor2"), "lstsq"),
+    ("global taylor2", dict(criterion="taylor2"), "none", {}),
+    ("global taylor2 + bias", dict(criterion="taylor2"), "bias", {}),
+    ("global taylor2 + lstsq", dict(criterion="taylor2"), "lstsq", dict(select="score")),
     ("global fluctuation standard + bias (FLAP's recipe)", dict(criterion="fluctuation", normalize="standard"),
-     "bias"),
-    ("global fluctuation standard + lstsq", dict(criterion="fluctuation", normalize="standard"), "lstsq"),
-    ("global taylor2 standard + lstsq", dict(criterion="taylor2", normalize="standard"), "lstsq"),
+     "bias", {}),
+    ("global fluctuation standard + lstsq", dict(criterion="fluctuation", normalize="standard"), "lstsq",
+     dict(select="score")),
+    ("global taylor2 standard + lstsq", dict(criterion="taylor2", normalize="standard"), "lstsq",
+     dict(select="score")),
+    ("global taylor2 + lstsq, obs selection", dict(criterion="taylor2"), "lstsq", LSTSQ_OBS),
+    ("global taylor2 + lstsq, obs selection + 16 swaps", dict(criterion="taylor2"), "lstsq",
+     dict(select="obs", swaps=16)),
+    ("global taylor2 + lstsq to the dense output, obs selection", dict(criterion="taylor2"), "lstsq",
+     dict(select="obs", target="dense")),
+    ("global taylor2 + lstsq to the dense hidden states, obs selection", dict(criterion="taylor2"), "lstsq",
+     dict(select="obs", target="residual")),
 ]
 
 
@@ -59,6 +71,20 @@ def forward_pass(model, windows: torch.Tensor, batch_size: int) -> tuple[float, 
         for batch in windows.split(batch_size):
             model.model(input_ids=batch, use_cache=False)
     return time.perf_counter() - start, peak.read()[0]
+
+
+def heldout_rows() -> tuple[list[str], dict]:
+    """English text of another domain than WikiText, which neither scoring nor calibration sees: the Python
+    documentation's reference topics (``pydoc_data.topics``, shipped with CPython under the PSF license), in
+    sorted topic order; also where it comes from, with the text's sha256 (it changes between Python releases)."""
+    import hashlib
+    import platform
+    from pydoc_data import topics
+
+    text = "\n\n".join(topics.topics[key] for key in sorted(topics.topics))
+    source = {"name": "pydoc_data.topics", "python": platform.python_version(),
+              "sha256": hashlib.sha256(text.encode()).hexdigest()}
+    return [line + "\n" for line in text.split("\n")], source
 
 
 def main(argv=None) -> list[dict]:
@@ -91,32 +117,39 @@ def main(argv=None) -> list[dict]:
         write_tables(run_dir, result)
     tables = load_run(run_dir)
     calibration = calibration_windows(tokenizer, rows, args.calibration_samples, 128, 0)
-    test_rows = load_rows("wikitext2", split="test", data_dir=args.data_dir)
     n128, n512 = (int(x) for x in args.windows.split(","))
-    evals = {128: evaluation_windows(tokenizer, test_rows, 128, n128), 512: evaluation_windows(tokenizer, test_rows,
-                                                                                                512, n512)}
-    dense = {length: perplexity(model, w, 4, progress=False).ppl for length, w in evals.items()}
-    print(f"dense: ppl@128 {dense[128]:.2f}, ppl@512 {dense[512]:.2f}", flush=True)
+    other_rows, other_source = heldout_rows()
+    texts = {"": load_rows("wikitext2", split="test", data_dir=args.data_dir), "other_": other_rows}
+    # the other domain at 128 tokens only: the head's 49k-wide logits make each evaluation minutes on two cores
+    lengths = {"": ((128, n128), (512, n512)), "other_": ((128, n128),)}
+    evals = {f"{prefix}ppl{length}": evaluation_windows(tokenizer, text, length, count)
+             for prefix, text in texts.items() for length, count in lengths[prefix]}
+
+    def perplexities(m) -> dict[str, float]:
+        return {key: round(perplexity(m, w, 4, progress=False).ppl, 2) for key, w in evals.items()}
+
+    dense = perplexities(model)
+    print(f"dense: {dense}", flush=True)
     chosen = [CASES[int(i)] for i in args.cases.split(",")] if args.cases else CASES
     source = LoadedModel(model, tokenizer, Source("bench", "dir", ""))
     rows_out = []
     for ratio in (float(r) for r in args.ratios.split(",")):
-        for label, plan_fields, method in chosen:
+        for label, plan_fields, method, extra in chosen:
             plan = make_plan(tables, PlanOptions(ratio=ratio, **plan_fields))
-            compensation = CompensationOptions(method, str(valid), args.calibration_samples, 128)
+            compensation = CompensationOptions(method, str(valid), args.calibration_samples, 128, **extra)
             forward, forward_peak = forward_pass(model, calibration, 8) if method == "lstsq" else (None, None)
             peak = PeakMemory("cpu", "compensation")
             start = time.perf_counter()
-            replace = compensation.tensors(plan, model.config, loaded=source, rows=rows, run_dir=run_dir,
+            done = compensation.compensate(plan, model.config, loaded=source, rows=rows, run_dir=run_dir,
                                            progress=False)
             seconds = time.perf_counter() - start
             compensation_peak = peak.read()[0]
-            pruned = apply_plan(model, plan, replace)
+            pruned = apply_plan(model, done.plan, done.tensors)
+            ppl = perplexities(pruned)
             row = {
                 "case": label, "ratio": ratio, "achieved_ratio": round(plan.achieved_ratio, 4),
                 "compensation": method, "calibration_samples": args.calibration_samples if method == "lstsq" else 0,
-                "ppl128": round(perplexity(pruned, evals[128], 4, progress=False).ppl, 2),
-                "ppl512": round(perplexity(pruned, evals[512], 4, progress=False).ppl, 2),
+                **extra, **ppl, **{f"{key}_vs_dense": round(value / dense[key], 3) for key, value in ppl.items()},
                 "compensation_seconds": round(seconds, 1),
             }
             if forward is not None:
@@ -124,7 +157,8 @@ def main(argv=None) -> list[dict]:
                            compensation_peak_mib=compensation_peak >> 20, forward_peak_mib=forward_peak >> 20)
             rows_out.append(row)
             print(json.dumps(row), flush=True)
-            Path(args.out).write_text(json.dumps({"dense": dense, "rows": rows_out}, indent=2) + "\n")
+            Path(args.out).write_text(json.dumps({"dense": dense, "heldout": other_source, "rows": rows_out},
+                                                 indent=2) + "\n")
     return rows_out
 
 

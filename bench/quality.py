@@ -131,7 +131,8 @@ def compensate(method: str, model, tokenizer, plan, run: Path, args) -> dict:
 
     options = CompensationOptions(method, args.calibration, args.num_samples, args.seq_len)
     loaded = LoadedModel(model, tokenizer, Source("bench", "dir", ""))
-    return options.tensors(plan, model.config, loaded=loaded, rows=options.rows(run), run_dir=run, progress=False)
+    return options.compensate(plan, model.config, loaded=loaded, rows=options.rows(run), run_dir=run,
+                              progress=False).tensors
 
 
 def plot(rows: list[dict], dense_ppl: float, path: Path) -> None:

@@ -104,7 +104,7 @@ def test_compensating_a_plan_that_keeps_everything_changes_nothing():
     model = tiny_model(config)
     plan = plan_from_kept(config, [(list(range(2)), list(range(24)))] * 2)
     tensors = refit_layers(LayerStream.from_model(model), plan, ids(config.vocab_size, batch=4), damp=1e-3,
-                           progress=False)
+                           progress=False).tensors
     x = ids(config.vocab_size, seed=1)
     assert torch.equal(logits(apply_plan(model, plan, tensors), x), logits(model, x))
 
@@ -117,7 +117,7 @@ def test_the_refit_reduces_each_layer_s_error_on_its_calibration_inputs():
     plan = plan_from_kept(config, [([0], list(range(0, 32, 2))), ([1], list(range(16))), ([0, 1], list(range(20)))])
     windows = ids(config.vocab_size, batch=16, length=16, seed=3)
     dense = logits(model, windows)
-    refitted = apply_plan(model, plan, refit_layers(LayerStream.from_model(model), plan, windows, 1e-6, False))
+    refitted = apply_plan(model, plan, refit_layers(LayerStream.from_model(model), plan, windows, 1e-6, False).tensors)
     plain = apply_plan(model, plan)
     assert (logits(refitted, windows) - dense).square().sum() < (logits(plain, windows) - dense).square().sum()
 
@@ -128,8 +128,8 @@ def test_refitted_layers_wait_on_disk_one_file_per_layer(tmp_path):
     model = tiny_model(config)
     plan = plan_from_kept(config, [([0], list(range(0, 32, 2))), ([1], list(range(16))), ([0, 1], list(range(20)))])
     windows = ids(config.vocab_size, batch=4, length=16, seed=3)
-    held = refit_layers(LayerStream.from_model(model), plan, windows, 1e-3, False)
-    spilled = refit_layers(LayerStream.from_model(model), plan, windows, 1e-3, False, spill=tmp_path / "spill")
+    held = refit_layers(LayerStream.from_model(model), plan, windows, 1e-3, False).tensors
+    spilled = refit_layers(LayerStream.from_model(model), plan, windows, 1e-3, False, spill=tmp_path / "spill").tensors
     assert not spilled.held and len(list((tmp_path / "spill").iterdir())) == 3
     assert sorted(spilled) == sorted(held)
     for key in held:
@@ -159,7 +159,7 @@ def test_compensated_checkpoints_stream_like_in_memory_and_load_back(tmp_path, t
     from llamaprune.io.loading import LoadedModel, Source
 
     loaded = LoadedModel(model, tokenizer, Source("m", "dir", str(path)))
-    in_memory = compensation.tensors(plan, config, str(path), loaded, compensation.rows(None), None, False)
+    in_memory = compensation.compensate(plan, config, str(path), loaded, compensation.rows(None), None, False).tensors
     memory_model = apply_plan(model, plan, in_memory)
     stored = read_tensors(tmp_path / "streamed")
     assert stored.keys() == dict(memory_model.state_dict()).keys() - {"lm_head.weight"} or stored.keys() == \

@@ -22,7 +22,7 @@ from llamaprune.apply.streaming import check_params, stream_checkpoint
 from llamaprune.core.artifacts import MANIFEST, atomic_write_json, manifest_in, new_manifest, plain_value
 from llamaprune.core.errors import UsageError, flag
 from llamaprune.core.groups import config_fingerprint
-from llamaprune.core.plan_file import Plan, check_shape, read_plan
+from llamaprune.core.plan_file import Plan, check_shape, read_plan, write_plan
 from llamaprune.core.tables import check_fingerprint
 from llamaprune.evaluate.perplexity import EVAL_FILE, EvalOptions, compare, measure
 from llamaprune.io.loading import Device, DType, load_model, register, resolve_device
@@ -175,22 +175,23 @@ def apply(options: ApplyOptions) -> dict:
             loaded = load_model(options.model, options.load_dtype, options.device)
         started = time.perf_counter()
         spill = tmp / SPILL_DIR if loaded is None else None
-        replace = compensation.tensors(plan, config, source.path, loaded, calibration, run_dir, spill=spill)
+        done = compensation.compensate(plan, config, source.path, loaded, calibration, run_dir, spill=spill)
+        replace, sliced = done.tensors, done.plan  # obs selection chooses the kept groups again
         if replace:
             seconds = round(time.perf_counter() - started, 3)
             run.summary["compensation"] = {**plain_value(compensation), "seconds": seconds}
         if loaded is None:
             log.info("streaming %d safetensors file(s) of %s", len(files), options.model)
-            target = pruned_config(config, plan, output_bias=bool(replace))
+            target = pruned_config(config, sliced, output_bias=bool(replace))
             if options.dtype is not None:
                 target.dtype = DType(options.dtype).value
             tied = bool(getattr(config, "tie_word_embeddings", False))
-            stream_checkpoint(files, plan, tmp, options.shard_bytes, options.dtype, tied, replace)
+            stream_checkpoint(files, sliced, tmp, options.shard_bytes, options.dtype, tied, replace)
             shutil.rmtree(spill, ignore_errors=True)
             write_config(target, tmp)
             write_tokenizer_files(source.path, tmp)
         else:
-            save_pruned(apply_plan(loaded.model, plan, replace), tmp, options.shard_bytes)
+            save_pruned(apply_plan(loaded.model, sliced, replace), tmp, options.shard_bytes)
             loaded.tokenizer.save_pretrained(tmp)
         run.summary.update(streamed=files is not None, params_before=plan.params_before,
                            params_after=plan.params_after)
@@ -199,7 +200,11 @@ def apply(options: ApplyOptions) -> dict:
             run.summary["eval"] = compare(options.eval, before, after)
             atomic_write_json(tmp / EVAL_FILE, run.summary["eval"])
         run.summary["seconds"] = run.seconds()
-        shutil.copyfile(options.plan, tmp / PLAN_FILE)
+        if sliced is plan:
+            shutil.copyfile(options.plan, tmp / PLAN_FILE)
+        else:  # the groups chosen in the pass: applying this plan with --select score makes the same checkpoint
+            write_plan(sliced, tmp / PLAN_FILE)
+            run.summary["selected_plan"] = str(options.out / PLAN_FILE)
         # The run's manifest with this apply appended (a new one when the plan has no run directory).
         model = {"source": source.name, "path": source.path, "fingerprint": config_fingerprint(config)}
         run.record(manifest_in(run_dir) or new_manifest(model, plan=plan.name), also=run_dir)

@@ -14,23 +14,26 @@ checkpoint has one layout (``output_bias`` in its config, docs/ARTIFACTS.md).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from enum import Enum
 from pathlib import Path
 
 import torch
 
 from llamaprune.apply.compensation import Compensation, FitSums, mean_bias, non_finite, refit
-from llamaprune.apply.slicing import kept_indices, tensor_route
+from llamaprune.apply.selection import GramSums, Selection, select
+from llamaprune.apply.slicing import GROUP_FIELDS, group_columns, kept_indices, layer_indices, tensor_route
 from llamaprune.apply.spill import SpilledTensors
 from llamaprune.core.arch import BLOCKS, LAYERS_PREFIX, Block, linear_biases, output_linear
 from llamaprune.core.choices import parse_choice
 from llamaprune.core.errors import UsageError, flag
-from llamaprune.core.plan_file import Plan
+from llamaprune.core.plan_file import LayerPlan, Plan
 from llamaprune.io.layer_stream import LayerStream, unmap_large_frees
 from llamaprune.io.weights import load_file, read_tensors, tensor_files
 from llamaprune.scoring.in_memory import STATS_FILE
 
 DEFAULT_DAMP = 1e-3
+DEFAULT_SELECTION = Selection.score  # with lstsq (bench/RESULTS.md, "Selection")
 # The output projection of each block (o_proj, down_proj): the linears whose input columns a plan removes.
 OUTPUTS = tuple(output_linear(block) for block in BLOCKS)
 
@@ -93,38 +96,102 @@ def _fitted(linear: torch.nn.Linear, keep: torch.Tensor, damp: float, inputs: Ba
     return refit(sums, damp, where)
 
 
+@dataclass(frozen=True)
+class Compensated:
+    """What compensation writes instead of the sliced o_proj / down_proj tensors (by output name), and the plan
+    they are for: the input plan, or, with ``obs`` selection, the same counts with the groups chosen in the pass."""
+
+    tensors: Mapping[str, torch.Tensor]
+    plan: Plan
+
+
+class Target(str, Enum):
+    """What the refit reproduces. pruned: the unpruned sub-block's output on the pruned model's inputs; dense:
+    the dense model's own sub-block output there, from a dense stream run beside the pruned one; residual: the
+    dense model's hidden states after the block, so the refit also takes back error carried up from below."""
+
+    pruned = "pruned"
+    dense = "dense"
+    residual = "residual"
+
+
 def refit_layers(stream: LayerStream, plan: Plan, windows: torch.Tensor, damp: float,
-                 progress: bool = True, spill: Path | None = None) -> Mapping[str, torch.Tensor]:
+                 progress: bool = True, spill: Path | None = None, selection: Selection = Selection.score,
+                 swaps: int = 0, target: Target = Target.pruned) -> Compensated:
     """Sequential least-squares compensation: the calibration windows run through the pruned model layer by
     layer; each kept o_proj / down_proj is refitted (``compensation.refit``) so that, on the activations of the
-    already pruned layers below, it reproduces what the unpruned sub-block outputs there. With ``spill`` (a
+    already pruned layers below, it reproduces the ``target``. ``obs`` selection first chooses which groups each
+    block loses, on those same activations (``apply.selection``), keeping the plan's counts. With ``spill`` (a
     directory), each layer's tensors go to disk as soon as they are fitted, so memory holds one layer."""
     from tqdm.auto import tqdm
 
-    indices = kept_indices(plan)
     fitted = SpilledTensors(spill)
+    layers = []
     with torch.no_grad():
         hidden = stream.embed(windows)
+        dense = None if target is Target.pruned else hidden
         for lp in tqdm(plan.layers, desc="compensate", unit="layer", disable=not progress):
             if lp.removed:
+                layers.append(lp)
+                if dense is not None:
+                    with stream.layer(lp.layer) as decoder:
+                        dense = stream.run_layer(decoder, dense)
                 continue
             tensors: dict[str, torch.Tensor] = {}
             with stream.layer(lp.layer) as decoder:
                 for block in BLOCKS:
-                    if block.name not in lp.skip:
-                        keep = indices[lp.layer][output_linear(block).index]
-                        hidden = _refit_block(stream, decoder, block, hidden, keep, damp, plan, lp.layer, tensors)
+                    if block.name in lp.skip:
+                        if dense is not None:
+                            dense = _advance(stream, decoder, block, dense)
+                        continue
+                    if selection is Selection.obs:
+                        lp = _choose(stream, decoder, block, hidden, lp, plan.head_dim, damp, swaps)
+                    keep = layer_indices(lp, plan.head_dim)[output_linear(block).index]
+                    hidden, dense = _refit_block(stream, decoder, block, hidden, dense, keep, damp, plan, lp.layer,
+                                                 tensors, target)
             if not torch.isfinite(hidden).all():
                 raise non_finite(f"layer {lp.layer}")
             fitted.add(tensors)
-    return fitted
+            layers.append(lp)
+    if selection is Selection.score:
+        return Compensated(fitted, plan)
+    return Compensated(fitted, replace(plan, layers=tuple(layers), selection={"method": selection.value,
+                                                                              "swaps": swaps}))
+
+
+def _advance(stream: LayerStream, decoder: torch.nn.Module, block: Block, hidden: torch.Tensor) -> torch.Tensor:
+    """``hidden`` after the unpruned sub-block ``block``."""
+    return torch.cat([h + stream.sub_block(decoder, block, h) for h in stream.batches(hidden)])
+
+
+def _choose(stream: LayerStream, decoder: torch.nn.Module, block: Block, hidden: torch.Tensor, lp: LayerPlan,
+            head_dim: int, damp: float, swaps: int) -> LayerPlan:
+    """``lp`` with the groups of ``block`` it keeps chosen by structured OBS on the Gram matrix of the block's
+    output projection's inputs for ``hidden`` (one pass of the block up to that projection)."""
+    linear = output_linear(block)
+    field = GROUP_FIELDS[linear.index]
+    planned = torch.tensor(getattr(lp, field), dtype=torch.long)
+    groups = group_columns(lp, head_dim, linear.index)
+    remove = len(groups) - len(planned)
+    if remove == 0:
+        return lp
+    proj = decoder.get_submodule(linear.path)
+    gram = GramSums(proj.in_features, proj.weight.device)
+    for h in stream.batches(hidden):
+        gram.add(_input_of(proj, lambda h=h: stream.sub_block(decoder, block, h)))
+    bias = None if proj.bias is None else proj.bias.detach()
+    kept = select(gram.system, proj.weight.detach(), bias, groups, remove, damp, swaps, planned,
+                  f"layer {lp.layer} ({block.name})")
+    return replace(lp, **{field: tuple(kept.tolist())})
 
 
 def _refit_block(stream: LayerStream, decoder: torch.nn.Module, block: Block, hidden: torch.Tensor,
-                 keep: torch.Tensor, damp: float, plan: Plan, layer: int, tensors: dict) -> torch.Tensor:
+                 dense: torch.Tensor | None, keep: torch.Tensor, damp: float, plan: Plan, layer: int, tensors: dict,
+                 target: Target = Target.pruned) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Refit the output projection of one sub-block on ``hidden`` and return the hidden states after the pruned,
-    refitted sub-block. The kept inputs of the fit pass are reused when they are no larger than the hidden states
-    (held anyway); wider ones (an MLP's) are drawn again, stopping at the projection."""
+    refitted sub-block, and the dense stream ``dense`` (None unless the target needs it) after the unpruned one.
+    The kept inputs of the fit pass are reused when they are no larger than the hidden states (held anyway); wider
+    ones (an MLP's) are drawn again, stopping at the projection."""
     path = output_linear(block).path
     proj = decoder.get_submodule(path)
 
@@ -133,22 +200,31 @@ def _refit_block(stream: LayerStream, decoder: torch.nn.Module, block: Block, hi
 
     if len(keep) == proj.in_features:  # nothing to refit: the sub-block as it is
         _store(tensors, plan, layer, path, *_as_is(proj), False)
-        return torch.cat([h + run(h) for h in stream.batches(hidden)])
+        return _advance(stream, decoder, block, hidden), dense if dense is None else _advance(stream, decoder,
+                                                                                              block, dense)
     reuse = len(keep) <= hidden.shape[-1]
     kept_inputs = []
+    dense_after = []
+    dense_batches = stream.batches(dense) if dense is not None else [None] * len(stream.batches(hidden))
 
     def inputs() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for h in stream.batches(hidden):
+        for h, d in zip(stream.batches(hidden), dense_batches, strict=True):
             z, y = _capture(proj, lambda h=h: run(h))
             if reuse:
                 kept_inputs.append(z[..., keep.to(z.device)])
+            if d is not None:
+                y = run(d)
+                dense_after.append(d + y)
+                if target is Target.residual:
+                    y = y + d - h
             yield z, y
 
     weight, bias = _fitted(proj, keep, damp, inputs, f"layer {layer}")
     _store(tensors, plan, layer, path, weight, bias, True)
     if not reuse:
         kept_inputs = (_input_of(proj, lambda h=h: run(h))[..., keep.to(h.device)] for h in stream.batches(hidden))
-    return torch.cat([h + z @ weight.T + bias for h, z in zip(stream.batches(hidden), kept_inputs, strict=True)])
+    hidden = torch.cat([h + z @ weight.T + bias for h, z in zip(stream.batches(hidden), kept_inputs, strict=True)])
+    return hidden, torch.cat(dense_after) if dense is not None else None
 
 
 def _store(tensors: dict, plan: Plan, layer: int, path: str, weight: torch.Tensor, bias: torch.Tensor,
@@ -201,7 +277,9 @@ def _use_lstsq() -> str:
 @dataclass(frozen=True)
 class CompensationOptions:
     """How apply compensates: ``method``, and for ``lstsq`` the calibration text (``num_samples`` windows of
-    ``seq_len`` tokens, seeded) and the ridge ``damp`` (relative to the mean diagonal of the inputs' Gram)."""
+    ``seq_len`` tokens, seeded), the ridge ``damp`` (relative to the mean diagonal of the inputs' Gram) and how
+    the removed groups are chosen (``select``: None is obs with lstsq and the plan's own otherwise; ``swaps``:
+    OBS swap rounds per block)."""
 
     method: Compensation = Compensation.none
     calibration: str | None = None
@@ -212,9 +290,23 @@ class CompensationOptions:
     batch_size: int = 8
     data_dir: str | None = None
     device: str = "cpu"  # where a streamed checkpoint's layers are run (an in-memory model stays where it is)
+    select: Selection | None = None
+    swaps: int = 0
+    target: Target = Target.pruned
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", parse_choice(Compensation, self.method, flag("apply --compensate")))
+        object.__setattr__(self, "target", parse_choice(Target, self.target, flag("apply --target")))
+        lstsq = self.method is Compensation.lstsq
+        if self.select is None:
+            object.__setattr__(self, "select", DEFAULT_SELECTION if lstsq else Selection.score)
+        object.__setattr__(self, "select", parse_choice(Selection, self.select, flag("apply --select")))
+        if self.select is Selection.obs and not lstsq:
+            raise UsageError(f"{flag('apply --select')} obs chooses the groups inside the least-squares refit; add "
+                             f"{flag('apply --compensate')} lstsq {flag('apply --calibration')} TEXT")
+        if self.swaps < 0 or (self.swaps and self.select is not Selection.obs):
+            raise UsageError(f"{flag('apply --swaps')} must be 0 or more, and is for {flag('apply --select')} obs; "
+                             f"got {self.swaps}")
         for name, option in (("num_samples", "--calibration-samples"), ("seq_len", "--calibration-seq-len")):
             if getattr(self, name) <= 0:
                 raise UsageError(f"{flag('apply ' + option)} must be positive, got {getattr(self, name)}")
@@ -243,14 +335,15 @@ class CompensationOptions:
             )
         return load_rows(self.calibration, split="train", data_dir=self.data_dir)
 
-    def tensors(self, plan: Plan, config, source_path: str | None = None, loaded=None, rows: list[str] | None = None,
-                run_dir: Path | None = None, progress: bool = True,
-                spill: Path | None = None) -> Mapping[str, torch.Tensor]:
-        """What the method writes instead of the sliced o_proj / down_proj tensors (empty for ``none``), for the
-        safetensors checkpoint directory ``source_path`` (read layer by layer) or an in-memory model
-        (``loaded``, a ``io.loading.LoadedModel``). ``spill``: a directory where refitted tensors wait on disk."""
+    def compensate(self, plan: Plan, config, source_path: str | None = None, loaded=None,
+                   rows: list[str] | None = None, run_dir: Path | None = None, progress: bool = True,
+                   spill: Path | None = None) -> Compensated:
+        """What the method writes instead of the sliced o_proj / down_proj tensors (none for ``none``) and the plan
+        to slice by, for the safetensors checkpoint directory ``source_path`` (read layer by layer) or an
+        in-memory model (``loaded``, a ``io.loading.LoadedModel``). ``spill``: a directory where refitted tensors
+        wait on disk."""
         if self.method is Compensation.none:
-            return {}
+            return Compensated({}, plan)
         if self.method is Compensation.bias:
             path = stats_file(run_dir)
             if loaded is not None:
@@ -258,7 +351,7 @@ class CompensationOptions:
             else:
                 files = tensor_files(Path(source_path))
                 weight_of = lambda key: read_tensors(files, [key])[key]  # noqa: E731
-            return mean_biases(plan, load_file(path), weight_of, config, str(path))
+            return Compensated(mean_biases(plan, load_file(path), weight_of, config, str(path)), plan)
         from llamaprune.io.text_data import calibration_windows
 
         if loaded is not None:
@@ -272,7 +365,12 @@ class CompensationOptions:
             unmap_large_frees()  # a layer's temporaries go back to the OS when freed, not to the heap
         windows = calibration_windows(tokenizer, rows, self.num_samples, self.seq_len, self.seed,
                                       flag("apply --calibration-seq-len"))
-        return refit_layers(stream, plan, windows, self.damp, progress, spill)
+        done = refit_layers(stream, plan, windows, self.damp, progress, spill, self.select, self.swaps, self.target)
+        if done.plan.selection is None:
+            return done
+        calibration = {"calibration": self.calibration, "num_samples": self.num_samples, "seq_len": self.seq_len,
+                       "seed": self.seed, "damp": self.damp}
+        return replace(done, plan=replace(done.plan, selection={**done.plan.selection, **calibration}))
 
 
 def stats_file(run_dir: Path | None) -> Path:

@@ -59,6 +59,20 @@ def layer_indices(lp: LayerPlan, head_dim: int) -> dict[str, torch.Tensor]:
     return {"q": q_rows, "kv": kv_rows, "mlp": torch.tensor(list(lp.mlp_channels), dtype=torch.long)}
 
 
+# The plan field that lists each output projection's kept groups, by the kept index that cuts its columns.
+GROUP_FIELDS = {"q": "attn_groups", "mlp": "mlp_channels"}
+
+
+def group_columns(lp: LayerPlan, head_dim: int, index: str) -> torch.Tensor:
+    """(groups, columns): the input columns of the output projection cut by ``index`` ("q": o_proj, "mlp":
+    down_proj) that each group of layer ``lp`` owns, every group of the original layer."""
+    if index == "q":
+        groups = range(lp.num_key_value_heads)
+        return attention_rows(groups, lp.num_attention_heads // lp.num_key_value_heads, head_dim)[0].view(
+            lp.num_key_value_heads, -1)
+    return torch.arange(lp.intermediate_size).view(-1, 1)
+
+
 def kept_indices(plan: Plan) -> dict[int, dict]:
     """Original layer -> its kept indices by kind, for every layer the plan keeps."""
     return {lp.layer: layer_indices(lp, plan.head_dim) for lp in plan.layers if not lp.removed}

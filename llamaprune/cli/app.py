@@ -345,6 +345,12 @@ def apply_command(
     calibration_samples: Annotated[int, typer.Option(help="lstsq: calibration windows.")] = 128,
     calibration_seq_len: Annotated[int, typer.Option(help="lstsq: tokens per calibration window.")] = 128,
     damp: Annotated[float, typer.Option(help="lstsq: ridge, relative to the mean input energy.")] = 1e-3,
+    select: Annotated[
+        str | None, typer.Option(help="lstsq: which groups go, in the plan's per-layer counts: score (the plan's) or "
+                                      "obs (chosen in the refit pass by structured OBS; written to OUT/plan.json). "
+                                      "Default: obs with lstsq.")
+    ] = None,
+    swaps: Annotated[int, typer.Option(help="obs: swap rounds per block after the greedy choice.")] = 0,
     finetune: Annotated[
         str | None, typer.Option("--finetune", help="Then recover: lora or full (see `llamaprune finetune`).")
     ] = None,
@@ -371,7 +377,7 @@ def apply_command(
     elif zero_shot_tasks is not None:
         raise UsageError("--tasks runs beside the perplexity of --eval; add --eval DATASET, e.g. --eval wikitext2")
     compensation = CompensationOptions(compensate, calibration, calibration_samples, calibration_seq_len, damp,
-                                       data_dir=data_dir)
+                                       data_dir=data_dir, select=select, swaps=swaps)
     recovery = None
     if finetune:
         from llamaprune.recover.finetune import FinetuneOptions

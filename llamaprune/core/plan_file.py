@@ -70,6 +70,8 @@ class Plan:
     schema_version: int = SCHEMA_VERSION
     created_by: str = field(default="")
     weights_fingerprint: str | None = None  # of the checkpoint scored (llamaprune.io.weights); None: not known
+    # How apply chose the kept indices in its compensation pass (``apply --select obs``); None: as planned.
+    selection: dict | None = None
 
     @property
     def removed_layers(self) -> list[int]:
@@ -89,8 +91,9 @@ class Plan:
     def to_dict(self) -> dict:
         """Plain JSON values, built by hand: ``dataclasses.asdict`` deep-copies every index (1.3 s at 70B)."""
         doc = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "layers"}
-        if self.weights_fingerprint is None:  # plans of unknown weights read as before the field existed
-            del doc["weights_fingerprint"]
+        for name in ("weights_fingerprint", "selection"):  # a plan without them reads as before the fields existed
+            if doc[name] is None:
+                del doc[name]
         doc["layers"] = [{f.name: plain_value(getattr(lp, f.name)) for f in fields(LayerPlan)} for lp in self.layers]
         doc["kind"] = PLAN_KIND
         doc["removed_layers"] = self.removed_layers
@@ -109,14 +112,14 @@ PLAN_FIELDS = {
     "name": TEXT, "fingerprint": OBJECT, "source_table_sha256": TEXT, "criterion": TEXT, "strategy": TEXT,
     "options": OBJECT, "target_ratio": NUMBER, "achieved_ratio": NUMBER, "achieved_prunable_ratio": NUMBER,
     "params_before": INT, "params_after": INT, "prunable_before": INT, "prunable_after": INT, "head_dim": INT,
-    "created_by": TEXT, "weights_fingerprint": TEXT, "removed_layers": INDICES,
+    "created_by": TEXT, "weights_fingerprint": TEXT, "selection": OBJECT, "removed_layers": INDICES,
 }
 LAYER_FIELDS = {
     "layer": INT, "num_attention_heads": INT, "num_key_value_heads": INT, "intermediate_size": INT,
     "attn_groups": INDICES, "mlp_channels": INDICES, "skip": NAMES, "removed": FLAG,
 }
-OPTIONAL = {"created_by", "weights_fingerprint", "removed_layers", "skip", "removed"}  # may be left out
-NULLABLE = {"weights_fingerprint"}  # may be null: unknown
+OPTIONAL = {"created_by", "weights_fingerprint", "selection", "removed_layers", "skip", "removed"}  # may be left out
+NULLABLE = {"weights_fingerprint", "selection"}  # may be null: unknown, or as planned
 REMAKE = "make the plan again with `llamaprune plan`"
 
 

@@ -293,6 +293,7 @@ def _run(options: PruneOptions, run: PhaseRun[_Inputs], progress: bool) -> None:
     from llamaprune.evaluate.perplexity import compare
     from llamaprune.io.loading import load_model
     from llamaprune.scoring.command import score_entry, score_into
+    from llamaprune.seed.outputs import write_seed_files
 
     inputs, out, summary = run.inputs, run.dir, run.summary
     start = time.perf_counter()
@@ -306,11 +307,13 @@ def _run(options: PruneOptions, run: PhaseRun[_Inputs], progress: bool) -> None:
     result, manifest = score_into(out, options.score_options(), loaded, inputs.calibration, load_seconds, progress,
                                   run.checked.weights)
     manifest = with_history(manifest, score_entry(result))  # the scoring; this prune follows it
-    plan, seed_files = _plan(options, out)
+    plan, tables = _plan(options, out)
     t0 = time.perf_counter()
-    replace = options.compensation_options().tensors(plan, loaded.model.config, loaded=loaded,
+    done = options.compensation_options().compensate(plan, loaded.model.config, loaded=loaded,
                                                      rows=inputs.calibration, run_dir=out, progress=progress)
-    model = apply_plan(loaded.model, plan, replace)
+    model = apply_plan(loaded.model, done.plan, done.tensors)
+    # the seed's files show the groups removed, which obs selection chose in the compensation pass
+    seed_files = write_seed_files(out, tables, done.plan, {**options.description(), "plan": plan.name})
     summary.update(
         options=plain_value(options.description()),
         plan=plan.name,
@@ -332,7 +335,7 @@ def _run(options: PruneOptions, run: PhaseRun[_Inputs], progress: bool) -> None:
             report.update(_recovery(report, measure(model)))
     model_dir = out / MODEL_DIR
     if options.saves_model:
-        _save(model, loaded.tokenizer, model_dir, plan, curve)
+        _save(model, loaded.tokenizer, model_dir, done.plan, curve)
         summary["model_dir"] = str(options.run_dir / MODEL_DIR)
     if report:
         summary["eval"] = report
@@ -344,14 +347,13 @@ def _run(options: PruneOptions, run: PhaseRun[_Inputs], progress: bool) -> None:
 
 
 def _plan(options: PruneOptions, out: Path):
-    """Phase 2 from the tables just written, as ``llamaprune plan`` would; then the seed's files."""
+    """Phase 2 from the tables just written, as ``llamaprune plan`` would: the plan and the run's tables."""
     from llamaprune.plan import load_run, make_plan, write_plans
-    from llamaprune.seed.outputs import write_seed_files
 
     tables = load_run(out)
     plan = make_plan(tables, options.plan_options())
     write_plans(out, [plan])
-    return plan, write_seed_files(out, tables, plan, {**options.description(), "plan": plan.name})
+    return plan, tables
 
 
 def _measure(model, tokenizer, options: EvalOptions, rows: list[str] | None, progress: bool) -> dict | None:
