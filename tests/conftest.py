@@ -454,3 +454,36 @@ def calibration_text(directory, lines: int = 200) -> Path:
     path = Path(directory) / "calib.txt"
     path.write_text("\n".join(VALID_TXT.read_text(encoding="utf-8").splitlines()[:lines]), encoding="utf-8")
     return path
+
+
+class ForwardClock:
+    """A stand-in for ``llamaprune.evaluate.perplexity``'s clock that only causal-LM forwards advance: by the model's
+    parameters times its tokens (so a model's time is its size), times ``slow[i]`` for the i-th forward (another job
+    slowing the machine then). ``models`` lists the model of each forward, in order."""
+
+    def __init__(self, slow: dict[int, float] | None = None):
+        self.now, self.slow, self.models = 0.0, slow or {}, []
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def _hook(self, module, args, output):
+        if hasattr(output, "logits"):  # the causal LM itself, not its base model or a layer
+            factor = self.slow.get(len(self.models), 1.0)
+            self.models.append(module)
+            self.now += module.num_parameters() * output.logits.shape[:2].numel() * 1e-9 * factor
+
+    @contextmanager
+    def installed(self):
+        import types
+
+        from llamaprune.evaluate import perplexity
+
+        real = perplexity.time
+        perplexity.time = types.SimpleNamespace(perf_counter=self.perf_counter)
+        handle = torch.nn.modules.module.register_module_forward_hook(self._hook)
+        try:
+            yield self
+        finally:
+            handle.remove()
+            perplexity.time = real

@@ -9,7 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TEST_RAW, TOL, ids, logits, random_plan, read_tensors, tiny_config, zeroed_reference
+from conftest import (
+    TEST_RAW,
+    TOL,
+    ForwardClock,
+    ids,
+    logits,
+    random_plan,
+    read_tensors,
+    tiny_config,
+    zeroed_reference,
+)
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -110,7 +120,7 @@ def test_cli_eval_reports_perplexity_before_and_after(tmp_path, tiny_checkpoint,
     report = json.loads((out / "eval.json").read_text())
     assert report["before"]["num_parameters"] == plan.params_before
     assert report["after"]["num_parameters"] == plan.params_after
-    assert report["after"]["windows"] == 4 and report["tokens_per_s_ratio"] > 0
+    assert report["after"]["windows"] == 4 and report["tokens_per_s_ratio"] > 0 and report["speed_rounds"] == 5
     windows = evaluation_windows(tokenizer, load_rows(str(text)), 32, 4)
     reference = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
     assert report["before"]["ppl"] == pytest.approx(perplexity(reference, windows, progress=False).ppl, rel=1e-5)
@@ -118,6 +128,55 @@ def test_cli_eval_reports_perplexity_before_and_after(tmp_path, tiny_checkpoint,
         expected = perplexity(reference, windows, progress=False).ppl
     assert report["after"]["ppl"] == pytest.approx(expected, rel=1e-5)
     assert report["ppl_ratio"] == pytest.approx(report["after"]["ppl"] / report["before"]["ppl"])
+
+
+def eval_text(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(TEST_RAW.read_text(encoding="utf-8").splitlines()[:200]))
+    return text
+
+
+def test_eval_times_both_models_in_turn_so_a_slow_spell_does_not_skew_the_speed(tmp_path, tiny_checkpoint,
+                                                                                run_dir):
+    """Another job slows the machine while the source's first timed batch runs: measured one model after the
+    other, the source looked slower and the ratio was off by that; timed in turn, the median leaves the round out
+    and the ratio is the models' own (here, the clock charges each forward its model's size)."""
+    plan = plan_from_kept(checkpoint_config(tiny_checkpoint), [([0], list(range(0, 24, 2))), ([0, 1], [1, 2])])
+    out = tmp_path / "pruned"
+    clock = ForwardClock(slow={2: 5.0})  # after a warm-up batch of each model
+    with clock.installed():
+        result = run_cli("apply", save_plan(run_dir, plan), "--model", tiny_checkpoint, "--out", out, "--eval",
+                         eval_text(tmp_path), "--seq-len", 32, "--max-windows", 6, "--batch-size", 2)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "eval.json").read_text())
+    sizes = report["before"]["num_parameters"], report["after"]["num_parameters"]
+    assert report["tokens_per_s_ratio"] == pytest.approx(sizes[0] / sizes[1], rel=1e-9)
+    assert report["speed_rounds"] == 5
+    assert f"(x{sizes[0] / sizes[1]:.2f}, median of 5 batches timed in turn)" in result.output
+
+
+def test_eval_compares_no_speed_where_the_pruned_model_does_not_fit_beside_the_source(tmp_path, tiny_checkpoint,
+                                                                                      run_dir, monkeypatch, caplog):
+    plan = plan_from_kept(checkpoint_config(tiny_checkpoint), [([0], list(range(0, 24, 2))), ([0, 1], [1, 2])])
+    args = ["--eval", eval_text(tmp_path), "--seq-len", 32, "--max-windows", 4, "--batch-size", 2]
+    monkeypatch.setattr(apply_module, "available_bytes", lambda device: 1000)
+    out = tmp_path / "pruned"
+    result = run_cli("apply", save_plan(run_dir, plan), "--model", tiny_checkpoint, "--out", out, *args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "eval.json").read_text())
+    assert "tokens_per_s_ratio" not in report and "speed_rounds" not in report
+    assert report["before"]["num_parameters"] == plan.params_before
+    assert report["after"]["num_parameters"] == plan.params_after
+    assert "forward speed not compared (the models were not in memory at once" in result.output
+    assert "each is measured alone" in caplog.text
+    monkeypatch.setattr(apply_module, "available_bytes", lambda device: 1 << 50)
+    again = tmp_path / "again"
+    result = run_cli("apply", save_plan(run_dir, plan), "--model", tiny_checkpoint, "--out", again, *args)
+    assert result.exit_code == 0, result.output
+    paired = json.loads((again / "eval.json").read_text())
+    assert paired["speed_rounds"] == 5
+    for which in ("before", "after"):  # the same perplexities measured alone or in turn
+        assert paired[which]["ppl"] == report[which]["ppl"]
 
 
 def test_in_memory_path_writes_the_same_tensors_as_streaming(tmp_path, tiny_checkpoint, run_dir, monkeypatch):

@@ -206,6 +206,67 @@ def test_bias_compensation_from_the_run_s_input_means(tmp_path, tokenizer):
     assert json.loads((out / "config.json").read_text())["output_bias"] is True
 
 
+READ_BY = {  # the input statistics a run records: what its criteria read, and the sums bias compensation reads
+    ("magnitude",): {"o_in.sum", "down_in.sum"},
+    ("taylor", "random"): {"o_in.sum", "down_in.sum"},
+    ("wanda", "magnitude", "random"): {"attn_in.sq_norm", "o_in.sq_norm", "mlp_in.sq_norm", "down_in.sq_norm",
+                                       "o_in.sum", "down_in.sum"},
+    ("fluctuation",): {"o_in.sq_norm", "down_in.sq_norm", "o_in.sum", "down_in.sum"},
+}
+
+
+class Reads(dict):
+    """Stats that remember which keys were read."""
+
+    def __init__(self, stats: dict):
+        super().__init__(stats)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+
+@pytest.mark.parametrize("criteria", list(READ_BY), ids=",".join)
+def test_a_run_records_input_statistics_only_where_something_reads_them(tmp_path, tokenizer, criteria):
+    """No sum of attn_in / mlp_in (nothing reads them) and no square norms without wanda or fluctuation; the
+    output projections' sums are always there, equal to any run's, and bias compensation reads nothing else."""
+    from safetensors.torch import save_file
+
+    from llamaprune.apply.refit import mean_biases
+    from llamaprune.scoring.in_memory import score
+
+    config = tiny_config(heads=4, kv_heads=2, vocab=len(tokenizer), layers=2)
+    model, path = write_checkpoint(tmp_path, tokenizer, config)
+    batches = list(ids(config.vocab_size, batch=6, length=16, seed=4).split(3))
+    stats = score(model, batches, criteria, progress=False).stats
+    recorded = {key for key in stats if key.endswith((".sq_norm", ".sum"))}
+    assert recorded == {f"layers.{layer}.{name}" for layer in range(2) for name in READ_BY[criteria]}
+    full = score(model, batches, ("wanda", "fluctuation"), progress=False).stats
+    for key in recorded:
+        assert torch.equal(stats[key], full[key]), key
+    plan = plan_from_kept(config, [([1], [0, 4, 5, 20]), ([0], [3, 7, 9])])
+    state = model.state_dict()
+    reads = Reads(stats)
+    biases = mean_biases(plan, reads, state.__getitem__, config, "run")
+    sums = {f"layers.{layer}.{name}" for layer in range(2) for name in ("o_in.sum", "down_in.sum")}
+    assert reads.read == {"tokens"} | sums
+    expected = mean_biases(plan, full, state.__getitem__, config, "run")
+    assert biases.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(biases[key], value), key
+    run = tmp_path / "run"  # through apply: a run scored with these criteria is one that bias compensates
+    atomic_write_json(run / "manifest.json", {"schema_version": 1, "history": []})
+    save_file(stats, str(run / "stats.safetensors"))
+    write_plan(plan, run / "plans" / "p.json")
+    summary = apply(ApplyOptions(run / "plans" / "p.json", str(path), tmp_path / "out",
+                                 compensation=CompensationOptions("bias")))
+    assert summary["compensation"]["method"] == "bias"
+    written = read_tensors(tmp_path / "out")
+    for key, value in expected.items():
+        assert torch.equal(written[key], value), key
+
+
 def test_bad_compensation_input_is_one_line_and_writes_nothing(tmp_path, tokenizer):
     from llamaprune.cli.app import app
 

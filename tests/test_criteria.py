@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from llamaprune.core.arch import INPUT_READERS
 from llamaprune.core.criteria import CRITERIA, NAMES, PARAM, REGISTRY, TABLE, canonical, parse_criteria
 from llamaprune.scoring.calibration import INPUT_STATISTICS
 from llamaprune.seed.prune import ImportanceMethod, PruneOptions
@@ -21,6 +22,7 @@ def test_every_entry_names_a_formula_and_statistics_that_exist(name):
     entry = REGISTRY[name]
     assert callable(entry.load()) and entry.scope in (PARAM, TABLE) and entry.help
     assert set(entry.input_stats) <= set(INPUT_STATISTICS)
+    assert set(entry.inputs) <= set(INPUT_READERS)
 
 
 def test_aliases_reach_every_command():

@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SHARED_DATA, TEST_RAW, tiny_config, tiny_model
+from conftest import SHARED_DATA, TEST_RAW, ForwardClock, tiny_config, tiny_model
 
-from llamaprune.evaluate.perplexity import EvalOptions, evaluate_dataset, perplexity
+from llamaprune.evaluate.perplexity import EvalOptions, compare, evaluate_dataset, perplexity
+from llamaprune.evaluate.speed import paired_perplexity
 from llamaprune.io.text_data import evaluation_windows, load_rows
 
 
@@ -49,6 +50,31 @@ def test_perplexity_matches_the_reference_loop(model, windows, batch_size):
     assert (result.windows, result.seq_len, result.tokens) == (7, 20, 140)
     assert result.tokens_per_s > 0
     assert set(result.to_dict()) == {"ppl", "nll", "windows", "seq_len", "tokens", "seconds", "tokens_per_s"}
+
+
+@pytest.mark.parametrize("batch_size", [2, 3, 1, 7])  # 4, 3 (a ragged last one), 7 and 1 batches
+def test_two_models_run_in_turn_and_the_median_speed_leaves_out_a_slow_round(model, tokenizer, windows, batch_size):
+    """Each batch runs both models back to back (the order swapped every batch); the speed ratio is the median of
+    the per-batch ratios, so a round that another job slowed for one model does not move it. Fewer batches than
+    5 are timed again, but counted once."""
+    small = tiny_model(tiny_config(heads=4, kv_heads=2, intermediate=8, vocab=len(tokenizer)), seed=5)
+    clock = ForwardClock(slow={2: 10.0})  # the second round's first forward (the small model's) is slowed
+    with clock.installed():
+        dense, pruned, speed = paired_perplexity(model, small, windows, batch_size, progress=False)
+    sizes = [len(batch) for batch in windows.split(batch_size)]
+    steps = max(5, len(sizes))
+    assert clock.models == [m for step in range(steps) for m in ((model, small) if step % 2 == 0 else (small, model))]
+    assert speed == {"tokens_per_s_ratio": pytest.approx(model.num_parameters() / small.num_parameters(), rel=1e-9),
+                     "speed_rounds": steps}
+    for measured, reference in ((dense, model), (pruned, small)):
+        assert measured.ppl == perplexity(reference, windows, batch_size, progress=False).ppl
+        assert (measured.windows, measured.tokens) == (7, 140)
+    slowed = [10.0 if i == 1 else 1.0 for i in range(len(sizes))]  # the slow round counts where it is a batch's own
+    expected = sum(20 * size * factor for size, factor in zip(sizes, slowed, strict=True)) * small.num_parameters()
+    assert pruned.seconds == pytest.approx(expected * 1e-9, rel=1e-9)
+    report = compare(EvalOptions(), dense.to_dict(), pruned.to_dict(), speed)
+    assert report["tokens_per_s_ratio"] == speed["tokens_per_s_ratio"] and report["speed_rounds"] == steps
+    assert "tokens_per_s_ratio" not in compare(EvalOptions(), dense.to_dict(), pruned.to_dict())  # measured apart
 
 
 def test_perplexity_rejects_a_non_positive_batch_size(model, windows):

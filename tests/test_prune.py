@@ -143,6 +143,7 @@ def test_global_run_writes_native_and_seed_files(tiny_checkpoint, tokenizer, tex
         report["after"]["windows"] == 6
         and report["ppl_ratio"] == report["after"]["ppl"] / report["before"]["ppl"]
     )
+    assert report["tokens_per_s_ratio"] > 0 and report["speed_rounds"] >= 5  # both in memory: timed in turn
     windows = evaluation_windows(tokenizer, load_rows(str(texts[1])), seq_len=32, max_windows=6)
     dense = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
     for key, checked in (("before", dense), ("after", model)):  # the saved model is the one evaluated
@@ -153,6 +154,7 @@ def test_global_run_writes_native_and_seed_files(tiny_checkpoint, tokenizer, tex
     assert json.loads((out / "model" / "manifest.json").read_text()) == manifest
     assert f"{plan.params_before:,} -> {plan.params_after:,}" in result.stdout
     assert f"dense {report['before']['ppl']:.3f}, pruned {report['after']['ppl']:.3f}" in result.stdout
+    assert f"tokens/s (x{report['tokens_per_s_ratio']:.2f}, median of" in result.stdout
 
 
 def test_layerwise_run_with_lora_writes_the_layer_config_and_the_finetuned_model(

@@ -11,6 +11,7 @@ the model; other sources (GGUF, hub ids) are loaded, pruned in memory with ``app
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import shutil
 import time
@@ -25,10 +26,12 @@ from llamaprune.core.groups import config_fingerprint
 from llamaprune.core.plan_file import Plan, check_shape, read_plan, write_plan
 from llamaprune.core.tables import check_fingerprint
 from llamaprune.evaluate.perplexity import EVAL_FILE, EvalOptions, compare, measure
+from llamaprune.evaluate.speed import measure_pair
 from llamaprune.io.loading import Device, DType, load_model, register, resolve_device
 from llamaprune.io.pruned_checkpoint import PLAN_FILE, pruned_config, save_pruned, write_config, write_tokenizer_files
 from llamaprune.io.weights import safetensors_files
 from llamaprune.recover.finetune import FinetuneOptions
+from llamaprune.runs.peak_memory import available_bytes
 from llamaprune.runs.phase import Checked, Phase, run_phase
 
 log = logging.getLogger(__name__)
@@ -168,7 +171,6 @@ def apply(options: ApplyOptions) -> dict:
         rows, calibration = run.inputs
         files = safetensors_files(Path(source.path)) if source.kind == "dir" else None
         run.summary.update(plan=str(options.plan), model=options.model, out=str(options.out))
-        before = _evaluate(options.model, options, rows) if options.eval else None
         loaded = None
         if files is None:
             log.info("loading %s to prune it in memory", options.model)
@@ -196,8 +198,7 @@ def apply(options: ApplyOptions) -> dict:
         run.summary.update(streamed=files is not None, params_before=plan.params_before,
                            params_after=plan.params_after)
         if options.eval:
-            after = _evaluate(str(tmp), options, rows)
-            run.summary["eval"] = compare(options.eval, before, after)
+            run.summary["eval"] = _evaluate(options, rows, tmp, plan, loaded)
             atomic_write_json(tmp / EVAL_FILE, run.summary["eval"])
         run.summary["seconds"] = run.seconds()
         if sliced is plan:
@@ -211,11 +212,31 @@ def apply(options: ApplyOptions) -> dict:
     return run.summary
 
 
-def _evaluate(model_name: str, options: ApplyOptions, rows: list[str]) -> dict:
-    """Perplexity and forward speed, after a warm-up batch so one-off costs do not skew tokens/s."""
+def _evaluate(options: ApplyOptions, rows: list[str], pruned_dir: Path, plan: Plan, loaded=None) -> dict:
+    """eval.json: the source's and the written checkpoint's perplexity, each after a warm-up batch, and their
+    forward speed, timed in turn with both models in memory (``evaluate.speed.measure_pair``). ``loaded``: the
+    source already in memory (pruned in memory); a streamed source is loaded for this alone, and the pruned model
+    beside it only where that fits in half the memory left: otherwise each is measured alone, the source freed
+    first, and their speeds are not compared."""
     register()
-    loaded = load_model(model_name, options.load_dtype, options.device)
-    return measure(loaded.model, loaded.tokenizer, options.eval, rows)
+    source = loaded or load_model(options.model, options.load_dtype, options.device)
+    if loaded is None and not _fits_beside(source.model, plan.params_after):
+        log.warning("the pruned model does not fit beside %s in half the memory left: each is measured alone, and "
+                    "their forward speeds are not compared", options.model)
+        before = measure(source.model, source.tokenizer, options.eval, rows)
+        source = None
+        gc.collect()
+        pruned = load_model(str(pruned_dir), options.load_dtype, options.device)
+        return compare(options.eval, before, measure(pruned.model, pruned.tokenizer, options.eval, rows))
+    pruned = load_model(str(pruned_dir), options.load_dtype, options.device)
+    return compare(options.eval, *measure_pair(source.model, pruned.model, source.tokenizer, options.eval, rows))
+
+
+def _fits_beside(model, params: int) -> bool:
+    """Whether ``params`` parameters in ``model``'s dtype fit on its device in half the memory left there."""
+    parameter = next(model.parameters())
+    available = available_bytes(parameter.device)
+    return available is not None and params * parameter.element_size() <= available / 2
 
 
 def apply_and_finetune(options: ApplyOptions,

@@ -368,6 +368,7 @@ def apply_command(
     from llamaprune.apply.command import ApplyOptions, apply_and_finetune
     from llamaprune.apply.refit import CompensationOptions
     from llamaprune.evaluate.perplexity import EvalOptions
+    from llamaprune.evaluate.speed import speed_text
     from llamaprune.evaluate.zero_shot import task_lines, task_options
 
     evaluation = None
@@ -398,8 +399,7 @@ def apply_command(
         old, new = report["before"], report["after"]
         typer.echo(
             f"{eval_dataset}: perplexity {old['ppl']:.3f} -> {new['ppl']:.3f} (x{report['ppl_ratio']:.3f}) "
-            f"over {new['windows']} windows of {seq_len} tokens; forward {old['tokens_per_s']:.0f} -> "
-            f"{new['tokens_per_s']:.0f} tokens/s (x{report['tokens_per_s_ratio']:.2f}) -> {plan_out / 'eval.json'}"
+            f"over {new['windows']} windows of {seq_len} tokens; {speed_text(report)} -> {plan_out / 'eval.json'}"
         )
         if zero_shot_tasks is not None:
             for line in task_lines(old, new):

@@ -13,6 +13,8 @@ groups and the seed and returns one score per group in table order.
     ('taylor', 'taylor2', 'wanda', 'magnitude', 'random', 'fluctuation')
     >>> canonical("taylor_2nd"), REGISTRY["wanda"].input_stats
     ('taylor2', ('sq_norm',))
+    >>> input_statistics(("fluctuation", "wanda"))
+    {'attn_in': ('sq_norm',), 'o_in': ('sq_norm', 'sum'), 'mlp_in': ('sq_norm',), 'down_in': ('sq_norm', 'sum')}
 """
 
 from __future__ import annotations
@@ -21,11 +23,16 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from llamaprune.core.arch import BLOCKS, LINEARS, output_linear
 from llamaprune.core.errors import UsageError, flag
 
 FORMULAS = "llamaprune.scoring.importance"  # the package of every formula: ``formula`` is "module:function" in it
 PARAM = "param"
 TABLE = "table"
+# The linear inputs of a decoder layer (attn_in, o_in, mlp_in, down_in), and those of its output projections alone
+# (o_in, down_in): the inputs whose columns the groups own.
+INPUTS = tuple(dict.fromkeys(linear.input for linear in LINEARS))
+OUTPUT_INPUTS = tuple(output_linear(block).input for block in BLOCKS)
 
 
 @dataclass(frozen=True)
@@ -33,9 +40,10 @@ class Criterion:
     """One importance criterion.
 
     ``gradients``: it needs the backward pass (each parameter's gradient folded per batch, see
-    ``llamaprune.scoring.importance.taylor``). ``input_stats``: per-feature statistics of each linear's input it
-    reads, by name of ``llamaprune.scoring.calibration.INPUT_STATISTICS``. ``aliases``: other names the one-shot
-    ``prune`` command accepts (the seed toolkit's)."""
+    ``llamaprune.scoring.importance.taylor``). ``input_stats``: per-feature statistics of linear inputs it reads,
+    by name of ``llamaprune.scoring.calibration.INPUT_STATISTICS``, on the inputs named in ``inputs`` (of
+    ``INPUTS``): the calibration pass folds a statistic only where something reads it. ``aliases``: other names
+    the one-shot ``prune`` command accepts (the seed toolkit's)."""
 
     name: str
     help: str
@@ -43,6 +51,7 @@ class Criterion:
     scope: str = PARAM
     gradients: bool = False
     input_stats: tuple[str, ...] = ()
+    inputs: tuple[str, ...] = INPUTS
     aliases: tuple[str, ...] = ()
 
     def load(self) -> Callable:
@@ -65,7 +74,7 @@ REGISTRY = {
         Criterion("random", "a seeded uniform draw per group", "random:random_scores",
                   scope=TABLE),
         Criterion("fluctuation", "var(x)*||W[:,j]||^2 over o_proj/down_proj inputs (FLAP)",
-                  "fluctuation:fluctuation_groups", input_stats=("sq_norm", "sum")),
+                  "fluctuation:fluctuation_groups", input_stats=("sq_norm", "sum"), inputs=OUTPUT_INPUTS),
     )
 }
 CRITERIA = tuple(REGISTRY)
@@ -99,9 +108,14 @@ def needs_gradients(criteria) -> bool:
     return any(REGISTRY[c].gradients for c in criteria)
 
 
-def input_stats(criteria) -> tuple[str, ...]:
-    """The input statistics ``criteria`` read, each once."""
-    return tuple(dict.fromkeys(stat for c in criteria for stat in REGISTRY[c].input_stats))
+def input_statistics(criteria) -> dict[str, tuple[str, ...]]:
+    """Input name -> the statistics ``criteria`` read on it, each once (inputs in layer order, statistics in the
+    order the criteria name them); an input nothing reads is absent."""
+    wanted: dict[str, dict[str, None]] = {}
+    for criterion in (REGISTRY[c] for c in criteria):
+        for name in criterion.inputs:
+            wanted.setdefault(name, {}).update(dict.fromkeys(criterion.input_stats))
+    return {name: tuple(wanted[name]) for name in INPUTS if wanted.get(name)}
 
 
 def help_text() -> str:

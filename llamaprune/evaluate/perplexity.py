@@ -33,6 +33,15 @@ class PerplexityResult:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def of(cls, total, seconds: float, windows: int, seq_len: int) -> PerplexityResult:
+        """The result of ``windows`` windows of ``seq_len`` tokens whose summed NLL is ``total`` (a float64 tensor),
+        run in ``seconds``; every window counts seq_len - 1 predictions."""
+        nll = (total / (windows * (seq_len - 1))).item()
+        tokens = windows * seq_len
+        return cls(ppl=math.exp(nll), nll=nll, windows=windows, seq_len=seq_len, tokens=tokens, seconds=seconds,
+                   tokens_per_s=tokens / seconds if seconds > 0 else float("inf"))
+
 
 def shifted_nll(logits, labels, reduction: str):
     """The next-token NLL of ``labels`` under ``logits`` in float32 (labels -100 take none), reduced as
@@ -51,38 +60,39 @@ def window_nll_sum(logits, input_ids):
     return nll.view(targets.shape).sum(dim=1)
 
 
+def timed_nll(model, batch):
+    """The summed NLL of one (B, L) batch of windows under ``model`` (float64, on the CPU, so that a device has
+    finished) and the seconds it took, the batch's transfer included. Call it under ``torch.inference_mode``."""
+    start = time.perf_counter()
+    batch = batch.to(next(model.parameters()).device)
+    total = window_nll_sum(model(input_ids=batch, use_cache=False).logits, batch).double().sum().cpu()
+    return total, time.perf_counter() - start
+
+
+def check_batch_size(batch_size: int) -> None:
+    """A batch size is checked where windows are split, for callers that build no ``EvalOptions``."""
+    if batch_size <= 0:
+        raise UsageError(f"--batch-size must be positive, got {batch_size}")
+
+
 def perplexity(model, windows, batch_size: int = 8, progress: bool = True) -> PerplexityResult:
     """Batched perplexity of ``model`` over (n, L) token windows; every window counts L-1 predictions."""
     import torch
     from tqdm.auto import tqdm
 
-    if batch_size <= 0:
-        raise UsageError(f"--batch-size must be positive, got {batch_size}")
-    device = next(model.parameters()).device
+    check_batch_size(batch_size)
     n, seq_len = windows.shape
-    total = torch.zeros((), dtype=torch.float64)
-    start = time.perf_counter()
+    total, seconds = torch.zeros((), dtype=torch.float64), 0.0
     bar = tqdm(total=n, desc="perplexity", unit="win", disable=not progress)
     with torch.inference_mode():
         for batch in windows.split(batch_size):
-            batch = batch.to(device)
-            logits = model(input_ids=batch, use_cache=False).logits
-            total += window_nll_sum(logits, batch).double().sum().cpu()
+            nll, took = timed_nll(model, batch)
+            total += nll
+            seconds += took
             bar.update(batch.size(0))
-            bar.set_postfix(tok_s=f"{bar.n * seq_len / (time.perf_counter() - start):.0f}")
+            bar.set_postfix(tok_s=f"{bar.n * seq_len / seconds:.0f}" if seconds > 0 else "-")
     bar.close()
-    seconds = time.perf_counter() - start
-    predictions = n * (seq_len - 1)
-    nll = (total / predictions).item()
-    return PerplexityResult(
-        ppl=math.exp(nll),
-        nll=nll,
-        windows=n,
-        seq_len=seq_len,
-        tokens=n * seq_len,
-        seconds=seconds,
-        tokens_per_s=n * seq_len / seconds if seconds > 0 else float("inf"),
-    )
+    return PerplexityResult.of(total, seconds, n, seq_len)
 
 
 @dataclass(frozen=True)
@@ -124,20 +134,28 @@ def measure(model, tokenizer, options: EvalOptions, rows: list[str], progress: b
     windows = evaluation_windows(tokenizer, rows, options.seq_len, options.max_windows, flag("eval --seq-len"))
     perplexity(model, windows[: options.batch_size], options.batch_size, progress=False)
     result = perplexity(model, windows, options.batch_size, progress=progress)
+    return with_size_and_tasks(result, model, tokenizer, options)
+
+
+def with_size_and_tasks(result: PerplexityResult, model, tokenizer, options: EvalOptions) -> dict:
+    """A measurement as eval.json holds it: ``result``, the model's size, and its zero-shot accuracies when tasks
+    are asked for."""
     measured = {**result.to_dict(), "num_parameters": model.num_parameters()}
     if options.tasks is not None:
         measured["tasks"] = zero_shot(model, tokenizer, options.tasks, options.batch_size)
     return measured
 
 
-def compare(options: EvalOptions, before: dict, after: dict) -> dict:
-    """What eval.json holds: both measurements and their ratios (perplexity; parameters and tokens/s when
-    both measurements have them)."""
+def compare(options: EvalOptions, before: dict, after: dict, speed: dict | None = None) -> dict:
+    """What eval.json holds: both measurements and their ratios: perplexity, parameters (when both measurements
+    have them) and, given ``speed`` (``evaluate.speed.measure_pair``'s: both models timed in turn), forward
+    tokens/s. Tokens/s measured apart are not compared: the machine's load may have changed in between."""
     report = {"options": plain_value(options), "before": before, "after": after}
     report["ppl_ratio"] = after["ppl"] / before["ppl"]
-    for key, ratio in (("num_parameters", "params_ratio"), ("tokens_per_s", "tokens_per_s_ratio")):
-        if key in before and key in after:
-            report[ratio] = after[key] / before[key]
+    if "num_parameters" in before and "num_parameters" in after:
+        report["params_ratio"] = after["num_parameters"] / before["num_parameters"]
+    if speed is not None:
+        report.update(speed)
     return report
 
 

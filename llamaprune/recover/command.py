@@ -118,6 +118,8 @@ def run_finetune(run: FinetuneRun, progress: bool = True) -> dict:
         summary.update(data_kind=inputs.training.kind, **result.summary())
         if run.eval:
             after = measure(model, tokenizer, run.eval, inputs.evaluation, progress)
+            # no speed ratio: the model before finetuning is gone (trained in place), and measured apart the two
+            # would compare the machine's load more than the models (which have the same shapes anyway)
             summary["eval"] = compare(run.eval, before, after)
             atomic_write_json(tmp / EVAL_FILE, summary["eval"])
         save_pruned(model, tmp, run.max_shard_size)

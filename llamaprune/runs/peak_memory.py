@@ -3,7 +3,8 @@
 On CUDA it is the allocator's peak since the stretch began. On CPU it is the resident set's high-water mark:
 Linux lets a process reset it (writing 5 to /proc/self/clear_refs), so the peak is that of the stretch alone;
 elsewhere it is the process's lifetime peak (``ru_maxrss``, which includes loading the model), and ``scope``
-says "process" instead of the stretch's name.
+says "process" instead of the stretch's name. ``available_bytes`` is what a device can still take (whether a second
+model fits beside a first).
 
     >>> peak = PeakMemory("cpu", "scoring")
     >>> data = [0] * 10**6
@@ -21,6 +22,7 @@ import torch
 
 CLEAR_REFS = Path("/proc/self/clear_refs")
 STATUS = Path("/proc/self/status")
+MEMINFO = Path("/proc/meminfo")
 PROCESS = "process"
 
 
@@ -56,10 +58,26 @@ def _reset_rss_peak() -> bool:
 
 def _rss_peak() -> int | None:
     """VmHWM from /proc/self/status, in bytes."""
+    return _proc_bytes(STATUS, "VmHWM:")
+
+
+def _proc_bytes(path: Path, key: str) -> int | None:
+    """The value of the ``key`` line of a /proc file (in kB there), in bytes; None where it cannot be read."""
     try:
-        for line in STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
+        for line in path.read_text().splitlines():
+            if line.startswith(key):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def available_bytes(device: str | torch.device) -> int | None:
+    """Memory that new tensors on ``device`` can still take: on CUDA the device's free memory plus what the caching
+    allocator holds unused; on CPU the kernel's estimate of what can be allocated without swapping (MemAvailable,
+    Linux); None where it is not known."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return _proc_bytes(MEMINFO, "MemAvailable:") if device.type == "cpu" else None

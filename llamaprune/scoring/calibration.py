@@ -1,8 +1,9 @@
 """The calibration pass of scoring: which parameters are scored, the hooks that fold every batch into running
 accumulators, and the loop over the batches.
 
-Forward pre-hooks fold each layer input named in ``llamaprune.core.arch`` (attn_in, o_in, mlp_in, down_in) into
-per-feature statistics (``INPUT_STATISTICS``) and forward hooks the layer in/out cosines (block influence); when
+Forward pre-hooks fold layer inputs named in ``llamaprune.core.arch`` (attn_in, o_in, mlp_in, down_in) into the
+per-feature statistics (``INPUT_STATISTICS``) that something reads there (the requested criteria, and bias
+compensation: ``RECORDED_STATISTICS``), and forward hooks the layer in/out cosines (block influence); when
 a criterion needs gradients, each batch's loss is backpropagated and a post-accumulate-grad hook folds each
 prunable parameter's gradient into running sums and frees it (docs/ARTIFACTS.md, "Criteria").
 
@@ -13,19 +14,20 @@ group, so a group's gradient is that of its summed token loss over a full group'
 
     >>> shape = model_shape(model.config)                                           # doctest: +SKIP
     >>> specs = param_specs(model, shape)                                           # doctest: +SKIP
-    >>> acc = calibrate(model, batches, shape, specs, ("sq_norm",), gradients=False)  # doctest: +SKIP
+    >>> acc = calibrate(model, batches, shape, specs, {"attn_in": ("sq_norm",)}, gradients=False)  # doctest: +SKIP
     >>> acc.inputs[(0, "attn_in", "sq_norm")].shape == (model.config.hidden_size,)  # doctest: +SKIP
     True
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 
 from llamaprune.core.arch import INPUT_READERS, LINEARS, ROWS
+from llamaprune.core.criteria import OUTPUT_INPUTS
 from llamaprune.core.errors import UsageError, flag
 from llamaprune.core.groups import LayerShape, ModelShape
 from llamaprune.io.text_data import batches
@@ -35,13 +37,16 @@ from llamaprune.scoring.importance.influence import accumulate_cosine
 from llamaprune.scoring.importance.taylor import fold_gradient, new_state
 from llamaprune.scoring.importance.wanda import accumulate_sq_norm
 
-# Per-feature statistics of a linear's input: name -> fold(x, running value or None) -> running value.
-# A criterion asks for them by name (llamaprune.core.criteria); stats.safetensors holds them as
-# ``layers.<layer>.<input>.<name>``.
+# Per-feature statistics of a linear's input: name -> fold(x, running value or None) -> running value, x flat
+# (tokens, features). A criterion asks for them by name on the inputs it reads (llamaprune.core.criteria);
+# stats.safetensors holds them as ``layers.<layer>.<input>.<name>``.
 INPUT_STATISTICS = {"sq_norm": accumulate_sq_norm, "sum": accumulate_sum}
-# Collected on every pass, whatever the criteria: stats.safetensors always has them (docs/ARTIFACTS.md); the sums
-# give the input means that bias compensation needs (llamaprune.apply.refit).
-RECORDED_STATISTICS = ("sq_norm", "sum")
+# Input name -> statistics folded on every pass, whatever the criteria, so stats.safetensors always has them
+# (docs/ARTIFACTS.md): the sums of the output projections' inputs (o_in, down_in), whose means
+# ``apply --compensate bias`` reads (llamaprune.apply.refit.mean_biases), so any run's plans can be compensated.
+RECORDED_STATISTICS: dict[str, tuple[str, ...]] = {name: ("sum",) for name in OUTPUT_INPUTS}
+# What a pass folds on each input: input name -> statistic names (``scoring.in_memory.statistics_of``).
+Statistics = Mapping[str, tuple[str, ...]]
 
 
 @dataclass(frozen=True)
@@ -87,16 +92,20 @@ def layer_param_specs(block, layer: int, layer_shape: LayerShape) -> list[ParamS
     return specs
 
 
-def layer_hooks(block, layer: int, layer_shape: LayerShape, acc: Accumulators, statistics: tuple[str, ...]) -> list:
-    """Forward hooks of one decoder block: its linears' inputs folded into ``statistics`` and its input/output
-    cosines (block influence), into ``acc``; returns their handles. Per block, so that the whole-model pass and
-    the layer-streamed one (``llamaprune.scoring.streamed``) fold the same tensors the same way."""
+def layer_hooks(block, layer: int, layer_shape: LayerShape, acc: Accumulators, statistics: Statistics) -> list:
+    """Forward hooks of one decoder block: its linears' inputs folded into the ``statistics`` wanted on each (an
+    input without any gets no hook) and its input/output cosines (block influence), into ``acc``; returns their
+    handles. Per block, so that the whole-model pass and the layer-streamed one (``llamaprune.scoring.streamed``)
+    fold the same tensors the same way."""
 
-    def input_hook(key: str):
+    def input_hook(key: str, names: tuple[str, ...]):
+        folds = [((layer, key, name), INPUT_STATISTICS[name]) for name in names]
+
         def hook(module, args):
-            for name in statistics:
-                slot = (layer, key, name)
-                acc.inputs[slot] = INPUT_STATISTICS[name](args[0], acc.inputs.get(slot))
+            x = args[0].detach()
+            x = x.reshape(-1, x.shape[-1])  # once for all the statistics
+            for slot, fold in folds:
+                acc.inputs[slot] = fold(x, acc.inputs.get(slot))
 
         return hook
 
@@ -107,12 +116,13 @@ def layer_hooks(block, layer: int, layer_shape: LayerShape, acc: Accumulators, s
 
     handles = [block.register_forward_hook(influence_hook, with_kwargs=True)]
     for key, linear in INPUT_READERS.items():
-        if layer_shape.groups(linear.kind):
-            handles.append(block.get_submodule(linear.path).register_forward_pre_hook(input_hook(key)))
+        names = statistics.get(key, ())
+        if names and layer_shape.groups(linear.kind):
+            handles.append(block.get_submodule(linear.path).register_forward_pre_hook(input_hook(key, names)))
     return handles
 
 
-def install_hooks(model, shape: ModelShape, specs: list[ParamSpec], acc: Accumulators, statistics: tuple[str, ...],
+def install_hooks(model, shape: ModelShape, specs: list[ParamSpec], acc: Accumulators, statistics: Statistics,
                   gradients: bool, gate: _Gate | None = None, accumulate: torch.dtype = torch.float32) -> list:
     """Hooks that route every batch's tensors into ``acc`` (gradients only while ``gate`` is open, w*G summed in
     ``accumulate``); returns their handles."""
@@ -135,7 +145,7 @@ def install_hooks(model, shape: ModelShape, specs: list[ParamSpec], acc: Accumul
 
 
 def calibrate(model, groups: Iterable[GradientGroup | torch.Tensor], shape: ModelShape, specs: list[ParamSpec],
-              statistics: tuple[str, ...], gradients: bool, progress: bool = False,
+              statistics: Statistics, gradients: bool, progress: bool = False,
               accumulate: torch.dtype = torch.float32, sharded=None) -> Accumulators:
     """Run ``groups`` (``GradientGroup``s, or (B, L) LongTensors of token ids, each a group of its own) through
     ``model`` once, with a backward pass when ``gradients``; the model's mode, requires_grad flags and .grad

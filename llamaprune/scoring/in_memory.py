@@ -26,9 +26,10 @@ from llamaprune.core.choices import parse_choice
 from llamaprune.core.criteria import (
     CRITERIA,
     FORWARD_ONLY,
+    INPUTS,
     REGISTRY,
     TABLE,
-    input_stats,
+    input_statistics,
     needs_gradients,
     parse_criteria,
 )
@@ -38,7 +39,7 @@ from llamaprune.core.tables import groups_schema, layers_schema, with_meta
 from llamaprune.io.loading import Device, DType
 from llamaprune.runs.peak_memory import PeakMemory
 from llamaprune.scoring.accumulators import Accumulators, ParamSpec
-from llamaprune.scoring.calibration import RECORDED_STATISTICS, calibrate, param_specs
+from llamaprune.scoring.calibration import RECORDED_STATISTICS, Statistics, calibrate, param_specs
 from llamaprune.scoring.collectives import Ranks
 from llamaprune.scoring.importance.influence import block_influence
 
@@ -174,9 +175,12 @@ def _nbytes(acc: Accumulators) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def statistics_of(criteria) -> tuple[str, ...]:
-    """The input statistics a pass folds: those always recorded, and those ``criteria`` read."""
-    return tuple(dict.fromkeys(RECORDED_STATISTICS + input_stats(criteria)))
+def statistics_of(criteria) -> Statistics:
+    """Input name -> the statistics a pass folds on it: those ``criteria`` read there, and those always recorded
+    (``scoring.calibration.RECORDED_STATISTICS``, for bias compensation); nothing where nothing reads it."""
+    wanted = input_statistics(criteria)
+    return {name: tuple(dict.fromkeys((*wanted.get(name, ()), *RECORDED_STATISTICS.get(name, ()))))
+            for name in INPUTS if name in wanted or name in RECORDED_STATISTICS}
 
 
 def table_meta(config, shape: ModelShape, criteria, calibration: dict | None, weights: str | None = None) -> dict:

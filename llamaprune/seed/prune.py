@@ -25,6 +25,7 @@ from llamaprune.core.choices import parse_choice
 from llamaprune.core.criteria import NAMES, canonical
 from llamaprune.core.errors import UsageError, flags_named
 from llamaprune.evaluate.perplexity import EVAL_FILE, EvalOptions, measure
+from llamaprune.evaluate.speed import measure_pair, speed_text
 from llamaprune.evaluate.zero_shot import task_lines, task_options
 from llamaprune.io.loading import Device, DType
 from llamaprune.plan import LayerStrategy, Normalize, PlanOptions, Strategy
@@ -303,7 +304,6 @@ def _run(options: PruneOptions, run: PhaseRun[_Inputs], progress: bool) -> None:
     measure = functools.partial(
         _measure, tokenizer=loaded.tokenizer, options=evaluation, rows=inputs.evaluation, progress=progress
     )
-    dense = measure(loaded.model)
     result, manifest = score_into(out, options.score_options(), loaded, inputs.calibration, load_seconds, progress,
                                   run.checked.weights)
     manifest = with_history(manifest, score_entry(result))  # the scoring; this prune follows it
@@ -325,7 +325,10 @@ def _run(options: PruneOptions, run: PhaseRun[_Inputs], progress: bool) -> None:
         seconds_apply=round(time.perf_counter() - t0, 3),
         seed_files=seed_files,
     )
-    report = compare(evaluation, dense, measure(model)) if dense else None
+    report = None
+    if inputs.evaluation is not None:  # the dense and the pruned model (sharing tensors) are both in memory
+        report = compare(evaluation, *measure_pair(loaded.model, model, loaded.tokenizer, evaluation,
+                                                   inputs.evaluation, progress))
     curve = None
     if options.finetune:
         model, curve, summary["finetune"] = _finetune(
@@ -423,7 +426,8 @@ def summary_lines(summary: dict) -> list[str]:
             ppl += f", finetuned {report['finetuned']['ppl']:.3f}"
         options = report["options"]
         lines.append(
-            f"{ppl} ({options['dataset']}, {report['after']['windows']} windows of {options['seq_len']})"
+            f"{ppl} ({options['dataset']}, {report['after']['windows']} windows of {options['seq_len']}); "
+            f"{speed_text(report)}"
         )
         if options.get("tasks"):  # dense -> pruned (-> finetuned)
             lines += task_lines(report["before"], report["after"], *filter(None, [report.get("finetuned")]))

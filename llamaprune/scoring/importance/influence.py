@@ -12,10 +12,14 @@ import torch
 
 
 def accumulate_cosine(x_in: torch.Tensor, x_out: torch.Tensor, acc: torch.Tensor | None) -> torch.Tensor:
-    """acc = [sum of per-token cosines, token count], in float64."""
+    """acc = [sum of per-token cosines, token count], in float64, added to in place (the count from Python: no
+    tensor is built and copied to the device for it each batch)."""
     cos = torch.nn.functional.cosine_similarity(x_in.detach().float(), x_out.detach().float(), dim=-1)
-    step = torch.stack([cos.double().sum(), torch.tensor(float(cos.numel()), dtype=torch.float64, device=cos.device)])
-    return step if acc is None else acc.add_(step)
+    if acc is None:
+        acc = torch.zeros(2, dtype=torch.float64, device=cos.device)
+    acc[0] += cos.sum(dtype=torch.float64)
+    acc[1] += cos.numel()
+    return acc
 
 
 def block_influence(acc: torch.Tensor) -> float:
