@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from llamaprune.apply.command import apply_plan  # noqa: E402
-from llamaprune.apply.refit import CompensationOptions  # noqa: E402
+from llamaprune.apply.refit import DEFAULT_DAMP, CompensationOptions  # noqa: E402
 from llamaprune.evaluate.perplexity import perplexity  # noqa: E402
 from llamaprune.io.loading import LoadedModel, Source, load_model  # noqa: E402
 from llamaprune.io.text_data import calibration_windows, evaluation_windows, load_rows  # noqa: E402
@@ -90,11 +90,13 @@ def heldout_rows() -> tuple[list[str], dict]:
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="Tiny random model and few windows (smoke test).")
-    parser.add_argument("--run", default=None, help="Run directory of `llamaprune score` (default: score here).")
+    parser.add_argument("--run", default=None,
+                        help="Run directory of `llamaprune score` (default: score here; into --run if it has none).")
     parser.add_argument("--data-dir", default=os.environ.get("LLAMAPRUNE_DATA_DIR") or str(SHARED))
     parser.add_argument("--num-samples", type=int, default=128, help="Scoring windows (when scoring here).")
     parser.add_argument("--calibration-samples", type=int, default=1024, help="lstsq: windows to refit on.")
     parser.add_argument("--ratios", default="0.2")
+    parser.add_argument("--damp", type=float, default=DEFAULT_DAMP, help="lstsq: the ridge (apply --damp).")
     parser.add_argument("--cases", default=None, help="Comma-separated case numbers (default: all).")
     parser.add_argument("--windows", default="256,64", help="Eval windows at 128 and at 512 tokens.")
     parser.add_argument("--out", default=str(ROOT / "bench" / "compensation.json"))
@@ -111,7 +113,7 @@ def main(argv=None) -> list[dict]:
         model, tokenizer = loaded.model, loaded.tokenizer
     rows = load_rows(str(valid), split="train")
     run_dir = Path(args.run) if args.run else Path(tempfile.mkdtemp(prefix="llamaprune-bench-"))
-    if not args.run:
+    if not (run_dir / "groups.parquet").is_file():  # scored here (and kept in --run, when given)
         windows = calibration_windows(tokenizer, rows, args.num_samples, 128, 0)
         result = score(model, list(windows.split(8)), criteria=("taylor2", "fluctuation"), progress=False)
         write_tables(run_dir, result)
@@ -136,7 +138,8 @@ def main(argv=None) -> list[dict]:
     for ratio in (float(r) for r in args.ratios.split(",")):
         for label, plan_fields, method, extra in chosen:
             plan = make_plan(tables, PlanOptions(ratio=ratio, **plan_fields))
-            compensation = CompensationOptions(method, str(valid), args.calibration_samples, 128, **extra)
+            compensation = CompensationOptions(method, str(valid), args.calibration_samples, 128, damp=args.damp,
+                                               **extra)
             forward, forward_peak = forward_pass(model, calibration, 8) if method == "lstsq" else (None, None)
             peak = PeakMemory("cpu", "compensation")
             start = time.perf_counter()
@@ -149,6 +152,7 @@ def main(argv=None) -> list[dict]:
             row = {
                 "case": label, "ratio": ratio, "achieved_ratio": round(plan.achieved_ratio, 4),
                 "compensation": method, "calibration_samples": args.calibration_samples if method == "lstsq" else 0,
+                **({"damp": args.damp} if method == "lstsq" else {}),
                 **extra, **ppl, **{f"{key}_vs_dense": round(value / dense[key], 3) for key, value in ppl.items()},
                 "compensation_seconds": round(seconds, 1),
             }

@@ -199,3 +199,5 @@ def test_streamed_compensation_bench_runs_tiny(tmp_path):
     figures = json.loads(out.read_text())
     assert figures["peaks"]["lstsq"]["peak_rss"] >= figures["peaks"]["none"]["rss_after_imports"] > 0
     assert figures["budget"]["widest_kept"] > 0 and figures["budget"]["largest_fit"] > 0
+    assert "with --select obs" in done.stdout and figures["budget"]["obs_choice"] > 0
+    assert figures["peaks"]["obs"]["peak_rss"] >= figures["peaks"]["obs"]["rss_after_imports"] > 0

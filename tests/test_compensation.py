@@ -312,3 +312,27 @@ def test_nan_activations_are_one_line(tmp_path, tokenizer, monkeypatch):
     lines = result.stderr.strip().splitlines()  # after the progress bar: one error line, no traceback
     assert result.exit_code == 2 and lines[-1].startswith("error: ") and "NaN or infinite at layer 0" in lines[-1]
     assert "Traceback" not in result.output and not out.exists()
+
+
+@pytest.mark.parametrize("target", ["dense", "residual"])
+def test_dense_targets_are_the_pruned_one_until_error_is_carried_up(target):
+    """With nothing pruned below a block, the dense model's output there is the unpruned block's on the pruned
+    model's inputs: every target fits the same tensors. Once a lower layer is pruned they differ."""
+    from llamaprune.apply.refit import Target
+
+    config = tiny_config(layers=3, heads=4, kv_heads=2, intermediate=32)
+    model = tiny_model(config)
+    windows = ids(config.vocab_size, batch=8, length=16, seed=3)
+    full = ([0, 1], list(range(32)))
+    last_only = plan_from_kept(config, [full, full, ([0, 1], list(range(0, 32, 2)))])
+    stream = LayerStream.from_model(model, 4)
+    pruned = refit_layers(stream, last_only, windows, 1e-3, False).tensors
+    dense = refit_layers(stream, last_only, windows, 1e-3, False, target=Target(target)).tensors
+    assert pruned.keys() == dense.keys()
+    for key in pruned:
+        assert torch.equal(pruned[key], dense[key]), key
+    below = plan_from_kept(config, [([0, 1], list(range(16))), full, ([1], list(range(0, 32, 2)))])
+    pruned = refit_layers(stream, below, windows, 1e-3, False).tensors
+    dense = refit_layers(stream, below, windows, 1e-3, False, target=Target(target)).tensors
+    assert torch.equal(pruned["model.layers.0.mlp.down_proj.weight"], dense["model.layers.0.mlp.down_proj.weight"])
+    assert not torch.equal(pruned["model.layers.2.mlp.down_proj.weight"], dense["model.layers.2.mlp.down_proj.weight"])

@@ -158,7 +158,7 @@ def test_the_plan_obs_chose_re_applies_bit_for_bit_with_score_selection(tmp_path
     assert read_plan(planned / "plan.json").selection is None
 
 
-def test_select_needs_the_least_squares_refit(tmp_path, tiny_checkpoint):
+def test_select_swaps_and_target_need_the_least_squares_refit(tmp_path, tiny_checkpoint):
     from llamaprune.cli.app import app
 
     plan = tmp_path / "p.json"
@@ -169,5 +169,6 @@ def test_select_needs_the_least_squares_refit(tmp_path, tiny_checkpoint):
     assert_one_error_line(runner.invoke(app, [*base, "--compensate", "lstsq", "--calibration", str(VALID_TXT),
                                               "--select", "best"]), "--select 'best' is not one of")
     assert_one_error_line(runner.invoke(app, [*base, "--swaps", "3"]), "--swaps")
+    assert_one_error_line(runner.invoke(app, [*base, "--target", "dense"]), "--target", "--compensate lstsq")
     assert not (tmp_path / "out").exists()
     assert CompensationOptions("lstsq", "x").select is not None

@@ -216,7 +216,7 @@ def _refit_block(stream: LayerStream, decoder: torch.nn.Module, block: Block, hi
                 y = run(d)
                 dense_after.append(d + y)
                 if target is Target.residual:
-                    y = y + d - h
+                    y = y + (d - h)
             yield z, y
 
     weight, bias = _fitted(proj, keep, damp, inputs, f"layer {layer}")
@@ -304,6 +304,9 @@ class CompensationOptions:
         if self.select is Selection.obs and not lstsq:
             raise UsageError(f"{flag('apply --select')} obs chooses the groups inside the least-squares refit; add "
                              f"{flag('apply --compensate')} lstsq {flag('apply --calibration')} TEXT")
+        if self.target is not Target.pruned and not lstsq:
+            raise UsageError(f"{flag('apply --target')} is the least-squares refit's; add {flag('apply --compensate')} "
+                             f"lstsq {flag('apply --calibration')} TEXT")
         if self.swaps < 0 or (self.swaps and self.select is not Selection.obs):
             raise UsageError(f"{flag('apply --swaps')} must be 0 or more, and is for {flag('apply --select')} obs; "
                              f"got {self.swaps}")

@@ -351,6 +351,11 @@ def apply_command(
                                       "Default: obs with lstsq.")
     ] = None,
     swaps: Annotated[int, typer.Option(help="obs: swap rounds per block after the greedy choice.")] = 0,
+    target: Annotated[
+        str, typer.Option(help="lstsq: what the refit reproduces: pruned (the unpruned block on the pruned model's "
+                               "inputs), dense (the dense model's block output there) or residual (the dense "
+                               "model's hidden states after the block).")
+    ] = "pruned",
     finetune: Annotated[
         str | None, typer.Option("--finetune", help="Then recover: lora or full (see `llamaprune finetune`).")
     ] = None,
@@ -378,7 +383,7 @@ def apply_command(
     elif zero_shot_tasks is not None:
         raise UsageError("--tasks runs beside the perplexity of --eval; add --eval DATASET, e.g. --eval wikitext2")
     compensation = CompensationOptions(compensate, calibration, calibration_samples, calibration_seq_len, damp,
-                                       data_dir=data_dir, select=select, swaps=swaps)
+                                       data_dir=data_dir, select=select, swaps=swaps, target=target)
     recovery = None
     if finetune:
         from llamaprune.recover.finetune import FinetuneOptions
