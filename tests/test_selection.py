@@ -171,4 +171,4 @@ def test_select_swaps_and_target_need_the_least_squares_refit(tmp_path, tiny_che
     assert_one_error_line(runner.invoke(app, [*base, "--swaps", "3"]), "--swaps")
     assert_one_error_line(runner.invoke(app, [*base, "--target", "dense"]), "--target", "--compensate lstsq")
     assert not (tmp_path / "out").exists()
-    assert CompensationOptions("lstsq", "x").select is not None
+    assert CompensationOptions("lstsq", "x", select="obs").select is Selection.obs

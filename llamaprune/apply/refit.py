@@ -33,7 +33,6 @@ from llamaprune.io.weights import load_file, read_tensors, tensor_files
 from llamaprune.scoring.in_memory import STATS_FILE
 
 DEFAULT_DAMP = 1e-3
-DEFAULT_SELECTION = Selection.score  # with lstsq (bench/RESULTS.md, "Selection")
 # The output projection of each block (o_proj, down_proj): the linears whose input columns a plan removes.
 OUTPUTS = tuple(output_linear(block) for block in BLOCKS)
 
@@ -277,9 +276,9 @@ def _use_lstsq() -> str:
 @dataclass(frozen=True)
 class CompensationOptions:
     """How apply compensates: ``method``, and for ``lstsq`` the calibration text (``num_samples`` windows of
-    ``seq_len`` tokens, seeded), the ridge ``damp`` (relative to the mean diagonal of the inputs' Gram) and how
-    the removed groups are chosen (``select``: None is obs with lstsq and the plan's own otherwise; ``swaps``:
-    OBS swap rounds per block)."""
+    ``seq_len`` tokens, seeded), the ridge ``damp`` (relative to the mean diagonal of the inputs' Gram), how
+    the removed groups are chosen (``select``; ``swaps``: OBS swap rounds per block) and what the refit
+    reproduces (``target``)."""
 
     method: Compensation = Compensation.none
     calibration: str | None = None
@@ -290,7 +289,7 @@ class CompensationOptions:
     batch_size: int = 8
     data_dir: str | None = None
     device: str = "cpu"  # where a streamed checkpoint's layers are run (an in-memory model stays where it is)
-    select: Selection | None = None
+    select: Selection = Selection.score
     swaps: int = 0
     target: Target = Target.pruned
 
@@ -298,8 +297,6 @@ class CompensationOptions:
         object.__setattr__(self, "method", parse_choice(Compensation, self.method, flag("apply --compensate")))
         object.__setattr__(self, "target", parse_choice(Target, self.target, flag("apply --target")))
         lstsq = self.method is Compensation.lstsq
-        if self.select is None:
-            object.__setattr__(self, "select", DEFAULT_SELECTION if lstsq else Selection.score)
         object.__setattr__(self, "select", parse_choice(Selection, self.select, flag("apply --select")))
         if self.select is Selection.obs and not lstsq:
             raise UsageError(f"{flag('apply --select')} obs chooses the groups inside the least-squares refit; add "

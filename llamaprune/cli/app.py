@@ -346,10 +346,9 @@ def apply_command(
     calibration_seq_len: Annotated[int, typer.Option(help="lstsq: tokens per calibration window.")] = 128,
     damp: Annotated[float, typer.Option(help="lstsq: ridge, relative to the mean input energy.")] = 1e-3,
     select: Annotated[
-        str | None, typer.Option(help="lstsq: which groups go, in the plan's per-layer counts: score (the plan's) or "
-                                      "obs (chosen in the refit pass by structured OBS; written to OUT/plan.json). "
-                                      "Default: obs with lstsq.")
-    ] = None,
+        str, typer.Option(help="lstsq: which groups go, in the plan's per-layer counts: score (the plan's) or obs "
+                               "(chosen in the refit pass by structured OBS; written to OUT/plan.json).")
+    ] = "score",
     swaps: Annotated[int, typer.Option(help="obs: swap rounds per block after the greedy choice.")] = 0,
     target: Annotated[
         str, typer.Option(help="lstsq: what the refit reproduces: pruned (the unpruned block on the pruned model's "
