@@ -41,7 +41,7 @@ def apply_streamed(src: Path, plan: Path, out: Path, method: str, calibration: P
     register()
     imported = rss_bytes()
     start = time.perf_counter()
-    select = {"lstsq": "score", "obs": "obs"}.get(method)
+    select = "obs" if method == "obs" else "score"
     compensation = CompensationOptions("lstsq" if method == "obs" else method, str(calibration), num_samples, seq_len,
                                        select=select)
     apply(ApplyOptions(plan=plan, model=str(src), out=out, compensation=compensation))
