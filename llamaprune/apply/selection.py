@@ -126,7 +126,6 @@ class Problem:
         return (w * solved.transpose(1, 2)).sum(dim=(1, 2)) - ridge
 
 
-
 def _greedy(problem: Problem, remove: int) -> torch.Tensor:
     """Remove ``remove`` groups, the cheapest first, downdating after each step of at most ceil(remove/STEPS)."""
     weight, inverse = problem.weight.clone(), problem.inverse.clone()  # downdated in place: no third copy
