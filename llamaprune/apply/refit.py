@@ -152,10 +152,7 @@ def refit_layers(stream: LayerStream, plan: Plan, windows: torch.Tensor, damp: f
                 raise non_finite(f"layer {lp.layer}")
             fitted.add(tensors)
             layers.append(lp)
-    if selection is Selection.score:
-        return Compensated(fitted, plan)
-    return Compensated(fitted, replace(plan, layers=tuple(layers), selection={"method": selection.value,
-                                                                              "swaps": swaps}))
+    return Compensated(fitted, plan if selection is Selection.score else replace(plan, layers=tuple(layers)))
 
 
 def _advance(stream: LayerStream, decoder: torch.nn.Module, block: Block, hidden: torch.Tensor) -> torch.Tensor:
@@ -208,11 +205,13 @@ def _refit_block(stream: LayerStream, decoder: torch.nn.Module, block: Block, hi
 
     def inputs() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for h, d in zip(stream.batches(hidden), dense_batches, strict=True):
-            z, y = _capture(proj, lambda h=h: run(h))
+            if d is None:
+                z, y = _capture(proj, lambda h=h: run(h))
+            else:  # the target comes from the dense stream: the pruned one stops at the projection
+                z, y = _input_of(proj, lambda h=h: run(h)), run(d)
             if reuse:
                 kept_inputs.append(z[..., keep.to(z.device)])
             if d is not None:
-                y = run(d)
                 dense_after.append(d + y)
                 if target is Target.residual:
                     y = y + (d - h)
@@ -366,11 +365,11 @@ class CompensationOptions:
         windows = calibration_windows(tokenizer, rows, self.num_samples, self.seq_len, self.seed,
                                       flag("apply --calibration-seq-len"))
         done = refit_layers(stream, plan, windows, self.damp, progress, spill, self.select, self.swaps, self.target)
-        if done.plan.selection is None:
+        if self.select is Selection.score:
             return done
-        calibration = {"calibration": self.calibration, "num_samples": self.num_samples, "seq_len": self.seq_len,
-                       "seed": self.seed, "damp": self.damp}
-        return replace(done, plan=replace(done.plan, selection={**done.plan.selection, **calibration}))
+        record = {"method": self.select.value, "swaps": self.swaps, "calibration": self.calibration,
+                  "num_samples": self.num_samples, "seq_len": self.seq_len, "seed": self.seed, "damp": self.damp}
+        return replace(done, plan=replace(done.plan, selection=record))
 
 
 def stats_file(run_dir: Path | None) -> Path:

@@ -28,6 +28,7 @@ from enum import Enum
 
 import torch
 
+from llamaprune.apply.compensation import non_finite
 from llamaprune.core.errors import UsageError, flag
 from llamaprune.scoring.importance import token_sums
 
@@ -81,8 +82,6 @@ class Problem:
            damp: float, where: str) -> Problem:
         n = weight.shape[1]
         if not torch.isfinite(gram).all():
-            from llamaprune.apply.compensation import non_finite
-
             raise non_finite(where)
         system = gram.clone()
         ridge = damp * float(torch.diagonal(system)[:n].mean())
