@@ -168,7 +168,7 @@ def test_non_finite_scores_name_the_layer():
 def test_parse_criteria():
     assert parse_criteria("wanda, taylor") == ("taylor", "wanda")
     with pytest.raises(ValueError, match="choose from"):
-        parse_criteria("taylor,obs")
+        parse_criteria("taylor,snip")
 
 
 def _write_calibration(tmp_path):
@@ -245,7 +245,7 @@ def test_table_from_another_model_is_rejected(tmp_path):
 
 def test_cli_score_bad_input(tmp_path, tiny_checkpoint):
     runner = CliRunner()
-    bad = runner.invoke(app, ["score", str(tiny_checkpoint), "--out", str(tmp_path / "r"), "--criteria", "obs"])
+    bad = runner.invoke(app, ["score", str(tiny_checkpoint), "--out", str(tmp_path / "r"), "--criteria", "snip"])
     assert bad.exit_code == 2 and "choose from" in bad.output and "Traceback" not in bad.output
     missing = runner.invoke(app, ["score", str(tmp_path / "nope"), "--out", str(tmp_path / "r")])
     assert missing.exit_code == 2 and "not found" in missing.output

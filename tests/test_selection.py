@@ -15,11 +15,12 @@ from typer.testing import CliRunner
 from llamaprune.apply.command import apply_plan
 from llamaprune.apply.compensation import FitSums, refit
 from llamaprune.apply.refit import CompensationOptions, refit_layers
-from llamaprune.apply.selection import GramSums, Selection, select
+from llamaprune.apply.selection import Selection, select
 from llamaprune.core.artifacts import atomic_write_json
 from llamaprune.core.errors import UsageError
 from llamaprune.core.plan_file import plan_from_kept, read_plan, write_plan
 from llamaprune.io.layer_stream import LayerStream
+from llamaprune.scoring.importance.obs import accumulate_gram
 
 DAMP = 1e-3
 
@@ -54,7 +55,7 @@ def kept_columns(groups: torch.Tensor, kept_groups) -> list[int]:
 def test_greedy_obs_removes_the_single_group_a_brute_force_refit_finds_best(seed, size):
     x, w, b = layer_inputs(seed)
     groups = torch.arange(12).view(-1, size)
-    gram = GramSums(12).add(x).system
+    gram = accumulate_gram(x, None)
     kept = select(gram, w, b, groups, remove=1, damp=DAMP)
     errors = {g: refit_error(x, w, b, kept_columns(groups, [i for i in range(len(groups)) if i != g]))
               for g in range(len(groups))}
@@ -69,7 +70,7 @@ def test_greedy_obs_removes_the_single_group_a_brute_force_refit_finds_best(seed
 def test_obs_never_loses_to_the_plan_s_own_groups_and_swaps_never_hurt(seed, swaps):
     x, w, b = layer_inputs(seed, features=10)
     groups = torch.arange(10).view(-1, 1)
-    gram = GramSums(10).add(x).system
+    gram = accumulate_gram(x, None)
     planned = torch.tensor(sorted(torch.randperm(10, generator=torch.Generator().manual_seed(seed))[:6].tolist()))
     chosen = select(gram, w, b, groups, remove=4, damp=DAMP, swaps=swaps, planned=planned)
     greedy = select(gram, w, b, groups, remove=4, damp=DAMP)
@@ -86,7 +87,7 @@ def test_swaps_find_a_better_set_than_greedy_somewhere():
     gains = []
     for seed in range(12):
         x, w, b = layer_inputs(seed, features=10)
-        gram = GramSums(10).add(x).system
+        gram = accumulate_gram(x, None)
         groups = torch.arange(10).view(-1, 1)
         greedy = refit_error(x, w, b, select(gram, w, b, groups, 5, DAMP).tolist())
         swapped = refit_error(x, w, b, select(gram, w, b, groups, 5, DAMP, swaps=8).tolist())
@@ -97,7 +98,7 @@ def test_swaps_find_a_better_set_than_greedy_somewhere():
 
 def test_nothing_to_remove_is_the_identity():
     x, w, b = layer_inputs(0)
-    assert select(GramSums(12).add(x).system, w, b, torch.arange(12).view(-1, 1), 0, DAMP).tolist() == list(range(12))
+    assert select(accumulate_gram(x, None), w, b, torch.arange(12).view(-1, 1), 0, DAMP).tolist() == list(range(12))
     config = tiny_config(layers=2)
     model = tiny_model(config)
     plan = plan_from_kept(config, [(list(range(2)), list(range(24)))] * 2)
@@ -116,10 +117,10 @@ def test_a_singular_gram_and_nan_inputs_name_the_fix():
     x[:, 3] = 0.0  # a dead input: its row of the Gram matrix is zero
     groups = torch.arange(12).view(-1, 1)
     with pytest.raises(UsageError, match="singular.*--damp.*--select score"):
-        select(GramSums(12).add(x).system, w, b, groups, 2, damp=0.0, where="layer 3 (mlp)")
+        select(accumulate_gram(x, None), w, b, groups, 2, damp=0.0, where="layer 3 (mlp)")
     x[0, 1] = float("nan")
     with pytest.raises(UsageError, match="NaN or infinite at layer 3"):
-        select(GramSums(12).add(x).system, w, b, groups, 2, damp=DAMP, where="layer 3 (mlp)")
+        select(accumulate_gram(x, None), w, b, groups, 2, damp=DAMP, where="layer 3 (mlp)")
 
 
 def test_the_plan_obs_chose_re_applies_bit_for_bit_with_score_selection(tmp_path, tokenizer):

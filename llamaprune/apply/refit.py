@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from llamaprune.apply.compensation import Compensation, FitSums, mean_bias, non_finite, refit
-from llamaprune.apply.selection import GramSums, Selection, select
+from llamaprune.apply.selection import Selection, select
 from llamaprune.apply.slicing import GROUP_FIELDS, group_columns, kept_indices, layer_indices, tensor_route
 from llamaprune.apply.spill import SpilledTensors
 from llamaprune.core.arch import BLOCKS, LAYERS_PREFIX, Block, linear_biases, output_linear
@@ -30,9 +30,10 @@ from llamaprune.core.errors import UsageError, flag
 from llamaprune.core.plan_file import LayerPlan, Plan
 from llamaprune.io.layer_stream import LayerStream, unmap_large_frees
 from llamaprune.io.weights import load_file, read_tensors, tensor_files
+from llamaprune.scoring.importance.obs import DAMP as DEFAULT_DAMP
+from llamaprune.scoring.importance.obs import accumulate_gram
 from llamaprune.scoring.in_memory import STATS_FILE
 
-DEFAULT_DAMP = 1e-3
 # The output projection of each block (o_proj, down_proj): the linears whose input columns a plan removes.
 OUTPUTS = tuple(output_linear(block) for block in BLOCKS)
 
@@ -172,11 +173,11 @@ def _choose(stream: LayerStream, decoder: torch.nn.Module, block: Block, hidden:
     if remove == 0:
         return lp
     proj = decoder.get_submodule(linear.path)
-    gram = GramSums(proj.in_features, proj.weight.device)
+    gram = None
     for h in stream.batches(hidden):
-        gram.add(_input_of(proj, lambda h=h: stream.sub_block(decoder, block, h)))
+        gram = accumulate_gram(_input_of(proj, lambda h=h: stream.sub_block(decoder, block, h)), gram)
     bias = None if proj.bias is None else proj.bias.detach()
-    kept = select(gram.system, proj.weight.detach(), bias, groups, remove, damp, swaps, planned,
+    kept = select(gram, proj.weight.detach(), bias, groups, remove, damp, swaps, planned,
                   f"layer {lp.layer} ({block.name})")
     return replace(lp, **{field: tuple(kept.tolist())})
 

@@ -1,20 +1,17 @@
-"""Which groups a layer loses, chosen knowing the refit: structured OBS (optimal brain surgeon, as in ZipLM and
-SlimGPT) on the Gram matrix of an output projection's inputs.
+"""Which groups a layer loses, chosen knowing the refit: structured OBS (``scoring.importance.obs``: the refit's
+error J, its greedy removal path) inside the sequential compensation pass, on the activations of the already pruned
+layers below.
 
 The plan fixes how many groups each layer loses; ``score`` selection keeps the plan's own indices, ``obs``
-chooses them again inside the sequential compensation pass, on the activations of the already pruned layers
-below. The refit (``apply.compensation.refit``) of the kept columns K minimizes
-``J(K) = ||x_K W_K'^T + b' - (x W^T + b)||^2 + λ||W_K' - W_K||^2``; with ``G = H + λ I`` (H: the Gram matrix of the
-inputs with a constant 1 appended for the bias, λ on the weight columns only) and R the removed columns,
-``J = tr(W_R (G^-1)_RR^-1 W_R^T) - λ||W_R||^2`` (OBS's error of removing R, less the ridge's constant). Greedy
-removal takes the group of least marginal J, then downdates ``G^-1`` and the weights as if the others were
-refitted; ``swaps`` rounds then exchange a removed group for a kept one, the exchange that lowers J most, while
-one does (as OSSCAR's local search). J never rises in a swap, and the plan's own selection is kept where it is
-better, so ``obs`` never loses to ``score`` on the calibration inputs' reconstruction error.
+chooses them again: the greedy path's first groups, then ``swaps`` rounds that exchange a removed group for a kept
+one, the exchange that lowers J most, while one does (as OSSCAR's local search). J never rises in a swap, and the
+plan's own selection is kept where it is better, so ``obs`` never loses to ``score`` on the calibration inputs'
+reconstruction error.
 
     >>> import torch
+    >>> from llamaprune.scoring.importance.obs import accumulate_gram
     >>> x = torch.randn(256, 6, dtype=torch.float64)
-    >>> gram = GramSums(6).add(x).system
+    >>> gram = accumulate_gram(x, None)
     >>> groups = torch.arange(6).view(6, 1)
     >>> select(gram, torch.randn(3, 6), None, groups, remove=2, damp=1e-3).shape
     torch.Size([4])
@@ -22,19 +19,13 @@ better, so ``obs`` never loses to ``score`` on the calibration inputs' reconstru
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from enum import Enum
 
 import torch
 
 from llamaprune.apply.compensation import non_finite
-from llamaprune.core.errors import UsageError, flag
-from llamaprune.scoring.importance import token_sums
-
-# Greedy removals are taken in at most this many steps per projection: each step removes the cheapest groups
-# together and downdates once, so the cost stays ~STEPS downdates of the inverse whatever the width.
-STEPS = 128
+from llamaprune.core.errors import flag
+from llamaprune.scoring.importance.obs import Problem, SingularGram, greedy_path, singular
 
 
 class Selection(str, Enum):
@@ -42,107 +33,6 @@ class Selection(str, Enum):
 
     score = "score"
     obs = "obs"
-
-
-@dataclass
-class GramSums:
-    """The float64 Gram matrix of a projection's inputs with a constant 1 appended (the bias), summed over
-    batches: all that OBS needs, since the target (the unpruned projection's output) is linear in them."""
-
-    system: torch.Tensor
-
-    def __init__(self, features: int, device: torch.device | str = "cpu") -> None:
-        self.system = torch.zeros(features + 1, features + 1, dtype=torch.float64, device=device)
-
-    def add(self, x: torch.Tensor) -> GramSums:
-        """Fold a batch of inputs (..., features); products in float32 at least, sums in float64."""
-        x = x.detach().reshape(-1, x.shape[-1]).to(self.system.device)
-        x = x.to(torch.promote_types(x.dtype, torch.float32))
-        n = x.shape[1]
-        sums = token_sums(x)
-        self.system[:n, :n] += x.T @ x
-        self.system[n, :n] += sums
-        self.system[:n, n] += sums
-        self.system[n, n] += len(x)
-        return self
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One projection's selection problem in float64: ``weight`` with the bias as its last column, ``inverse``
-    = G^-1, ``ridge`` = λ, and ``groups`` (g, s): the input columns each group owns."""
-
-    weight: torch.Tensor
-    inverse: torch.Tensor
-    ridge: float
-    groups: torch.Tensor
-
-    @classmethod
-    def of(cls, gram: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: torch.Tensor,
-           damp: float, where: str) -> Problem:
-        n = weight.shape[1]
-        if not torch.isfinite(gram).all():
-            raise non_finite(where)
-        system = gram.clone()
-        ridge = damp * float(torch.diagonal(system)[:n].mean())
-        torch.diagonal(system)[:n] += ridge
-        factor, info = torch.linalg.cholesky_ex(system)
-        if info:
-            raise UsageError(
-                f"{flag('apply --select')} obs cannot choose the groups of {where}: the Gram matrix of its inputs is "
-                f"singular (inputs constant or collinear on the calibration text, and {flag('apply --damp')} is "
-                f"{damp}); give {flag('apply --damp')} a positive value such as 1e-3, or use "
-                f"{flag('apply --select')} score"
-            )
-        bias = torch.zeros(weight.shape[0], dtype=torch.float64) if bias is None else bias.double()
-        full = torch.cat([weight.double(), bias.to(weight.device)[:, None]], dim=1)
-        return cls(full, torch.cholesky_inverse(factor), ridge, groups.to(weight.device))
-
-    def columns(self, chosen: torch.Tensor) -> torch.Tensor:
-        return self.groups[chosen].reshape(-1)
-
-    def error(self, removed: torch.Tensor) -> float:
-        """J of removing the groups ``removed`` (ids) and refitting the rest."""
-        if not len(removed):
-            return 0.0
-        cols = self.columns(removed)
-        w = self.weight[:, cols]
-        block = self.inverse[cols][:, cols]
-        return float((w * torch.linalg.solve(block, w.T).T).sum()) - self.ridge * float((w * w).sum())
-
-    def costs(self, weight: torch.Tensor, inverse: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
-        """Marginal J of removing each group ``alive`` alone, given ``weight`` and ``inverse`` downdated by the
-        groups removed so far."""
-        cols = self.groups[alive]  # (g, s)
-        original = self.weight[:, cols]
-        ridge = self.ridge * (original * original).sum(dim=(0, 2))
-        if cols.shape[1] == 1:  # one column a group (MLP channels): the classic OBS ratio
-            single = cols[:, 0]
-            return (weight[:, single] ** 2).sum(dim=0) / inverse.diagonal()[single] - ridge
-        w = weight[:, cols].permute(1, 0, 2)  # (g, out, s)
-        blocks = inverse[cols[:, :, None], cols[:, None, :]]  # (g, s, s)
-        solved = torch.linalg.solve(blocks, w.transpose(1, 2))  # (g, s, out)
-        return (w * solved.transpose(1, 2)).sum(dim=(1, 2)) - ridge
-
-
-def _greedy(problem: Problem, remove: int) -> torch.Tensor:
-    """Remove ``remove`` groups, the cheapest first, downdating after each step of at most ceil(remove/STEPS)."""
-    weight, inverse = problem.weight.clone(), problem.inverse.clone()  # downdated in place: no third copy
-    alive = torch.ones(len(problem.groups), dtype=torch.bool, device=weight.device)
-    per_step = math.ceil(remove / STEPS)
-    removed: list[torch.Tensor] = []
-    while remove > 0:
-        ids = alive.nonzero().reshape(-1)
-        take = ids[problem.costs(weight, inverse, ids).argsort()[: min(per_step, remove)]]
-        cols = problem.columns(take)
-        rows = inverse[cols]
-        solved = torch.linalg.solve(rows[:, cols], rows)
-        weight.addmm_(weight[:, cols], solved, alpha=-1)
-        inverse.addmm_(rows.T, solved, alpha=-1)
-        alive[take] = False
-        removed.append(take)
-        remove -= len(take)
-    return torch.cat(removed).sort().values
 
 
 def _pair_changes(problem: Problem, removed: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
@@ -192,13 +82,20 @@ def _swap(problem: Problem, removed: torch.Tensor, rounds: int) -> torch.Tensor:
 def select(gram: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: torch.Tensor, remove: int,
            damp: float, swaps: int = 0, planned: torch.Tensor | None = None, where: str = "a layer") -> torch.Tensor:
     """The sorted ids of the groups to keep when ``remove`` of them go from a projection (``weight``, ``bias``)
-    whose inputs have the augmented Gram matrix ``gram`` (``GramSums``); ``groups`` (g, s) lists each group's input
-    columns. ``planned``: the kept ids of the plan, returned instead where their J is lower."""
+    whose inputs have the augmented Gram matrix ``gram`` (``accumulate_gram``); ``groups`` (g, s) lists each
+    group's input columns. ``planned``: the kept ids of the plan, returned instead where their J is lower."""
     total = len(groups)
     if remove <= 0:
         return torch.arange(total)
-    problem = Problem.of(gram, weight, bias, groups, damp, where)
-    removed = _greedy(problem, remove)
+    if not torch.isfinite(gram).all():
+        raise non_finite(where)
+    try:
+        problem = Problem.of(gram, weight, bias, groups, damp)
+    except SingularGram:
+        raise singular(f"{flag('apply --select')} obs cannot choose the groups of {where}",
+                       f"{flag('apply --damp')} is {damp}: give it a positive value such as 1e-3, or use "
+                       f"{flag('apply --select')} score") from None
+    removed = greedy_path(problem, remove)[0].sort().values
     if swaps:
         removed = _swap(problem, removed, swaps)
     if planned is not None:

@@ -25,7 +25,7 @@ import typer
 from llamaprune.cli.finetune import finetune_command, report_finetune
 from llamaprune.cli.options import DataDir, DeviceOpt, DTypeOpt, TasksDirOpt, TasksLimitOpt, TasksOpt
 from llamaprune.cli.prune import prune_command
-from llamaprune.core.criteria import CRITERIA, FORWARD_ONLY, help_text
+from llamaprune.core.criteria import CRITERIA, DEFAULT_CRITERIA, FORWARD_ONLY, help_text
 from llamaprune.core.errors import UsageError, flags_named
 from llamaprune.io.loading import Device, DType
 
@@ -154,7 +154,8 @@ def score_command(
     num_samples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 128,
     batch_size: Annotated[int, typer.Option(help="Windows per forward/backward pass.")] = 8,
-    criteria: Annotated[str, typer.Option(help=f"Comma-separated criteria: {help_text()}.")] = ",".join(CRITERIA),
+    criteria: Annotated[str, typer.Option(
+        help=f"Comma-separated criteria: {help_text()}. Default: all but obs.")] = ",".join(DEFAULT_CRITERIA),
     seed: Annotated[int, typer.Option(help="Seed of the calibration sample and the random baseline.")] = 0,
     dtype: DTypeOpt = DType.float32,
     device: DeviceOpt = Device.cpu,

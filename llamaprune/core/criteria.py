@@ -10,6 +10,8 @@ group; the scores of a group's weights and biases add up. A formula of ``scope``
 groups and the seed and returns one score per group in table order.
 
     >>> CRITERIA
+    ('taylor', 'taylor2', 'wanda', 'magnitude', 'random', 'fluctuation', 'obs')
+    >>> DEFAULT_CRITERIA
     ('taylor', 'taylor2', 'wanda', 'magnitude', 'random', 'fluctuation')
     >>> canonical("taylor_2nd"), REGISTRY["wanda"].input_stats
     ('taylor2', ('sq_norm',))
@@ -43,7 +45,8 @@ class Criterion:
     ``llamaprune.scoring.importance.taylor``). ``input_stats``: per-feature statistics of linear inputs it reads,
     by name of ``llamaprune.scoring.calibration.INPUT_STATISTICS``, on the inputs named in ``inputs`` (of
     ``INPUTS``): the calibration pass folds a statistic only where something reads it. ``aliases``: other names
-    the one-shot ``prune`` command accepts (the seed toolkit's)."""
+    the one-shot ``prune`` command accepts (the seed toolkit's). ``default``: scored when no criteria are named
+    (``obs`` is not: it holds every layer's input Gram matrices during the pass)."""
 
     name: str
     help: str
@@ -53,6 +56,7 @@ class Criterion:
     input_stats: tuple[str, ...] = ()
     inputs: tuple[str, ...] = INPUTS
     aliases: tuple[str, ...] = ()
+    default: bool = True
 
     def load(self) -> Callable:
         """The formula itself (imports its module, and so torch, on first use)."""
@@ -75,9 +79,15 @@ REGISTRY = {
                   scope=TABLE),
         Criterion("fluctuation", "var(x)*||W[:,j]||^2 over o_proj/down_proj inputs (FLAP)",
                   "fluctuation:fluctuation_groups", input_stats=("sq_norm", "sum"), inputs=OUTPUT_INPUTS),
+        Criterion("obs", "the loss the least-squares refit leaves (Fisher-weighted structured OBS on o_proj/down_proj "
+                  "inputs), at a group's place on the greedy removal path; holds each layer's input Gram matrices "
+                  "during the pass", "obs:obs_groups", gradients=True, input_stats=("gram", "out_grad_sq"),
+                  inputs=OUTPUT_INPUTS, default=False),
     )
 }
 CRITERIA = tuple(REGISTRY)
+# What ``score`` scores when no criteria are named.
+DEFAULT_CRITERIA = tuple(c.name for c in REGISTRY.values() if c.default)
 # What a layer-streamed pass (``score --stream``) can score: the criteria that need no gradients.
 FORWARD_ONLY = tuple(c.name for c in REGISTRY.values() if not c.gradients)
 # Every name a criterion goes by, seed names first: what ``prune --importance_method`` accepts.

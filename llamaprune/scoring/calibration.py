@@ -34,13 +34,20 @@ from llamaprune.io.text_data import batches
 from llamaprune.scoring.accumulators import Accumulators, ParamSpec
 from llamaprune.scoring.importance.fluctuation import accumulate_sum
 from llamaprune.scoring.importance.influence import accumulate_cosine
+from llamaprune.scoring.importance.obs import accumulate_gram, accumulate_out_grad_sq
 from llamaprune.scoring.importance.taylor import fold_gradient, new_state
 from llamaprune.scoring.importance.wanda import accumulate_sq_norm
 
 # Per-feature statistics of a linear's input: name -> fold(x, running value or None) -> running value, x flat
 # (tokens, features). A criterion asks for them by name on the inputs it reads (llamaprune.core.criteria);
 # stats.safetensors holds them as ``layers.<layer>.<input>.<name>``.
-INPUT_STATISTICS = {"sq_norm": accumulate_sq_norm, "sum": accumulate_sum}
+INPUT_STATISTICS = {"sq_norm": accumulate_sq_norm, "sum": accumulate_sum, "gram": accumulate_gram}
+# Statistics of the loss gradient at the output of the linear that reads an input, folded (grad, running value or
+# None) by a hook on the output tensor in passes with a backward, and named by that input like the others.
+OUTPUT_GRADIENT_STATISTICS = {"out_grad_sq": accumulate_out_grad_sq}
+# Statistics read by their formula at the end of the pass and not written to stats.safetensors: a Gram matrix is
+# (features + 1)^2 float64 numbers per layer, far more than the checkpoint's own projection.
+TRANSIENT_STATISTICS = frozenset({"gram"})
 # Input name -> statistics folded on every pass, whatever the criteria, so stats.safetensors always has them
 # (docs/ARTIFACTS.md): the sums of the output projections' inputs (o_in, down_in), whose means
 # ``apply --compensate bias`` reads (llamaprune.apply.refit.mean_biases), so any run's plans can be compensated.
@@ -66,9 +73,12 @@ def gradient_groups(windows: torch.Tensor, fisher_windows: int, batch_size: int)
 
 @dataclass
 class _Gate:
-    """Whether the gradient hooks fold ``.grad`` now (a group's last batch) or leave it to accumulate."""
+    """Whether the gradient hooks fold ``.grad`` now (a group's last batch) or leave it to accumulate; and
+    ``loss_scale``, the factor from the gradient of the batch's weighted mean loss to that of its summed token loss
+    (what output-gradient statistics fold, so that they do not depend on how windows are batched or sharded)."""
 
     open: bool = True
+    loss_scale: float = 1.0
 
 
 def param_specs(model, shape: ModelShape) -> list[ParamSpec]:
@@ -92,14 +102,15 @@ def layer_param_specs(block, layer: int, layer_shape: LayerShape) -> list[ParamS
     return specs
 
 
-def layer_hooks(block, layer: int, layer_shape: LayerShape, acc: Accumulators, statistics: Statistics) -> list:
+def layer_hooks(block, layer: int, layer_shape: LayerShape, acc: Accumulators, statistics: Statistics,
+                gate: _Gate | None = None) -> list:
     """Forward hooks of one decoder block: its linears' inputs folded into the ``statistics`` wanted on each (an
     input without any gets no hook) and its input/output cosines (block influence), into ``acc``; returns their
     handles. Per block, so that the whole-model pass and the layer-streamed one (``llamaprune.scoring.streamed``)
     fold the same tensors the same way."""
 
     def input_hook(key: str, names: tuple[str, ...]):
-        folds = [((layer, key, name), INPUT_STATISTICS[name]) for name in names]
+        folds = [((layer, key, name), INPUT_STATISTICS[name]) for name in names if name in INPUT_STATISTICS]
 
         def hook(module, args):
             x = args[0].detach()
@@ -109,16 +120,37 @@ def layer_hooks(block, layer: int, layer_shape: LayerShape, acc: Accumulators, s
 
         return hook
 
+    def output_gradient_hook(key: str, names: tuple[str, ...]):
+        folds = [((layer, key, name), OUTPUT_GRADIENT_STATISTICS[name]) for name in names]
+
+        def fold(grad):
+            grad = grad.reshape(-1, grad.shape[-1]) * gate.loss_scale
+            for slot, function in folds:
+                acc.inputs[slot] = function(grad, acc.inputs.get(slot))
+
+        def hook(module, args, output):
+            if output.requires_grad:
+                output.register_hook(fold)
+
+        return hook
+
     def influence_hook(module, args, kwargs, output):
         x_in = args[0] if args else kwargs["hidden_states"]
         x_out = output[0] if isinstance(output, tuple) else output
         acc.cosines[layer] = accumulate_cosine(x_in, x_out, acc.cosines.get(layer))
 
+    gate = gate or _Gate()
     handles = [block.register_forward_hook(influence_hook, with_kwargs=True)]
     for key, linear in INPUT_READERS.items():
         names = statistics.get(key, ())
-        if names and layer_shape.groups(linear.kind):
-            handles.append(block.get_submodule(linear.path).register_forward_pre_hook(input_hook(key, names)))
+        if not names or not layer_shape.groups(linear.kind):
+            continue
+        module = block.get_submodule(linear.path)
+        if any(name in INPUT_STATISTICS for name in names):
+            handles.append(module.register_forward_pre_hook(input_hook(key, names)))
+        gradient_names = tuple(name for name in names if name in OUTPUT_GRADIENT_STATISTICS)
+        if gradient_names:
+            handles.append(module.register_forward_hook(output_gradient_hook(key, gradient_names)))
     return handles
 
 
@@ -129,7 +161,7 @@ def install_hooks(model, shape: ModelShape, specs: list[ParamSpec], acc: Accumul
     gate = gate or _Gate()
     layers = model.base_model.layers
     handles = [handle for i, layer_shape in enumerate(shape.layers)
-               for handle in layer_hooks(layers[i], i, layer_shape, acc, statistics)]
+               for handle in layer_hooks(layers[i], i, layer_shape, acc, statistics, gate)]
 
     if gradients:
         for spec in specs:
@@ -171,7 +203,7 @@ def calibrate(model, groups: Iterable[GradientGroup | torch.Tensor], shape: Mode
                 group = GradientGroup((group,), len(group))
             for i, batch in enumerate(group.batches):
                 gate.open = i == len(group.batches) - 1
-                _run_batch(model, batch.to(device), acc, gradients, len(batch) / group.full, step)
+                _run_batch(model, batch.to(device), acc, gradients, len(batch) / group.full, step, gate)
             if gradients and sharded is not None:
                 sharded.fold(acc)
     finally:
@@ -184,8 +216,10 @@ def calibrate(model, groups: Iterable[GradientGroup | torch.Tensor], shape: Mode
     return acc
 
 
-def _run_batch(model, batch: torch.Tensor, acc: Accumulators, gradients: bool, weight: float, step: int) -> None:
-    """One forward pass (and backward, its mean loss times ``weight``: the batch's share of a full group)."""
+def _run_batch(model, batch: torch.Tensor, acc: Accumulators, gradients: bool, weight: float, step: int,
+               gate: _Gate) -> None:
+    """One forward pass (and backward, its mean loss over its predicted tokens times ``weight``: the batch's share
+    of a full group)."""
     acc.tokens += batch.numel()
     if not gradients:
         with torch.no_grad():
@@ -197,4 +231,5 @@ def _run_batch(model, batch: torch.Tensor, acc: Accumulators, gradients: bool, w
             f"calibration loss is {loss.item()} in group {step}; score in float32 (--dtype float32) or with a "
             f"smaller {flag('score --batch-size')}"
         )
+    gate.loss_scale = batch.shape[0] * (batch.shape[1] - 1) / weight
     (loss if weight == 1 else loss * weight).backward()

@@ -24,7 +24,7 @@ from llamaprune.core.arch import ATTN, MLP
 from llamaprune.core.artifacts import SCHEMA_VERSION
 from llamaprune.core.choices import parse_choice
 from llamaprune.core.criteria import (
-    CRITERIA,
+    DEFAULT_CRITERIA,
     FORWARD_ONLY,
     INPUTS,
     REGISTRY,
@@ -39,7 +39,13 @@ from llamaprune.core.tables import groups_schema, layers_schema, with_meta
 from llamaprune.io.loading import Device, DType
 from llamaprune.runs.peak_memory import PeakMemory
 from llamaprune.scoring.accumulators import Accumulators, ParamSpec
-from llamaprune.scoring.calibration import RECORDED_STATISTICS, Statistics, calibrate, param_specs
+from llamaprune.scoring.calibration import (
+    RECORDED_STATISTICS,
+    TRANSIENT_STATISTICS,
+    Statistics,
+    calibrate,
+    param_specs,
+)
 from llamaprune.scoring.collectives import Ranks
 from llamaprune.scoring.importance.influence import block_influence
 
@@ -81,7 +87,7 @@ class ScoreOptions:
     num_samples: int = 128
     seq_len: int = 128
     batch_size: int = 8
-    criteria: tuple[str, ...] = CRITERIA
+    criteria: tuple[str, ...] = DEFAULT_CRITERIA
     seed: int = 0
     dtype: DType = DType.float32
     device: Device = Device.cpu
@@ -117,7 +123,7 @@ def check_streamable(criteria) -> None:
 def score(
     model,
     batches,
-    criteria: tuple[str, ...] = CRITERIA,
+    criteria: tuple[str, ...] = DEFAULT_CRITERIA,
     seed: int = 0,
     calibration: dict | None = None,
     progress: bool = True,
@@ -291,7 +297,8 @@ def _stats(specs: list[ParamSpec], scores, acc: Accumulators) -> dict[str, torch
     """Raw accumulators: per-group scores, Fisher sums, input statistics, cosine sums, token count."""
     stats = {f"{group_id(layer, kind, criterion)}": value for (layer, kind, criterion), value in scores.items()}
     for (layer, key, statistic), value in acc.inputs.items():
-        stats[f"layers.{layer}.{key}.{statistic}"] = value
+        if statistic not in TRANSIENT_STATISTICS:
+            stats[f"layers.{layer}.{key}.{statistic}"] = value
     for layer, value in acc.cosines.items():
         stats[f"layers.{layer}.cosine_sum_count"] = value
     fisher: dict[str, torch.Tensor] = {}
