@@ -24,7 +24,7 @@ from llamaprune.apply.compensation import Compensation, FitSums, mean_bias, non_
 from llamaprune.apply.selection import GramSums, Selection, select
 from llamaprune.apply.slicing import GROUP_FIELDS, group_columns, kept_indices, layer_indices, tensor_route
 from llamaprune.apply.spill import SpilledTensors
-from llamaprune.core.arch import BLOCKS, LAYERS_PREFIX, Block, linear_biases, output_linear
+from llamaprune.core.arch import BLOCKS, LAYERS_PREFIX, Block, family_of, linear_biases, output_linear
 from llamaprune.core.choices import parse_choice
 from llamaprune.core.errors import UsageError, flag
 from llamaprune.core.plan_file import LayerPlan, Plan
@@ -138,7 +138,7 @@ def refit_layers(stream: LayerStream, plan: Plan, windows: torch.Tensor, damp: f
                 continue
             tensors: dict[str, torch.Tensor] = {}
             with stream.layer(lp.layer) as decoder:
-                for block in BLOCKS:
+                for block in family_of(stream.model.config).blocks:
                     if block.name in lp.skip:
                         if dense is not None:
                             dense = _advance(stream, decoder, block, dense)
@@ -212,7 +212,7 @@ def _refit_block(stream: LayerStream, decoder: torch.nn.Module, block: Block, hi
             if reuse:
                 kept_inputs.append(z[..., keep.to(z.device)])
             if d is not None:
-                dense_after.append(d + y)
+                dense_after.append(d + stream.post_norm(decoder, block, y))
                 if target is Target.residual:
                     y = y + (d - h)
             yield z, y
@@ -221,7 +221,8 @@ def _refit_block(stream: LayerStream, decoder: torch.nn.Module, block: Block, hi
     _store(tensors, plan, layer, path, weight, bias, True)
     if not reuse:
         kept_inputs = (_input_of(proj, lambda h=h: run(h))[..., keep.to(h.device)] for h in stream.batches(hidden))
-    hidden = torch.cat([h + z @ weight.T + bias for h, z in zip(stream.batches(hidden), kept_inputs, strict=True)])
+    hidden = torch.cat([h + stream.post_norm(decoder, block, z @ weight.T + bias)
+                        for h, z in zip(stream.batches(hidden), kept_inputs, strict=True)])
     return hidden, torch.cat(dense_after) if dense is not None else None
 
 
@@ -334,6 +335,16 @@ class CompensationOptions:
             )
         return load_rows(self.calibration, split="train", data_dir=self.data_dir)
 
+    def check_model(self, config) -> None:
+        """Refuse, before any weights load, what this model's family cannot take: the residual target asks the
+        projection's output to make up the hidden states' difference, and a family whose projection output passes
+        through a norm before the residual (Gemma 3) gives that difference no linear target."""
+        if self.target is Target.residual and family_of(config).blocks[0].post_norm is not None:
+            raise UsageError(
+                f"{flag('apply --target')} residual cannot be fitted through the norm after o_proj and down_proj of "
+                f"{family_of(config).architecture}; use {flag('apply --target')} pruned or dense"
+            )
+
     def compensate(self, plan: Plan, config, source_path: str | None = None, loaded=None,
                    rows: list[str] | None = None, run_dir: Path | None = None, progress: bool = True,
                    spill: Path | None = None) -> Compensated:
@@ -343,6 +354,7 @@ class CompensationOptions:
         wait on disk."""
         if self.method is Compensation.none:
             return Compensated({}, plan)
+        self.check_model(config)
         if self.method is Compensation.bias:
             path = stats_file(run_dir)
             if loaded is not None:
