@@ -28,6 +28,7 @@ import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, LlamaConfig
+from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -72,8 +73,8 @@ class LlamaPruneConfig(LlamaConfig):
 
     Query heads of a layer need not divide ``hidden_size`` (``head_dim`` is explicit). ``sliding_window`` applies
     to every layer with attention when ``layer_types`` is unset (Mistral); otherwise ``layer_types`` gives the
-    attention type of each KV-cache slot (the layers with attention, in order; then full_attention up to
-    ``num_hidden_layers``), so that a cache transformers builds from this config has a sliding-window cache
+    attention type of each KV-cache slot (the layers with attention, in order; then the last one repeated up to
+    ``num_hidden_layers``, for slots no layer uses), so that a cache transformers builds from this config has a sliding-window cache
     exactly where a sliding layer writes. The other fields carry the source family's layer (docs/ARTIFACTS.md).
     """
 
@@ -249,6 +250,16 @@ class LlamaPrunePreTrainedModel(LlamaPreTrainedModel):
     config: LlamaPruneConfig
     _no_split_modules = ["LlamaPruneDecoderLayer"]
     _can_record_outputs = {"hidden_states": LlamaPruneDecoderLayer, "attentions": LlamaPruneAttention}
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Llama's, and the computed buffers of Gemma's modules, which loading leaves unset: the embedding scale,
+        and the per-layer-type rotary frequencies (computed again from the config)."""
+        super()._init_weights(module)
+        if isinstance(module, Gemma3TextScaledWordEmbedding):
+            init.constant_(module.embed_scale, module.scalar_embed_scale)
+        elif isinstance(module, Gemma3RotaryEmbedding):
+            for name, buffer in type(module)(module.config).named_buffers():
+                init.copy_(getattr(module, name), buffer)
 
 
 def cache_slots(layer_configs) -> list[int]:

@@ -49,7 +49,7 @@ def tiny_config(
     from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(
-        hidden_size=heads * (head_dim + 1) if model_type in FAMILIES_BEYOND_HEADS else heads * head_dim,
+        hidden_size=heads * (head_dim + 2) if model_type in FAMILIES_BEYOND_HEADS else heads * head_dim,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         head_dim=head_dim,

@@ -43,15 +43,15 @@ def output_key(plan: Plan, layer: int, path: str, what: str) -> str:
     return route[0]
 
 
-def _capture(module: torch.nn.Module, run: Callable[[], object]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The input ``module`` sees during one call of ``run``, and its output."""
+def _capture(module: torch.nn.Module, run: Callable[[], object]) -> tuple[torch.Tensor, torch.Tensor, object]:
+    """The input ``module`` sees during one call of ``run``, its output, and what ``run`` returns."""
     seen = {}
     handle = module.register_forward_hook(lambda mod, args, out: seen.update(x=args[0], y=out))
     try:
-        run()
+        result = run()
     finally:
         handle.remove()
-    return seen["x"], seen["y"]
+    return seen["x"], seen["y"], result
 
 
 class _Reached(Exception):
@@ -206,15 +206,15 @@ def _refit_block(stream: LayerStream, decoder: torch.nn.Module, block: Block, hi
     def inputs() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for h, d in zip(stream.batches(hidden), dense_batches, strict=True):
             if d is None:
-                z, y = _capture(proj, lambda h=h: run(h))
+                z, y, _ = _capture(proj, lambda h=h: run(h))
             else:  # the target comes from the dense stream: the pruned one stops at the projection
-                z, y = _input_of(proj, lambda h=h: run(h)), run(d)
+                z = _input_of(proj, lambda h=h: run(h))
+                _, y, update = _capture(proj, lambda d=d: run(d))  # y: the projection's own output
+                dense_after.append(d + update)
             if reuse:
                 kept_inputs.append(z[..., keep.to(z.device)])
-            if d is not None:
-                dense_after.append(d + stream.post_norm(decoder, block, y))
-                if target is Target.residual:
-                    y = y + (d - h)
+            if target is Target.residual:  # a family without a norm after the projection (check_model)
+                y = y + (d - h)
             yield z, y
 
     weight, bias = _fitted(proj, keep, damp, inputs, f"layer {layer}")

@@ -72,10 +72,14 @@ def skeleton(config, dtype: torch.dtype) -> nn.Module:
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def compute_rotary(model: nn.Module, device: str) -> None:
-    """Give a skeleton its rotary embedding on ``device``: its buffers are computed from the config, not stored."""
+def compute_buffers(model: nn.Module, device: str) -> None:
+    """Give a skeleton, on ``device``, the buffers computed from the config rather than stored: its rotary
+    embedding, and the scale of a scaled embedding (Gemma 3's, whose module keeps it as a buffer)."""
     rotary = model.model.rotary_emb
     model.model.rotary_emb = type(rotary)(config=model.config).to(device)
+    embed = model.model.embed_tokens
+    if hasattr(embed, "scalar_embed_scale"):
+        embed.embed_scale = torch.tensor(embed.scalar_embed_scale, device=device)
 
 
 @dataclass
@@ -102,7 +106,7 @@ class LayerStream:
         files = tensor_files(path)
         model = skeleton(config, dtype)
         stream = cls(model, files, batch_size, device)
-        compute_rotary(model, device)
+        compute_buffers(model, device)
         if not head:
             return stream
         outside = {k: v for k, v in files.items() if not k.startswith(LAYERS_PREFIX)}

@@ -51,7 +51,7 @@ LAYOUT_KEYS = (
 # Fields that only place sliding-window layers (Qwen2, Qwen3); the llamaprune type lists its layers' types.
 WINDOW_KEYS = ("use_sliding_window", "max_window_layers")
 # Source fields the llamaprune type has its own field for (``family_fields``), or cannot carry (``UNCARRIED``).
-FAMILY_KEYS = ("hidden_activation", "sliding_window_pattern")
+FAMILY_KEYS = ("hidden_activation", "sliding_window_pattern", "_sliding_window_pattern")
 FULL, SLIDING = "full_attention", "sliding_attention"
 # Gemma features the llamaprune type does not implement: a set value is refused, naming plan --uniform.
 UNCARRIED = ("final_logit_softcapping", "attn_logit_softcapping", "use_bidirectional_attention")
@@ -152,14 +152,15 @@ def layer_types_of(config) -> list[str]:
 
 def slot_layer_types(config, plan: Plan) -> list[str] | None:
     """The ``layer_types`` of the llamaprune config of ``config`` after ``plan``: the type of each kept layer with
-    attention, in order, then full attention up to the kept layer count (modeling_llamaprune.LlamaPruneConfig
-    says why per cache slot); None where every layer is full attention, or Mistral's window covers them all."""
+    attention, in order, then the last of them again up to the kept layer count, for cache slots no layer uses
+    (modeling_llamaprune.LlamaPruneConfig says why per cache slot; repeating a type brings in no rope the source
+    lacks); None where every layer is full attention, or Mistral's window covers them all."""
     types = layer_types_of(config)
     if set(types) == {FULL}:
         return None
     kept = [lp for lp in plan.layers if not lp.removed]
-    slots = [types[lp.layer] for lp in kept if "attention" not in lp.skip]
-    return slots + [FULL] * (len(kept) - len(slots))
+    slots = [types[lp.layer] for lp in kept if "attention" not in lp.skip] or [FULL]
+    return (slots + slots[-1:] * len(kept))[: len(kept)]
 
 
 def copy_modeling_file(config, out: Path) -> None:
