@@ -74,8 +74,9 @@ class LlamaPruneConfig(LlamaConfig):
     Query heads of a layer need not divide ``hidden_size`` (``head_dim`` is explicit). ``sliding_window`` applies
     to every layer with attention when ``layer_types`` is unset (Mistral); otherwise ``layer_types`` gives the
     attention type of each KV-cache slot (the layers with attention, in order; then the last one repeated up to
-    ``num_hidden_layers``, for slots no layer uses), so that a cache transformers builds from this config has a sliding-window cache
-    exactly where a sliding layer writes. The other fields carry the source family's layer (docs/ARTIFACTS.md).
+    ``num_hidden_layers``, for slots no layer uses), so that a cache transformers builds from this config has a
+    sliding-window cache exactly where a sliding layer writes. The other fields carry the source family's layer
+    (docs/ARTIFACTS.md).
     """
 
     model_type = MODEL_TYPE

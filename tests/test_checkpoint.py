@@ -100,8 +100,9 @@ def test_save_and_from_pretrained_give_identical_logits(tmp_path, kept):
     assert (tmp_path / "out" / MODELING_FILE.name).exists() == (pruned.config.model_type == "llamaprune")
 
 
-def test_trust_remote_code_loads_without_llamaprune(tmp_path):
-    config = tiny_config(heads=6, kv_heads=3, layers=4, model_type="qwen2")
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "gemma3_text"])
+def test_trust_remote_code_loads_without_llamaprune(tmp_path, model_type):
+    config = tiny_config(heads=6, kv_heads=3, layers=4, model_type=model_type)
     plan = plan_from_kept(
         config, [([0], [1, 4, 9]), ([], [0, 2]), ([0, 2], list(range(20))), ([1, 2], [])], removed=(2,)
     )

@@ -173,11 +173,14 @@ def test_greedy_generate_matches_zeroed_original_on_random_plans(model_type):
         assert torch.equal(uncached, expected)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
 @pytest.mark.parametrize("remote", [False, True], ids=["llamaprune", "trust_remote_code"])
-def test_cached_steps_equal_recomputing_with_padding_and_skipped_first_attention(remote, tmp_path):
+def test_cached_steps_equal_recomputing_with_padding_and_skipped_first_attention(remote, model_type, tmp_path):
+    """Gemma 3's layers are sliding, sliding, full (a window of 5 of the 8 tokens): its cache slots 0 and 1 are a
+    sliding and a full layer, whatever layer indices they have."""
     from transformers import DynamicCache
 
-    config = tiny_config(heads=4, kv_heads=2, layers=3, bias=True)
+    config = tiny_config(heads=4, kv_heads=2, layers=3, bias=True, model_type=model_type)
     plan = plan_from_kept(config, [([], [1, 5]), ([0, 1], list(range(24))), ([1], [])])
     pruned, _ = pruned_and_reference(config, plan)
     x = ids(config.vocab_size, batch=2, length=8)
