@@ -165,14 +165,16 @@ class LayerStream:
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         config = self.model.config
-        attention = getattr(decoder, "self_attn", None)  # Mistral's reads its window from the config
+        family = family_of(config)
+        module = next(block.module for block in family.blocks if block.kind == ATTN)
+        attention = getattr(decoder, module, None)  # Mistral's reads its window from the config
         sliding = getattr(attention, "sliding_window", getattr(config, "sliding_window", None)) is not None
         positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
         mask = (create_sliding_window_causal_mask if sliding else create_causal_mask)(
             config=config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=positions
         )
         layer_type = ("sliding_attention" if sliding else "full_attention",)
-        per_type = family_of(config).rope_per_layer_type
+        per_type = family.rope_per_layer_type
         return {
             "position_embeddings": self.model.model.rotary_emb(hidden, positions, *(layer_type if per_type else ())),
             "attention_mask": mask,
