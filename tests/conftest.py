@@ -42,12 +42,14 @@ def tiny_config(
     model_type: str = "llama",
     rope: dict | None = None,
 ):
-    """A small random config; ``model_type`` llama, mistral or qwen2 (qwen2 has q/k/v biases); ``rope`` its
-    ``rope_parameters`` (transformers' default rope when None)."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    """A small random config; ``model_type`` llama, mistral, qwen2 (q/k/v biases), qwen3 or gemma3_text; ``rope``
+    its ``rope_parameters`` (transformers' default rope when None). Qwen3 and Gemma 3 get a hidden size that is not
+    ``heads * head_dim``; Gemma 3 also sliding layers (a window of 5, shorter than the test sequences) between
+    full ones, and an attention scale that is not head_dim's."""
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(
-        hidden_size=heads * head_dim,
+        hidden_size=heads * (head_dim + 2) if model_type in FAMILIES_BEYOND_HEADS else heads * head_dim,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         head_dim=head_dim,
@@ -63,7 +65,17 @@ def tiny_config(
         return LlamaConfig(attention_bias=bias, mlp_bias=bias, **common)
     if model_type == "mistral":
         return MistralConfig(**common)
+    if model_type == "qwen3":
+        return Qwen3Config(**common)
+    if model_type == "gemma3_text":
+        types = ["sliding_attention" if i % 3 != 2 else "full_attention" for i in range(layers)]
+        return Gemma3TextConfig(**common, layer_types=types, sliding_window=5, query_pre_attn_scalar=head_dim + 2)
     return Qwen2Config(**common)
+
+
+# Families whose attention width (heads x head_dim) the tiny configs make differ from the hidden size.
+FAMILIES_BEYOND_HEADS = ("qwen3", "gemma3_text")
+FAMILIES = ("llama", "mistral", "qwen2", *FAMILIES_BEYOND_HEADS)
 
 
 def tiny_model(config, seed: int = 0):

@@ -13,6 +13,7 @@ from conftest import (
     TEST_RAW,
     TOL,
     ForwardClock,
+    assert_one_error_line,
     ids,
     logits,
     random_plan,
@@ -104,6 +105,16 @@ def test_cli_rejects_a_plan_for_another_model_and_bad_sizes(tmp_path, tiny_check
     good = save_plan(run_dir, plan_from_kept(checkpoint_config(tiny_checkpoint), [([0], [1])] * 2))
     result = run_cli("apply", good, "--model", tiny_checkpoint, "--out", tmp_path / "o", "--max-shard-size", "2XB")
     assert result.exit_code == 2 and "--max-shard-size '2XB' is not a size" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_plan_made_on_another_family_is_one_line(tmp_path, tiny_checkpoint, run_dir):
+    """A Qwen3 of the same widths as the checkpoint (a LLaMA): the plan names the family it was made on."""
+    config = checkpoint_config(tiny_checkpoint)
+    qwen3 = tiny_config(heads=4, kv_heads=2, vocab=config.vocab_size, layers=2, model_type="qwen3")
+    plan_path = save_plan(run_dir, plan_from_kept(qwen3, [([0], [1, 2])] * 2))
+    result = run_cli("apply", plan_path, "--model", tiny_checkpoint, "--out", tmp_path / "o")
+    assert_one_error_line(result, "was made for model Qwen3ForCausalLM/", "but this model is LlamaForCausalLM/")
     assert not (tmp_path / "o").exists()
 
 

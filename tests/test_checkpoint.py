@@ -23,7 +23,14 @@ from conftest import (
     tiny_model,
     zeroed_reference,
 )
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 from typer.testing import CliRunner
 
 from llamaprune.apply.command import apply_plan
@@ -45,7 +52,8 @@ def source_checkpoint(path, config, seed: int = 0, max_shard_size="16KB"):
 
 @pytest.mark.parametrize(
     ("model_type", "config_class"),
-    [("llama", LlamaConfig), ("mistral", MistralConfig), ("qwen2", Qwen2Config)],
+    [("llama", LlamaConfig), ("mistral", MistralConfig), ("qwen2", Qwen2Config), ("qwen3", Qwen3Config),
+     ("gemma3_text", Gemma3TextConfig)],
 )
 def test_uniform_plan_gives_a_plain_config_of_the_source_architecture(model_type, config_class):
     config = tiny_config(heads=6, kv_heads=3, layers=3, model_type=model_type)
@@ -53,9 +61,12 @@ def test_uniform_plan_gives_a_plain_config_of_the_source_architecture(model_type
     pruned = pruned_config(config, plan)
     assert type(pruned) is config_class
     assert (pruned.num_hidden_layers, pruned.num_attention_heads, pruned.num_key_value_heads) == (2, 4, 2)
-    assert (pruned.intermediate_size, pruned.head_dim, pruned.hidden_size) == (3, 8, 48)
-    if model_type == "qwen2":
+    assert (pruned.intermediate_size, pruned.head_dim, pruned.hidden_size) == (3, 8, config.hidden_size)
+    if model_type in ("qwen2", "qwen3"):
         assert pruned.layer_types == ["full_attention"] * 2
+    if model_type == "gemma3_text":  # layers 0 and 2 of sliding, sliding, full
+        assert pruned.layer_types == ["sliding_attention", "full_attention"]
+        assert pruned.query_pre_attn_scalar == 10 and pruned.sliding_window == 5
 
 
 def test_heterogeneous_plan_gives_our_config_with_per_layer_overrides():
@@ -89,8 +100,9 @@ def test_save_and_from_pretrained_give_identical_logits(tmp_path, kept):
     assert (tmp_path / "out" / MODELING_FILE.name).exists() == (pruned.config.model_type == "llamaprune")
 
 
-def test_trust_remote_code_loads_without_llamaprune(tmp_path):
-    config = tiny_config(heads=6, kv_heads=3, layers=4, model_type="qwen2")
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "gemma3_text"])
+def test_trust_remote_code_loads_without_llamaprune(tmp_path, model_type):
+    config = tiny_config(heads=6, kv_heads=3, layers=4, model_type=model_type)
     plan = plan_from_kept(
         config, [([0], [1, 4, 9]), ([], [0, 2]), ([0, 2], list(range(20))), ([1, 2], [])], removed=(2,)
     )
@@ -138,9 +150,10 @@ def test_refresh_code_refuses_what_has_no_modeling_file(tmp_path):
     assert not (tmp_path / "plain" / MODELING_FILE.name).exists()
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_streaming_equals_in_memory_tensor_for_tensor(tmp_path, tie):
-    config = tiny_config(heads=4, kv_heads=2, layers=4, bias=True, tie=tie)
+@pytest.mark.parametrize(("model_type", "tie"), [("llama", False), ("llama", True), ("qwen3", False),
+                                                 ("gemma3_text", True)])
+def test_streaming_equals_in_memory_tensor_for_tensor(tmp_path, model_type, tie):
+    config = tiny_config(heads=4, kv_heads=2, layers=4, bias=model_type == "llama", tie=tie, model_type=model_type)
     plan = random_plan(config, seed=7)
     files = safetensors_files(source_checkpoint(tmp_path / "src", config))
     assert len(files) > 1  # the input is sharded

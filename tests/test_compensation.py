@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
+    FAMILIES,
     TEST_RAW,
     VALID_TXT,
     assert_one_error_line,
@@ -83,9 +84,9 @@ def test_mean_bias_is_exact_when_the_removed_inputs_are_constant():
     assert squared_error(x, kept, bias, w, b) < 1e-8
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("model_type", FAMILIES)
 def test_the_layer_streamed_pass_reproduces_the_full_model(tmp_path, model_type):
-    config = tiny_config(layers=3, model_type=model_type, tie=model_type == "llama")
+    config = tiny_config(layers=3, model_type=model_type, tie=model_type in ("llama", "gemma3_text"))
     model = tiny_model(config)
     model.save_pretrained(tmp_path / "ckpt", max_shard_size="16KB")
     x = ids(config.vocab_size, batch=5, length=10)
@@ -99,8 +100,9 @@ def test_the_layer_streamed_pass_reproduces_the_full_model(tmp_path, model_type)
         torch.testing.assert_close(stream.logits(hidden), expected, rtol=0, atol=1e-5)
 
 
-def test_compensating_a_plan_that_keeps_everything_changes_nothing():
-    config = tiny_config(layers=2)
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma3_text"])
+def test_compensating_a_plan_that_keeps_everything_changes_nothing(model_type):
+    config = tiny_config(layers=2, model_type=model_type)
     model = tiny_model(config)
     plan = plan_from_kept(config, [(list(range(2)), list(range(24)))] * 2)
     tensors = refit_layers(LayerStream.from_model(model), plan, ids(config.vocab_size, batch=4), damp=1e-3,
@@ -143,9 +145,14 @@ def write_checkpoint(tmp_path, tokenizer, config):
     return model, tmp_path / "model"
 
 
-@pytest.mark.parametrize("kept", [[([1], [0, 4, 5, 20]), ([], [3, 7])], [([0], list(range(12))), ([0], [5])]])
-def test_compensated_checkpoints_stream_like_in_memory_and_load_back(tmp_path, tokenizer, kept):
-    config = tiny_config(heads=4, kv_heads=2, vocab=len(tokenizer), layers=2)
+SKIPPED_ATTENTION = [([1], [0, 4, 5, 20]), ([], [3, 7])]
+NARROWED = [([0], list(range(12))), ([0], [5])]
+
+
+@pytest.mark.parametrize(("model_type", "kept"), [("llama", SKIPPED_ATTENTION), ("llama", NARROWED),
+                                                  ("qwen3", NARROWED), ("gemma3_text", SKIPPED_ATTENTION)])
+def test_compensated_checkpoints_stream_like_in_memory_and_load_back(tmp_path, tokenizer, model_type, kept):
+    config = tiny_config(heads=4, kv_heads=2, vocab=len(tokenizer), layers=2, model_type=model_type)
     model, path = write_checkpoint(tmp_path, tokenizer, config)
     plan = plan_from_kept(config, kept)
     run = tmp_path / "run"
@@ -186,10 +193,11 @@ def test_compensated_checkpoints_stream_like_in_memory_and_load_back(tmp_path, t
     assert float(done.stdout.strip()) == pytest.approx(float(logits(reloaded, x).sum()), rel=1e-5, abs=1e-4)
 
 
-def test_bias_compensation_from_the_run_s_input_means(tmp_path, tokenizer):
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_bias_compensation_from_the_run_s_input_means(tmp_path, tokenizer, model_type):
     from llamaprune.cli.app import app
 
-    config = tiny_config(heads=4, kv_heads=2, vocab=len(tokenizer), layers=2)
+    config = tiny_config(heads=4, kv_heads=2, vocab=len(tokenizer), layers=2, model_type=model_type)
     _, path = write_checkpoint(tmp_path, tokenizer, config)
     runner = CliRunner()
     run = tmp_path / "run"
@@ -314,13 +322,15 @@ def test_nan_activations_are_one_line(tmp_path, tokenizer, monkeypatch):
     assert "Traceback" not in result.output and not out.exists()
 
 
-@pytest.mark.parametrize("target", ["dense", "residual"])
-def test_dense_targets_are_the_pruned_one_until_error_is_carried_up(target):
+@pytest.mark.parametrize(("target", "model_type"), [("dense", "llama"), ("residual", "llama"),
+                                                   ("dense", "gemma3_text")])
+def test_dense_targets_are_the_pruned_one_until_error_is_carried_up(target, model_type):
     """With nothing pruned below a block, the dense model's output there is the unpruned block's on the pruned
-    model's inputs: every target fits the same tensors. Once a lower layer is pruned they differ."""
+    model's inputs: every target fits the same tensors. Once a lower layer is pruned they differ. Gemma 3's refit
+    fits the projection's own output, before the norm that follows it: the dense target is the dense projection's."""
     from llamaprune.apply.refit import Target
 
-    config = tiny_config(layers=3, heads=4, kv_heads=2, intermediate=32)
+    config = tiny_config(layers=3, heads=4, kv_heads=2, intermediate=32, model_type=model_type)
     model = tiny_model(config)
     windows = ids(config.vocab_size, batch=8, length=16, seed=3)
     full = ([0, 1], list(range(32)))
@@ -336,3 +346,18 @@ def test_dense_targets_are_the_pruned_one_until_error_is_carried_up(target):
     dense = refit_layers(stream, below, windows, 1e-3, False, target=Target(target)).tensors
     assert torch.equal(pruned["model.layers.0.mlp.down_proj.weight"], dense["model.layers.0.mlp.down_proj.weight"])
     assert not torch.equal(pruned["model.layers.2.mlp.down_proj.weight"], dense["model.layers.2.mlp.down_proj.weight"])
+
+
+def test_the_residual_target_through_a_norm_after_the_projection_is_one_line(tmp_path, tokenizer):
+    """Gemma 3's o_proj / down_proj output passes through a norm before the residual: the hidden states' difference
+    is no linear target for the projection, so --target residual is refused before any weights load."""
+    from llamaprune.cli.app import app
+
+    config = tiny_config(heads=4, kv_heads=2, vocab=len(tokenizer), layers=2, model_type="gemma3_text")
+    _, path = write_checkpoint(tmp_path, tokenizer, config)
+    write_plan(plan_from_kept(config, NARROWED), tmp_path / "p.json")
+    result = CliRunner().invoke(app, ["apply", str(tmp_path / "p.json"), "--model", str(path), "--out",
+                                      str(tmp_path / "out"), "--compensate", "lstsq", "--calibration", str(VALID_TXT),
+                                      "--target", "residual"])
+    assert_one_error_line(result, "--target residual", "Gemma3ForCausalLM", "--target pruned or dense")
+    assert not (tmp_path / "out").exists()

@@ -101,6 +101,31 @@ def test_two_processes_score_like_one(checkpoint, single, mode):
         assert manifest["accumulators"]["bytes"] - grams < 0.75 * whole
 
 
+@pytest.fixture(scope="module", params=["qwen3", "gemma3_text"])
+def family_single(request, tmp_path_factory, tokenizer):
+    """A tiny Qwen3 / Gemma 3 checkpoint (query/key norms; Gemma's post-norms, sliding layers, scaled and tied
+    embeddings) and its one-process run."""
+    path = tmp_path_factory.mktemp(request.param) / "tiny"
+    config = tiny_config(heads=4, kv_heads=2, vocab=len(tokenizer), layers=3, intermediate=40,
+                         model_type=request.param, tie=request.param == "gemma3_text")
+    tiny_model(config).save_pretrained(path, max_shard_size="40KB")
+    tokenizer.save_pretrained(path)
+    done = llamaprune(*SCORE, path, "--out", path.parent / "single")
+    assert done.returncode == 0, done.stderr
+    return path, path.parent / "single"
+
+
+@pytest.mark.parametrize("mode", [[], ["--fsdp"]], ids=["data-parallel", "fsdp"])
+def test_two_processes_score_qwen3_and_gemma3_like_one(family_single, mode):
+    if mode and not fsdp_supported():
+        pytest.skip("this torch's FSDP is refused (test_two_processes_score_like_one checks how)")
+    checkpoint, single = family_single
+    out = checkpoint.parent / f"two{'-'.join(mode)}"
+    done = llamaprune(*SCORE, checkpoint, "--out", out, *mode, nproc=2)
+    assert done.returncode == 0, done.stderr
+    assert_same_run(single, out)
+
+
 def fsdp_supported() -> bool:
     try:
         check_fsdp_torch()

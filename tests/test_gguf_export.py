@@ -154,10 +154,13 @@ def test_the_file_computes_what_transformers_does_in_llama_cpp_s_graph(tmp_path,
     assert relative_error(graph_logits(tmp_path / "m.gguf", TOKENS), transformers_logits(pruned, TOKENS)) < 1e-5
 
 
-def llama_cpp_logits(path, tokens: list[int]) -> np.ndarray:
+def llama_cpp_logits(path, tokens: list[int], f32_cache: bool = False) -> np.ndarray:
+    """llama.cpp's logits of ``tokens``; ``f32_cache``: keys and values cached in float32, not llama.cpp's default
+    float16, whose rounding alone moves a tiny random Gemma 3's logits by 2e-3 (measured: 1.9e-3 against 3e-4)."""
     import llama_cpp  # the dev extra's llama-cpp-python: scripts/test.sh builds it once
 
-    llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=64, verbose=False, seed=0)
+    cache = {"type_k": 0, "type_v": 0} if f32_cache else {}  # GGML_TYPE_F32
+    llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=64, verbose=False, seed=0, **cache)
     llm.eval(tokens)
     return np.array(llm.scores[: len(tokens)]), llm
 
@@ -173,6 +176,52 @@ def test_llama_cpp_runs_the_export_like_transformers(tmp_path, tokenizer, shape)
     greedy = list(itertools.islice(llm.generate(TOKENS[:4], temp=0.0, top_k=1), 8))
     expected = model.generate(torch.tensor([TOKENS[:4]]), max_new_tokens=8, do_sample=False)[0, 4:].tolist()
     assert greedy == expected
+
+
+def family_checkpoint(tmp_path, tokenizer, model_type: str, kept, removed=()):
+    """A tiny random Qwen3 or Gemma 3 checkpoint applied with ``kept`` (three layers: Gemma 3's sliding, sliding,
+    full, a window of 5 tokens; its attention scale head_dim's, as llama.cpp's gemma3 has it)."""
+    config = tiny_config(heads=4, kv_heads=2, vocab=len(tokenizer), layers=3, model_type=model_type,
+                         tie=model_type == "gemma3_text")
+    config.initializer_range = 0.02
+    if model_type == "gemma3_text":
+        config.query_pre_attn_scalar = config.head_dim
+    tiny_model(config).save_pretrained(tmp_path / "source")
+    tokenizer.save_pretrained(tmp_path / "source")
+    write_plan(plan_from_kept(config, kept, removed, name="p"), tmp_path / "p.json")
+    apply(ApplyOptions(tmp_path / "p.json", str(tmp_path / "source"), tmp_path / "pruned"))
+    return tmp_path / "pruned"
+
+
+@pytest.mark.parametrize("model_type, arch", [("qwen3", "qwen3"), ("gemma3_text", "gemma3")])
+def test_a_uniform_plan_of_qwen3_and_gemma3_runs_in_llama_cpp_s_own_architecture(tmp_path, tokenizer, model_type,
+                                                                                   arch):
+    """Layer 1 is removed: Gemma 3's layers are then sliding, full, which llama.cpp reads from the file's pattern
+    (not its default of five sliding layers to one full)."""
+    pruned = family_checkpoint(tmp_path, tokenizer, model_type, [([0], list(range(4, 16)))] * 3, removed=(1,))
+    summary = export(ExportOptions(pruned, tmp_path / "m.gguf"))
+    meta = fields(tmp_path / "m.gguf")
+    assert summary["architecture"] == meta["general.architecture"] == arch
+    assert meta[f"{arch}.attention.key_length"] == 8 and meta[f"{arch}.embedding_length"] == 40
+    if arch == "gemma3":
+        assert meta["gemma3.attention.sliding_window_pattern"] == [True, False]
+        assert meta["gemma3.attention.sliding_window"] == 5
+    got, llm = llama_cpp_logits(tmp_path / "m.gguf", TOKENS, f32_cache=True)
+    assert relative_error(got, transformers_logits(pruned, TOKENS)) < REL_TOL
+    llm.reset()
+    greedy = list(itertools.islice(llm.generate(TOKENS[:4], temp=0.0, top_k=1), 8))
+    expected = load_pruned(pruned).generate(torch.tensor([TOKENS[:4]]), max_new_tokens=8, do_sample=False)
+    assert greedy == expected[0, 4:].tolist()
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "gemma3_text"])
+def test_qwen3_and_gemma3_of_several_shapes_are_refused_naming_the_uniform_plan(tmp_path, tokenizer, model_type):
+    from llamaprune.cli.app import app
+
+    pruned = family_checkpoint(tmp_path, tokenizer, model_type, [([0], [1, 2]), ([0, 1], [3]), ([1], [4, 5])])
+    result = CliRunner().invoke(app, ["export", str(pruned), "--out", str(tmp_path / "m.gguf")])
+    assert_one_error_line(result, "has one width for every layer", "plan --uniform")
+    assert not (tmp_path / "m.gguf").exists()
 
 
 def test_llama3_factors_divide_transformers_default_frequencies():
@@ -330,7 +379,7 @@ def unigram_checkpoint(path):
 
 
 @pytest.mark.parametrize("source, message", [
-    ("qwen2", "export supports llama and mistral checkpoints, not qwen2"),
+    ("qwen2", "export supports llama, mistral, qwen3, gemma3_text checkpoints, not qwen2"),
     ("unigram", "is a Unigram tokenizer; export supports byte-level BPE"),
 ])
 def test_unsupported_sources_are_one_line(tmp_path, tokenizer, source, message):

@@ -124,8 +124,22 @@ def test_embedded_checkpoint_is_built_once_by_concurrent_callers(tmp_path, monke
 def test_unsupported_architecture_is_named(gpt2_checkpoint):
     with pytest.raises(ValueError, match="unsupported architecture GPT2LMHeadModel") as err:
         load_model(str(gpt2_checkpoint))
-    for supported in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"):
+    for supported in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                      "Gemma3ForCausalLM"):
         assert supported in str(err.value)
+
+
+@pytest.mark.parametrize("config_class, arch", [("Phi3Config", "Phi3ForCausalLM"),  # fused qkv
+                                                ("MixtralConfig", "MixtralForCausalLM"),  # mixture of experts
+                                                ("T5Config", "T5ForConditionalGeneration")])  # encoder-decoder
+def test_fused_expert_and_encoder_decoder_models_are_one_line(tmp_path, config_class, arch):
+    import transformers
+
+    config = getattr(transformers, config_class)(architectures=[arch])
+    config.save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match=f"unsupported architecture {arch}; llamaprune supports Llama") as err:
+        load_model(str(tmp_path / "m"))
+    assert "\n" not in str(err.value)
 
 
 def test_config_fingerprint_is_stable_and_shape_sensitive():

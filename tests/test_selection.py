@@ -123,10 +123,11 @@ def test_a_singular_gram_and_nan_inputs_name_the_fix():
         select(accumulate_gram(x, None), w, b, groups, 2, damp=DAMP, where="layer 3 (mlp)")
 
 
-def test_the_plan_obs_chose_re_applies_bit_for_bit_with_score_selection(tmp_path, tokenizer):
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_the_plan_obs_chose_re_applies_bit_for_bit_with_score_selection(tmp_path, tokenizer, model_type):
     from llamaprune.cli.app import app
 
-    config = tiny_config(heads=4, kv_heads=2, vocab=len(tokenizer), layers=2, intermediate=32)
+    config = tiny_config(heads=4, kv_heads=2, vocab=len(tokenizer), layers=2, intermediate=32, model_type=model_type)
     model = tiny_model(config)
     model.save_pretrained(tmp_path / "model", max_shard_size="20KB")
     tokenizer.save_pretrained(tmp_path / "model")

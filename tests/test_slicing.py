@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import (
+    FAMILIES,
     TOL,
     ids,
     logits,
@@ -21,7 +22,8 @@ from conftest import (
 )
 
 from llamaprune.apply.command import apply_plan
-from llamaprune.apply.slicing import LAYER_TENSORS, attention_rows, pruned_state, slice_tensor
+from llamaprune.apply.slicing import attention_rows, layer_tensors, pruned_state, slice_tensor
+from llamaprune.core.arch import FAMILIES as FAMILIES_TABLE
 from llamaprune.core.arch import split_layer_key
 from llamaprune.core.plan_file import plan_from_kept
 
@@ -60,7 +62,13 @@ def test_the_layer_tensor_rules_as_written_in_the_contract():
     }
     whole = ["self_attn.o_proj.bias", "mlp.down_proj.bias", "input_layernorm.weight",
              "post_attention_layernorm.weight", "self_attn.rotary_emb.inv_freq"]
-    assert LAYER_TENSORS == {**cut, **dict.fromkeys(whole)}
+    assert layer_tensors(FAMILIES_TABLE["llama"]) == {**cut, **dict.fromkeys(whole)}
+    head_norms = ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
+    assert layer_tensors(FAMILIES_TABLE["qwen3"]) == {**cut, **dict.fromkeys(whole + head_norms)}
+    sandwich = ["input_layernorm.weight", "post_attention_layernorm.weight", "pre_feedforward_layernorm.weight",
+                "post_feedforward_layernorm.weight"]
+    assert layer_tensors(FAMILIES_TABLE["gemma3_text"]) == {
+        **cut, **dict.fromkeys(whole[:2] + sandwich + head_norms)}
 
 
 def test_pruned_state_renames_slices_and_shares_the_rest():
@@ -105,6 +113,9 @@ def test_apply_plan_leaves_its_argument_unchanged(model_type):
         (8, 2, True, "llama", 4),  # r = 4
         (6, 3, False, "qwen2", 5),  # q/k/v biases, o_proj without
         (4, 2, False, "mistral", 6),
+        (6, 2, False, "qwen3", 7),  # query/key norms, heads x head_dim != hidden
+        (6, 3, False, "gemma3_text", 8),  # and norms after the projections, sliding layers, scaled embeddings
+        (4, 2, False, "gemma3_text", 9),
     ],
 )
 def test_pruned_logits_equal_zeroed_original(heads, kv_heads, bias, model_type, seed):
@@ -145,7 +156,7 @@ def test_skips_and_removed_layers_equal_hooked_original(kept, removed, remote, t
     assert torch.equal(tokens, expected_tokens)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("model_type", FAMILIES)
 def test_greedy_generate_matches_zeroed_original_on_random_plans(model_type):
     config = tiny_config(heads=6, kv_heads=3, layers=4, model_type=model_type)
     if model_type == "mistral":
@@ -162,11 +173,14 @@ def test_greedy_generate_matches_zeroed_original_on_random_plans(model_type):
         assert torch.equal(uncached, expected)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
 @pytest.mark.parametrize("remote", [False, True], ids=["llamaprune", "trust_remote_code"])
-def test_cached_steps_equal_recomputing_with_padding_and_skipped_first_attention(remote, tmp_path):
+def test_cached_steps_equal_recomputing_with_padding_and_skipped_first_attention(remote, model_type, tmp_path):
+    """Gemma 3's layers are sliding, sliding, full (a window of 5 of the 8 tokens): its cache slots 0 and 1 are a
+    sliding and a full layer, whatever layer indices they have."""
     from transformers import DynamicCache
 
-    config = tiny_config(heads=4, kv_heads=2, layers=3, bias=True)
+    config = tiny_config(heads=4, kv_heads=2, layers=3, bias=True, model_type=model_type)
     plan = plan_from_kept(config, [([], [1, 5]), ([0, 1], list(range(24))), ([1], [])])
     pruned, _ = pruned_and_reference(config, plan)
     x = ids(config.vocab_size, batch=2, length=8)

@@ -16,7 +16,8 @@ from llamaprune.scoring.in_memory import score
 from llamaprune.scoring.streamed import score_streamed
 
 CONFIGS = [dict(heads=4, kv_heads=2), dict(heads=6, kv_heads=2, bias=True), dict(heads=4, kv_heads=4, tie=True),
-           dict(heads=4, kv_heads=2, model_type="qwen2")]
+           dict(heads=4, kv_heads=2, model_type="qwen2"), dict(heads=6, kv_heads=2, model_type="qwen3"),
+           dict(heads=4, kv_heads=2, model_type="gemma3_text", tie=True)]
 RECORDED = ("sq_norm", "sum")
 
 

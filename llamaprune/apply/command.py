@@ -157,6 +157,7 @@ def apply(options: ApplyOptions) -> dict:
     def inputs(checked: Checked) -> tuple[list[str] | None, list[str] | None]:
         """Evaluation and calibration texts: bad input fails here, before any weights load."""
         check_plan(plan, checked.config, f"plan {options.plan}")
+        compensation.check_model(checked.config)
         check_scored_weights(plan, checked.weights, options, f"plan {options.plan}")
         return options.eval.test_rows() if options.eval else None, compensation.rows(run_dir)
 

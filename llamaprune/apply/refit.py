@@ -24,7 +24,7 @@ from llamaprune.apply.compensation import Compensation, FitSums, mean_bias, non_
 from llamaprune.apply.selection import Selection, select
 from llamaprune.apply.slicing import GROUP_FIELDS, group_columns, kept_indices, layer_indices, tensor_route
 from llamaprune.apply.spill import SpilledTensors
-from llamaprune.core.arch import BLOCKS, LAYERS_PREFIX, Block, linear_biases, output_linear
+from llamaprune.core.arch import BLOCKS, LAYERS_PREFIX, Block, family_of, linear_biases, output_linear
 from llamaprune.core.choices import parse_choice
 from llamaprune.core.errors import UsageError, flag
 from llamaprune.core.plan_file import LayerPlan, Plan
@@ -44,15 +44,15 @@ def output_key(plan: Plan, layer: int, path: str, what: str) -> str:
     return route[0]
 
 
-def _capture(module: torch.nn.Module, run: Callable[[], object]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The input ``module`` sees during one call of ``run``, and its output."""
+def _capture(module: torch.nn.Module, run: Callable[[], object]) -> tuple[torch.Tensor, torch.Tensor, object]:
+    """The input ``module`` sees during one call of ``run``, its output, and what ``run`` returns."""
     seen = {}
     handle = module.register_forward_hook(lambda mod, args, out: seen.update(x=args[0], y=out))
     try:
-        run()
+        result = run()
     finally:
         handle.remove()
-    return seen["x"], seen["y"]
+    return seen["x"], seen["y"], result
 
 
 class _Reached(Exception):
@@ -139,7 +139,7 @@ def refit_layers(stream: LayerStream, plan: Plan, windows: torch.Tensor, damp: f
                 continue
             tensors: dict[str, torch.Tensor] = {}
             with stream.layer(lp.layer) as decoder:
-                for block in BLOCKS:
+                for block in family_of(stream.model.config).blocks:
                     if block.name in lp.skip:
                         if dense is not None:
                             dense = _advance(stream, decoder, block, dense)
@@ -207,22 +207,23 @@ def _refit_block(stream: LayerStream, decoder: torch.nn.Module, block: Block, hi
     def inputs() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for h, d in zip(stream.batches(hidden), dense_batches, strict=True):
             if d is None:
-                z, y = _capture(proj, lambda h=h: run(h))
+                z, y, _ = _capture(proj, lambda h=h: run(h))
             else:  # the target comes from the dense stream: the pruned one stops at the projection
-                z, y = _input_of(proj, lambda h=h: run(h)), run(d)
+                z = _input_of(proj, lambda h=h: run(h))
+                _, y, update = _capture(proj, lambda d=d: run(d))  # y: the projection's own output
+                dense_after.append(d + update)
             if reuse:
                 kept_inputs.append(z[..., keep.to(z.device)])
-            if d is not None:
-                dense_after.append(d + y)
-                if target is Target.residual:
-                    y = y + (d - h)
+            if target is Target.residual:  # a family without a norm after the projection (check_model)
+                y = y + (d - h)
             yield z, y
 
     weight, bias = _fitted(proj, keep, damp, inputs, f"layer {layer}")
     _store(tensors, plan, layer, path, weight, bias, True)
     if not reuse:
         kept_inputs = (_input_of(proj, lambda h=h: run(h))[..., keep.to(h.device)] for h in stream.batches(hidden))
-    hidden = torch.cat([h + z @ weight.T + bias for h, z in zip(stream.batches(hidden), kept_inputs, strict=True)])
+    hidden = torch.cat([h + stream.post_norm(decoder, block, z @ weight.T + bias)
+                        for h, z in zip(stream.batches(hidden), kept_inputs, strict=True)])
     return hidden, torch.cat(dense_after) if dense is not None else None
 
 
@@ -335,6 +336,16 @@ class CompensationOptions:
             )
         return load_rows(self.calibration, split="train", data_dir=self.data_dir)
 
+    def check_model(self, config) -> None:
+        """Refuse, before any weights load, what this model's family cannot take: the residual target asks the
+        projection's output to make up the hidden states' difference, and a family whose projection output passes
+        through a norm before the residual (Gemma 3) gives that difference no linear target."""
+        if self.target is Target.residual and family_of(config).blocks[0].post_norm is not None:
+            raise UsageError(
+                f"{flag('apply --target')} residual cannot be fitted through the norm after o_proj and down_proj of "
+                f"{family_of(config).architecture}; use {flag('apply --target')} pruned or dense"
+            )
+
     def compensate(self, plan: Plan, config, source_path: str | None = None, loaded=None,
                    rows: list[str] | None = None, run_dir: Path | None = None, progress: bool = True,
                    spill: Path | None = None) -> Compensated:
@@ -344,6 +355,7 @@ class CompensationOptions:
         wait on disk."""
         if self.method is Compensation.none:
             return Compensated({}, plan)
+        self.check_model(config)
         if self.method is Compensation.bias:
             path = stats_file(run_dir)
             if loaded is not None:

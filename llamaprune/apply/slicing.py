@@ -3,42 +3,61 @@
 Index rules (docs/ARTIFACTS.md, "Groups"): KV head ``g`` owns rows ``[g*d, (g+1)*d)`` of k_proj/v_proj and rows
 ``[g*r*d, (g+1)*r*d)`` of q_proj (the same columns of o_proj); MLP channel ``c`` is row ``c`` of gate_proj
 and up_proj and column ``c`` of down_proj. Which kept index cuts which tensor along which dimension comes from
-the layer table (``llamaprune.core.arch``). The same per-tensor rules (``tensor_route``, ``slice_tensor``) prune a
-checkpoint while streaming it and a state dict in memory (``pruned_state``).
+the layer table (``llamaprune.core.arch``), and which tensors a layer has and which block each goes with, from the
+plan's family there. The same per-tensor rules (``tensor_route``, ``slice_tensor``) prune a checkpoint while
+streaming it and a state dict in memory (``pruned_state``).
 
     >>> import torch
     >>> q_rows, kv_rows = attention_rows([1], queries_per_kv=2, head_dim=2)
     >>> q_rows.tolist(), kv_rows.tolist()
     ([4, 5, 6, 7], [2, 3])
-    >>> LAYER_TENSORS["mlp.down_proj.weight"], LAYER_TENSORS["mlp.down_proj.bias"]
-    ((1, 'mlp'), None)
+    >>> rules = layer_tensors(FAMILIES["qwen3"])
+    >>> rules["mlp.down_proj.weight"], rules["mlp.down_proj.bias"], rules["self_attn.q_norm.weight"]
+    ((1, 'mlp'), None, None)
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import cache
 
 import torch
 
-from llamaprune.core.arch import BLOCKS, LINEARS, ROWS, split_layer_key
+from llamaprune.core.arch import FAMILIES, LINEARS, ROWS, Family, family_named, split_layer_key
 from llamaprune.core.errors import UsageError
 from llamaprune.core.plan_file import LayerPlan, Plan
 
 
-def _layer_tensors() -> dict[str, tuple[int, str] | None]:
+def _linear_tensors() -> dict[str, tuple[int, str] | None]:
     rules: dict[str, tuple[int, str] | None] = {}
     for linear in LINEARS:
         rules[f"{linear.path}.weight"] = (linear.dim, linear.index)
         rules[f"{linear.path}.bias"] = (0, linear.index) if linear.axis == ROWS else None  # o/down: per output
-    for block in BLOCKS:
-        rules.update(dict.fromkeys((f"{block.norm}.weight", *block.buffers)))
     return rules
 
 
-# Tensors inside a decoder layer: (dimension to slice, kept index that slices it) or None when kept whole.
-LAYER_TENSORS = _layer_tensors()
-# Sub-modules of each skippable block: dropped together when a plan skips the block.
-BLOCK_MODULES = {block.name: (block.norm, block.module) for block in BLOCKS}
+# The linears' tensors, in every family: (dimension to slice, kept index that slices it), or None when kept whole.
+LINEAR_TENSORS = _linear_tensors()
+
+
+@cache
+def layer_tensors(family: Family) -> dict[str, tuple[int, str] | None]:
+    """Every tensor a decoder layer of ``family`` may hold, with its rule (``LINEAR_TENSORS``; norms and buffers
+    are kept whole)."""
+    whole = [f"{norm}.weight" for norm in family.layer_norms] + [b for block in family.blocks for b in block.buffers]
+    return {**LINEAR_TENSORS, **dict.fromkeys(whole)}
+
+
+def plan_family(plan: Plan) -> Family:
+    """The family of the model a plan was made for (its fingerprint's architecture)."""
+    architecture = plan.fingerprint.get("architecture")
+    family = family_named(architecture)
+    if family is None:
+        raise UsageError(
+            f"plan {plan.name!r} was made for a {architecture} model; llamaprune supports "
+            f"{', '.join(f.architecture for f in FAMILIES.values())}"
+        )
+    return family
 
 
 def attention_rows(groups: Sequence[int], queries_per_kv: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +103,7 @@ def slice_tensor(
     """Slice one tensor of a decoder layer (``rest``: its name inside the layer) by the kept indices, into
     ``out`` when given (a reused buffer saves a fresh allocation per tensor). A tensor that loses nothing is
     returned itself."""
-    rule = LAYER_TENSORS[rest]
+    rule = LINEAR_TENSORS.get(rest)
     if rule is None:
         return tensor
     dim, kind = rule
@@ -96,7 +115,7 @@ def slice_tensor(
 
 def sliced_shape(rest: str, shape: Sequence[int], indices: dict[str, torch.Tensor]) -> list[int]:
     """The shape ``slice_tensor`` gives, without reading the tensor."""
-    rule = LAYER_TENSORS[rest]
+    rule = LINEAR_TENSORS.get(rest)
     shape = list(shape)
     if rule is not None:
         dim, kind = rule
@@ -104,9 +123,11 @@ def sliced_shape(rest: str, shape: Sequence[int], indices: dict[str, torch.Tenso
     return shape
 
 
-def is_skipped(rest: str, skip: Sequence[str]) -> bool:
-    """True when the layer tensor ``rest`` belongs to a block the plan skips."""
-    return any(rest.split(".", 1)[0] in BLOCK_MODULES[block] for block in skip)
+def is_skipped(rest: str, skip: Sequence[str], family: Family) -> bool:
+    """True when the layer tensor ``rest`` belongs to a block the plan skips: its module, or a norm before or after
+    it, so that a skipped block drops all of its norms."""
+    block = family.block_of(rest)
+    return block is not None and block.name in skip
 
 
 def tensor_route(key: str, plan: Plan, source: str = "the model") -> tuple[str, int | None, str] | None:
@@ -120,12 +141,13 @@ def tensor_route(key: str, plan: Plan, source: str = "the model") -> tuple[str, 
     if layer >= len(plan.layers):
         raise UsageError(f"{source}: tensor {key} is in layer {layer}, but the plan has {len(plan.layers)} layers")
     lp = plan.layers[layer]
-    if lp.removed or is_skipped(rest, lp.skip):
+    family = plan_family(plan)
+    if lp.removed or is_skipped(rest, lp.skip, family):
         return None
-    if rest not in LAYER_TENSORS:
+    if rest not in layer_tensors(family):
         raise UsageError(
-            f"{source}: unexpected tensor {key}; llamaprune slices Llama/Mistral/Qwen2 layers "
-            f"({', '.join(sorted(LAYER_TENSORS))})"
+            f"{source}: unexpected tensor {key}; a {family.architecture} layer has "
+            f"{', '.join(sorted(layer_tensors(family)))}"
         )
     new_layer = sum(1 for other in plan.layers[:layer] if not other.removed)
     return f"{prefix}{new_layer}.{rest}", layer, rest

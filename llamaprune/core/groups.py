@@ -17,7 +17,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
-from llamaprune.core.arch import ATTN, COLS, MLP, ROWS, SUPPORTED_MODEL_TYPES, bias_rule, source_model_type
+from llamaprune.core.arch import ATTN, COLS, MLP, ROWS, SUPPORTED_MODEL_TYPES, bias_rule, family_of, source_model_type
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,8 @@ class ModelShape:
     mlp_bias: bool
     tie_word_embeddings: bool
     down_proj_bias: bool = False  # mlp_bias, or the output bias of error compensation
+    block_norms: int = 1  # hidden-size norms per sub-block: 2 where a norm follows its output projection (Gemma 3)
+    head_norms: bool = False  # the attention has query and key norms over head_dim (Qwen3, Gemma 3)
 
     @property
     def num_hidden_layers(self) -> int:
@@ -83,16 +85,17 @@ class ModelShape:
         return 3 * self.hidden_size + (2 if self.mlp_bias else 0)
 
     def attn_fixed_params(self, layer: int) -> int:
-        """Parameters of the attention sub-block that no width pruning removes: its norm, the o_proj bias."""
+        """Parameters of the attention sub-block that no width pruning removes: its norms (the per-head query and
+        key norms, shared by all heads, included), the o_proj bias."""
         if "attention" in self.layers[layer].skip:
             return 0
-        return self.hidden_size * (2 if self.o_proj_bias else 1)
+        return self.hidden_size * (self.block_norms + self.o_proj_bias) + 2 * self.head_dim * self.head_norms
 
     def mlp_fixed_params(self, layer: int) -> int:
-        """Parameters of the MLP sub-block that no width pruning removes: its norm, the down_proj bias."""
+        """Parameters of the MLP sub-block that no width pruning removes: its norms, the down_proj bias."""
         if "mlp" in self.layers[layer].skip:
             return 0
-        return self.hidden_size * (2 if self.down_proj_bias else 1)
+        return self.hidden_size * (self.block_norms + self.down_proj_bias)
 
     def layer_fixed_params(self, layer: int) -> int:
         return self.attn_fixed_params(layer) + self.mlp_fixed_params(layer)
@@ -150,7 +153,7 @@ def _layer_attr(layer_config, name: str, default=None):
 
 
 def model_shape(config) -> ModelShape:
-    """Read the dimensions of a Llama/Mistral/Qwen2-style config, uniform or per-layer."""
+    """Read the dimensions of a config of any family (``core.arch.FAMILIES``), uniform or per-layer."""
     hidden = config.hidden_size
     if config.is_heterogeneous:
         layer_configs = list(config.per_layer_config)
@@ -169,6 +172,7 @@ def model_shape(config) -> ModelShape:
     if head_dim is None:
         head_dim = hidden // layers[0].num_attention_heads
     biases = bias_rule(config)
+    family = family_of(config)
     return ModelShape(
         hidden_size=hidden,
         head_dim=head_dim,
@@ -179,6 +183,8 @@ def model_shape(config) -> ModelShape:
         mlp_bias=biases[(MLP, ROWS)],
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         down_proj_bias=biases[(MLP, COLS)],
+        block_norms=len(family.blocks[0].norms),
+        head_norms=family.head_norms,
     )
 
 
@@ -198,6 +204,9 @@ def config_fingerprint(config) -> dict:
     fields = asdict(shape)
     if fields["down_proj_bias"] == fields["mlp_bias"]:  # as before output biases existed: hashes stay the same
         del fields["down_proj_bias"]
+    for name, before in (("block_norms", 1), ("head_norms", False)):  # so do those of families without them
+        if fields[name] == before:
+            del fields[name]
     blob = json.dumps(fields, sort_keys=True).encode()
     model_type = source_model_type(config)
     return {

@@ -1,10 +1,15 @@
-"""Export a pruned (or plain) llama or mistral checkpoint to one GGUF file that llama.cpp runs with nothing else.
+"""Export a pruned (or plain) llama, mistral, qwen3 or gemma3_text checkpoint to one GGUF file that llama.cpp runs
+with nothing else.
 
-Layers that all share one shape (and no output biases) become llama.cpp's ``llama`` architecture; anything
-else becomes ``deci``, whose head counts and MLP widths are per-layer arrays and whose o_proj / down_proj may
-carry biases. Rope is default, linear or llama3 (LLaMA-3.1/3.2), whose scaling is a ``rope_freqs`` tensor; a
-mistral sliding window bounds the context length. Tensors are read one at a time and written straight into the
-file, which is built in a locked temporary directory beside ``--out`` and renamed into place.
+Llama / mistral layers that all share one shape (and no output biases) become llama.cpp's ``llama``
+architecture; anything else pruned from them becomes ``deci``, whose head counts and MLP widths are per-layer
+arrays and whose o_proj / down_proj may carry biases. A plain qwen3 or gemma3_text checkpoint (a uniform plan)
+becomes llama.cpp's own ``qwen3`` / ``gemma3``; llama.cpp has no per-layer widths for those, so any other
+checkpoint of theirs is refused, naming ``plan --uniform``. Rope is default, linear or llama3 (LLaMA-3.1/3.2),
+whose scaling is a ``rope_freqs`` tensor; a mistral sliding window bounds the context length; Gemma 3's sliding
+layers, local rope and ``1 + weight`` norms are written as llama.cpp's gemma3 reads them. Tensors are read one at a
+time and written straight into the file, which is built in a locked temporary directory beside ``--out`` and
+renamed into place.
 
     >>> export(ExportOptions(Path("artifacts/run1/model"), Path("pruned.gguf")))      # doctest: +SKIP
     {'architecture': 'deci', 'tensors': 215, 'bytes': 431123456, ...}
@@ -24,7 +29,7 @@ import gguf
 import numpy as np
 import torch
 
-from llamaprune.core.arch import linear_of, split_layer_key
+from llamaprune.core.arch import family_of, linear_of, split_layer_key
 from llamaprune.core.artifacts import manifest_in, refuse_existing
 from llamaprune.core.choices import parse_choice
 from llamaprune.core.errors import UsageError
@@ -62,6 +67,11 @@ FILE_TYPES = {
 }
 ROPE_TYPES = ("default", "linear", "llama3")
 BASE_TYPES = ("llama", "mistral")
+# The llama.cpp architecture of a plain (uniform) checkpoint of each family that export takes.
+PLAIN_ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "mistral": gguf.MODEL_ARCH.LLAMA, "qwen3": gguf.MODEL_ARCH.QWEN3,
+               "gemma3_text": gguf.MODEL_ARCH.GEMMA3}
+# Architectures whose rope turns adjacent pairs (llama.cpp's NORM rope): HF's rotate-half rows are permuted for them.
+NORM_ROPE = (gguf.MODEL_ARCH.LLAMA, gguf.MODEL_ARCH.DECI)
 
 
 @dataclass(frozen=True)
@@ -85,6 +95,7 @@ class OutTensor:
     key: str | None = None
     heads: int | None = None
     fill: float | tuple[float, ...] = 0.0
+    shift: float = 0.0  # added to the values read: Gemma's norms scale by 1 + weight, llama.cpp's by its weight
 
     @property
     def stored_shape(self) -> tuple[int, ...]:
@@ -111,7 +122,7 @@ def export(options: ExportOptions) -> dict:
     if source.kind != "dir":
         raise UsageError(
             f"{options.checkpoint} is not a checkpoint directory; export takes the directory `llamaprune apply` wrote "
-            f"(or a plain llama or mistral checkpoint directory)"
+            f"(or a plain {', '.join(PLAIN_ARCHS)} checkpoint directory)"
         )
     checkpoint = Path(source.path)
     arch = architecture(config)
@@ -164,16 +175,42 @@ def atomic_file(path: Path, overwrite: bool) -> Iterator[Path]:
 
 def architecture(config) -> gguf.MODEL_ARCH:
     """``llama`` for a plain llama or mistral config (llama.cpp's converter maps MistralForCausalLM to llama too);
-    ``deci`` for our heterogeneous or output-biased type pruned from either."""
+    ``deci`` for our heterogeneous or output-biased type pruned from either; ``qwen3`` / ``gemma3`` for a plain
+    config of theirs, whose features must be ones llama.cpp's graph has (``check_gemma3``)."""
     base = getattr(config, "base_model_type", config.model_type)
-    if base not in BASE_TYPES:
+    if base not in PLAIN_ARCHS:
         raise UsageError(
-            f"export supports llama and mistral checkpoints, not {base}; export a checkpoint pruned from one of them"
+            f"export supports {', '.join(PLAIN_ARCHS)} checkpoints, not {base}; export a checkpoint pruned from one "
+            f"of them"
         )
-    rope_type = _rope(config).get("rope_type", "default")
-    if rope_type not in ROPE_TYPES:
-        raise UsageError(f"rope type {rope_type!r} is not exported yet; export supports {', '.join(ROPE_TYPES)}")
-    return gguf.MODEL_ARCH.LLAMA if config.model_type in BASE_TYPES else gguf.MODEL_ARCH.DECI
+    if config.model_type not in PLAIN_ARCHS and base not in BASE_TYPES:
+        raise UsageError(
+            f"llama.cpp's {PLAIN_ARCHS[base].name.lower()} architecture has one width for every layer and no output "
+            f"biases, and this {base} checkpoint has layers of several shapes or compensation's biases; make the "
+            f"plan with `llamaprune plan --uniform` and apply it without --compensate"
+        )
+    for rope in _ropes(config):
+        if rope.get("rope_type", "default") not in ROPE_TYPES:
+            raise UsageError(f"rope type {rope['rope_type']!r} is not exported yet; export supports "
+                             f"{', '.join(ROPE_TYPES)}")
+    if config.model_type == "gemma3_text":
+        check_gemma3(config)
+    if config.model_type == "qwen3" and "sliding_attention" in (config.layer_types or ()):
+        raise UsageError("llama.cpp's qwen3 architecture has no sliding-window layers, which this checkpoint has")
+    return PLAIN_ARCHS.get(config.model_type, gguf.MODEL_ARCH.DECI)
+
+
+def check_gemma3(config) -> None:
+    """Refuse a Gemma 3 config llama.cpp's gemma3 graph would not compute exactly: it scales attention scores by
+    head_dim^-1/2 (query_pre_attn_scalar must be head_dim) and has no logit soft-capping."""
+    if config.query_pre_attn_scalar != _head_dim(config):
+        raise UsageError(
+            f"llama.cpp's gemma3 scales attention by head_dim ({_head_dim(config)}) and this checkpoint's "
+            f"query_pre_attn_scalar is {config.query_pre_attn_scalar}; it cannot be exported exactly"
+        )
+    for key in ("final_logit_softcapping", "attn_logit_softcapping", "use_bidirectional_attention"):
+        if getattr(config, key, None):
+            raise UsageError(f"llama.cpp's gemma3 has no {key} ({getattr(config, key)}), which this checkpoint sets")
 
 
 def context_length(config) -> int:
@@ -182,7 +219,7 @@ def context_length(config) -> int:
     before it, which is every earlier token as long as the sequence is at most ``sliding_window`` long. Within the
     context written here the file computes exactly what transformers does."""
     window = getattr(config, "sliding_window", None)
-    if window is None or window >= config.max_position_embeddings:
+    if config.model_type == "gemma3_text" or window is None or window >= config.max_position_embeddings:
         return config.max_position_embeddings
     log.info("context length %d: the sliding window; llama.cpp attends to all earlier tokens, beyond it transformers "
              "does not", window)
@@ -219,20 +256,23 @@ def out_tensors(files: dict[str, Path], config, arch: gguf.MODEL_ARCH, shapes: l
     headers = {file: read_header(file) for file in set(files.values())}
     tied = bool(getattr(config, "tie_word_embeddings", False))
     out = []
+    shift = 1.0 if family_of(config).norm_offset else 0.0  # llama.cpp's RMSNorm scales by its weight alone
     for key in sorted(files, key=_tensor_order):
         if key.endswith("rotary_emb.inv_freq") or (tied and key == TIED_HEAD):
             continue  # llama.cpp computes the rotary frequencies; a tied head is the embedding
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise UsageError(f"tensor {key} of the checkpoint has no GGUF counterpart; export supports llama layers")
+            raise UsageError(f"tensor {key} of the checkpoint has no GGUF counterpart in llama.cpp's "
+                             f"{gguf.MODEL_ARCH_NAMES[arch]} architecture")
         shape = tuple(headers[files[key]].tensors[key]["shape"])
         parts = split_layer_key(key)
         linear = linear_of(parts[2]) if parts else None
         heads = None
-        if linear is not None and linear.rotary:  # llama.cpp's rope pairs rows differently: permuted per head
+        if linear is not None and linear.rotary and arch in NORM_ROPE:  # rope pairs rows otherwise: permuted
             shape_of = shapes[parts[1]]
             heads = shape_of.query_heads if linear.index == "q" else shape_of.kv_groups
-        out.append(OutTensor(name, shape, _tensor_type(shape, weight_type), key, heads))
+        norm = key.endswith("norm.weight")
+        out.append(OutTensor(name, shape, _tensor_type(shape, weight_type), key, heads, shift=shift if norm else 0.0))
     if arch == gguf.MODEL_ARCH.DECI:
         out += stand_ins(shapes, config, weight_type)
     rope = _rope(config)
@@ -297,7 +337,7 @@ def tensor_data(t: OutTensor, files: dict[str, Path]) -> np.ndarray:
         if t.heads:
             tensor = tensor.reshape(t.heads, 2, tensor.shape[0] // t.heads // 2, *tensor.shape[1:])
             tensor = tensor.swapaxes(1, 2).reshape(t.shape)
-        data = tensor.numpy()
+        data = (tensor + t.shift).numpy()
     return gguf.quants.quantize(data, t.qtype)
 
 
@@ -329,6 +369,10 @@ def add_metadata(writer: gguf.GGUFWriter, config, arch: gguf.MODEL_ARCH, shapes:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(rope["factor"])
     # llama3 writes no rope.scaling.* key (as llama.cpp's converter): its scaling is the rope_freqs tensor.
+    if arch == gguf.MODEL_ARCH.GEMMA3:  # local layers: a window and their own rope base, unscaled
+        writer.add_sliding_window(config.sliding_window)
+        writer.add_sliding_window_pattern([kind == "sliding_attention" for kind in config.layer_types])
+        writer.add_rope_freq_base_swa(config.rope_parameters["sliding_attention"]["rope_theta"])
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -368,8 +412,16 @@ def source_gguf(checkpoint: Path, source: Source) -> Path | None:
     return None
 
 
+def _ropes(config) -> list[dict]:
+    """Every rope of the config: one, or one per layer type (Gemma 3)."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    return list(rope.values()) if family_of(config).rope_per_layer_type else [rope]
+
+
 def _rope(config) -> dict:
-    return getattr(config, "rope_parameters", None) or {}
+    """The rope of the config, or of its full-attention layers (Gemma 3's global rope)."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    return rope["full_attention"] if family_of(config).rope_per_layer_type else rope
 
 
 def _head_dim(config) -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llamaprune.core.arch import ATTN, LAYERS_PREFIX, Block
+from llamaprune.core.arch import ATTN, LAYERS_PREFIX, Block, embed_scale, family_of
 from llamaprune.io.weights import read_rows, read_tensors, tensor_files
 
 EMBEDDINGS = "model.embed_tokens.weight"
@@ -72,10 +72,14 @@ def skeleton(config, dtype: torch.dtype) -> nn.Module:
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def compute_rotary(model: nn.Module, device: str) -> None:
-    """Give a skeleton its rotary embedding on ``device``: its buffers are computed from the config, not stored."""
+def compute_buffers(model: nn.Module, device: str) -> None:
+    """Give a skeleton, on ``device``, the buffers computed from the config rather than stored: its rotary
+    embedding, and the scale of a scaled embedding (Gemma 3's, whose module keeps it as a buffer)."""
     rotary = model.model.rotary_emb
     model.model.rotary_emb = type(rotary)(config=model.config).to(device)
+    embed = model.model.embed_tokens
+    if hasattr(embed, "scalar_embed_scale"):
+        embed.embed_scale = torch.tensor(embed.scalar_embed_scale, device=device)
 
 
 @dataclass
@@ -102,7 +106,7 @@ class LayerStream:
         files = tensor_files(path)
         model = skeleton(config, dtype)
         stream = cls(model, files, batch_size, device)
-        compute_rotary(model, device)
+        compute_buffers(model, device)
         if not head:
             return stream
         outside = {k: v for k, v in files.items() if not k.startswith(LAYERS_PREFIX)}
@@ -141,39 +145,56 @@ class LayerStream:
             trim_heap()
 
     def embed(self, windows: torch.Tensor) -> torch.Tensor:
-        """The windows' input embeddings; where the embeddings were left unread (``head`` False), only the rows of
-        the tokens the windows use are read, so the vocabulary's matrix is never in memory."""
-        embed_tokens = self.model.model.embed_tokens
-        if not embed_tokens.weight.is_meta:
-            with torch.no_grad():
-                return embed_tokens(windows.to(self.device))
-        tokens, where = windows.unique(return_inverse=True)
-        rows = read_rows(self.files, EMBEDDINGS, tokens.tolist()).to(embed_tokens.weight.dtype)
-        return rows.to(self.device)[where.to(self.device)]
+        """The windows' input embeddings, times the family's scale (``core.arch.embed_scale``, in the weights'
+        dtype as transformers applies it). Where the embeddings were left unread (``head`` False), only the rows
+        of the tokens the windows use are read, so the vocabulary's matrix is never in memory."""
+        weight = self.model.model.embed_tokens.weight
+        if not weight.is_meta:
+            rows = weight.detach()[windows.to(self.device)]
+        else:
+            tokens, where = windows.unique(return_inverse=True)
+            rows = read_rows(self.files, EMBEDDINGS, tokens.tolist()).to(weight.dtype)
+            rows = rows.to(self.device)[where.to(self.device)]
+        scale = embed_scale(self.model.config)
+        return rows if scale == 1.0 else rows * torch.tensor(scale).to(rows.dtype)
 
-    def context(self, hidden: torch.Tensor) -> dict:
-        """Positions and causal mask of a batch of full windows (no padding, no cache)."""
-        from transformers.masking_utils import create_causal_mask
+    def context(self, decoder: nn.Module, hidden: torch.Tensor) -> dict:
+        """Positions and causal mask of a batch of full windows (no padding, no cache) for the attention of the
+        decoder layer ``decoder``: a sliding window where its attention has one, and its layer type's rotary
+        embedding where the family's differs per layer type."""
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+        config = self.model.config
+        family = family_of(config)
+        module = next(block.module for block in family.blocks if block.kind == ATTN)
+        attention = getattr(decoder, module, None)  # Mistral's reads its window from the config
+        sliding = getattr(attention, "sliding_window", getattr(config, "sliding_window", None)) is not None
         positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
-        mask = create_causal_mask(
-            config=self.model.config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=positions
+        mask = (create_sliding_window_causal_mask if sliding else create_causal_mask)(
+            config=config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=positions
         )
+        layer_type = ("sliding_attention" if sliding else "full_attention",)
+        per_type = family.rope_per_layer_type
         return {
-            "position_embeddings": self.model.model.rotary_emb(hidden, positions),
+            "position_embeddings": self.model.model.rotary_emb(hidden, positions, *(layer_type if per_type else ())),
             "attention_mask": mask,
         }
 
     def sub_block(self, decoder: nn.Module, block: Block, hidden: torch.Tensor) -> torch.Tensor:
         """The residual update of ``block`` (a sub-block of the layer table) of the decoder layer ``decoder`` for
-        ``hidden``: its norm, then the block (attention with the positions and mask); zero where it is skipped."""
+        ``hidden``: its norm, the block (attention with the positions and mask), its post-norm where it has one;
+        zero where it is skipped."""
         module = getattr(decoder, block.module)
         if module is None:
             return torch.zeros_like(hidden)
         normed = getattr(decoder, block.norm)(hidden)
-        if block.kind == ATTN:
-            return module(hidden_states=normed, **self.context(hidden))[0]
-        return module(normed)
+        out = module(hidden_states=normed, **self.context(decoder, hidden))[0] if block.kind == ATTN else module(normed)
+        return self.post_norm(decoder, block, out)
+
+    @staticmethod
+    def post_norm(decoder: nn.Module, block: Block, output: torch.Tensor) -> torch.Tensor:
+        """The output projection's ``output`` as the residual receives it: through the block's post-norm (Gemma 3)."""
+        return output if block.post_norm is None else getattr(decoder, block.post_norm)(output)
 
     def batches(self, hidden: torch.Tensor) -> list[torch.Tensor]:
         return list(hidden.split(self.batch_size))
@@ -182,7 +203,7 @@ class LayerStream:
         """``hidden`` after the whole layer, batch by batch through the block's own forward, so that its hooks see
         its input and output as in a whole-model pass (scoring's block influence)."""
         with torch.no_grad():
-            return torch.cat([block(h, **self.context(h)) for h in self.batches(hidden)])
+            return torch.cat([block(h, **self.context(block, h)) for h in self.batches(hidden)])
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -1,9 +1,10 @@
 """The pruned checkpoint format (docs/ARTIFACTS.md, "Pruned checkpoint"): config, save, load, its modeling file.
 
 A plan whose kept layers all have the same shape gives a plain config of the source architecture (llama,
-mistral, qwen2) with new widths and an explicit ``head_dim``; any other plan gives a ``llamaprune`` config
-with transformers' ``per_layer_config``, an ``auto_map`` and a copy of ``modeling_llamaprune.py``, so
-``trust_remote_code=True`` loads it without llamaprune. The weights are written by ``apply.streaming`` (a
+mistral, qwen2, qwen3, gemma3_text) with new widths and an explicit ``head_dim``; any other plan gives a
+``llamaprune`` config with transformers' ``per_layer_config``, the source family's layer features
+(``family_fields``), an ``auto_map`` and a copy of ``modeling_llamaprune.py``, so ``trust_remote_code=True``
+loads it without llamaprune. The weights are written by ``apply.streaming`` (a
 safetensors source, tensor by tensor) or by ``save_pruned`` (a model in memory).
 
     >>> plan = read_plan("artifacts/run1/plans/global-taylor-0.20.json")             # doctest: +SKIP
@@ -18,14 +19,14 @@ import logging
 import shutil
 from pathlib import Path
 
-from llamaprune.core.arch import source_model_type
+from llamaprune.core.arch import PRUNED_MODEL_TYPE, embed_scale, family_of, source_model_type
 from llamaprune.core.errors import UsageError
 from llamaprune.core.plan_file import Plan
 from llamaprune.io.loading import Device, DType, register, resolve_device, resolve_source, torch_dtype
 
 log = logging.getLogger(__name__)
 
-MODEL_TYPE = "llamaprune"
+MODEL_TYPE = PRUNED_MODEL_TYPE
 MODELING_FILE = Path(__file__).parents[1] / "modeling_llamaprune.py"
 AUTO_MAP = {
     "AutoConfig": "modeling_llamaprune.LlamaPruneConfig",
@@ -47,8 +48,13 @@ LAYOUT_KEYS = (
     "serialize_explicit_per_layer_config",
     "layer_types",
 )
-# Qwen2 fields that only place sliding-window layers; the llamaprune type has a global sliding_window instead.
-QWEN2_WINDOW_KEYS = ("use_sliding_window", "max_window_layers")
+# Fields that only place sliding-window layers (Qwen2, Qwen3); the llamaprune type lists its layers' types.
+WINDOW_KEYS = ("use_sliding_window", "max_window_layers")
+# Source fields the llamaprune type has its own field for (``family_fields``), or cannot carry (``UNCARRIED``).
+FAMILY_KEYS = ("hidden_activation", "sliding_window_pattern", "_sliding_window_pattern")
+FULL, SLIDING = "full_attention", "sliding_attention"
+# Gemma features the llamaprune type does not implement: a set value is refused, naming plan --uniform.
+UNCARRIED = ("final_logit_softcapping", "attn_logit_softcapping", "use_bidirectional_attention")
 
 
 def kept_layer_overrides(plan: Plan) -> list[dict]:
@@ -85,34 +91,76 @@ def pruned_config(config, plan: Plan, output_bias: bool = False):
     uniform = all(entry == overrides[0] and "skip" not in entry for entry in overrides)
     if uniform and output_bias:
         fields.update(overrides[0])
-        return _llamaprune_config(config, fields, base_type)
+        return _llamaprune_config(config, fields, base_type, plan)
     if uniform:
-        layer_types = getattr(config, "layer_types", None)
-        if layer_types is not None:
-            kept = [lp.layer for lp in plan.layers if not lp.removed]
-            fields["layer_types"] = [layer_types[i] for i in kept]
+        if getattr(config, "layer_types", None) is not None:
+            types = layer_types_of(config)
+            fields["layer_types"] = [types[lp.layer] for lp in plan.layers if not lp.removed]
         fields.update(overrides[0])
         try:
             return AutoConfig.for_model(base_type, **fields)
         except (ValueError, StrictDataclassError):
             pass  # e.g. Llama insists on hidden_size % num_attention_heads == 0: our type has no such rule
-        return _llamaprune_config(config, fields, base_type)
-    return _llamaprune_config(config, fields, base_type, per_layer_config=dict(enumerate(overrides)))
+        return _llamaprune_config(config, fields, base_type, plan)
+    return _llamaprune_config(config, fields, base_type, plan, per_layer_config=dict(enumerate(overrides)))
 
 
-def _llamaprune_config(config, fields: dict, base_type: str, **per_layer):
+def _llamaprune_config(config, fields: dict, base_type: str, plan: Plan, **per_layer):
     from llamaprune.modeling_llamaprune import LlamaPruneConfig
 
-    windows = set(getattr(config, "layer_types", None) or ["full_attention"])
-    if windows != {"full_attention"}:
-        raise UsageError(
-            f"layer types {sorted(windows)} cannot be pruned into the llamaprune model type (it knows full "
-            f"attention and Mistral's global sliding window); use a plan that gives every layer one shape"
-        )
-    fields = {k: v for k, v in fields.items() if k not in QWEN2_WINDOW_KEYS + ("layer_types",)}
+    fields = {k: v for k, v in fields.items() if k not in WINDOW_KEYS + FAMILY_KEYS + UNCARRIED}
+    fields.update(family_fields(config), layer_types=slot_layer_types(config, plan))
+    if fields["layer_types"] is None and getattr(config, "layer_types", None) is not None:
+        fields["sliding_window"] = None  # every layer is full attention; only Mistral's window covers them all
     if per_layer:
         per_layer.update(allow_global_per_layer_attribute_access=True, serialize_explicit_per_layer_config=True)
     return LlamaPruneConfig(**fields, **per_layer, base_model_type=base_type, auto_map=AUTO_MAP)
+
+
+def family_fields(config) -> dict:
+    """The llamaprune config fields that carry the layer of ``config``'s family (``core.arch.FAMILIES``): its norms,
+    activation, embedding scale and attention scale. A feature the type does not implement is refused."""
+    family = family_of(config)
+    for key in UNCARRIED:
+        if getattr(config, key, None):
+            raise UsageError(
+                f"the llamaprune model type does not implement {key} ({getattr(config, key)}), which this "
+                f"{family.architecture} sets; make the plan with `llamaprune plan --uniform` for a plain checkpoint"
+            )
+    return {
+        "head_norms": family.head_norms,
+        "post_norms": family.blocks[0].post_norm is not None,
+        "norm_offset": family.norm_offset,
+        "embed_scale": embed_scale(config),
+        "hidden_act": getattr(config, family.activation_key),
+        "query_pre_attn_scalar": getattr(config, "query_pre_attn_scalar", None),
+    }
+
+
+def layer_types_of(config) -> list[str]:
+    """Each layer's attention type (full or sliding) in ``config``, of the source's type or ours (whose
+    ``layer_types`` are per KV-cache slot; a layer without attention is full: it has none to slide)."""
+    if config.model_type != MODEL_TYPE:
+        return list(getattr(config, "layer_types", None) or [FULL] * config.num_hidden_layers)
+    from llamaprune.modeling_llamaprune import cache_slots, slot_layer_types
+
+    layers = config.per_layer_config if config.is_heterogeneous else [config] * config.num_hidden_layers
+    types = slot_layer_types(config)
+    return [FULL if "attention" in (getattr(layer, "skip", None) or ()) else types[slot]
+            for layer, slot in zip(layers, cache_slots(layers), strict=True)]
+
+
+def slot_layer_types(config, plan: Plan) -> list[str] | None:
+    """The ``layer_types`` of the llamaprune config of ``config`` after ``plan``: the type of each kept layer with
+    attention, in order, then the last of them again up to the kept layer count, for cache slots no layer uses
+    (modeling_llamaprune.LlamaPruneConfig says why per cache slot; repeating a type brings in no rope the source
+    lacks); None where every layer is full attention, or Mistral's window covers them all."""
+    types = layer_types_of(config)
+    if set(types) == {FULL}:
+        return None
+    kept = [lp for lp in plan.layers if not lp.removed]
+    slots = [types[lp.layer] for lp in kept if "attention" not in lp.skip] or [FULL]
+    return (slots + slots[-1:] * len(kept))[: len(kept)]
 
 
 def copy_modeling_file(config, out: Path) -> None:

@@ -134,7 +134,7 @@ def load_sharded(path: Path, config, dtype: torch.dtype, device: str, ranks: Ran
     """The model of a safetensors checkpoint directory, sharded across the processes as it loads: built on the
     meta device, sharded, then each process reads only its rows of every tensor, so no process ever holds the
     whole model."""
-    from llamaprune.io.layer_stream import compute_rotary, skeleton
+    from llamaprune.io.layer_stream import compute_buffers, skeleton
     from llamaprune.io.weights import read_slice, tensor_files
 
     files = tensor_files(path)
@@ -151,7 +151,7 @@ def load_sharded(path: Path, config, dtype: torch.dtype, device: str, ranks: Ran
             raise UsageError(f"{path} has no tensor {name}; is it a complete checkpoint of this config?")
         with torch.no_grad():
             local.copy_(read_slice(files[key], key, start, start + local.shape[0]).to(dtype))
-    compute_rotary(model, device)  # after to_empty, which would leave its computed buffers uninitialized
+    compute_buffers(model, device)  # after to_empty, which would leave its computed buffers uninitialized
     return model.eval()
 
 
