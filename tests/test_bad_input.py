@@ -257,7 +257,7 @@ def option_arguments(tmp_path) -> dict[str, list]:
 
 # Options whose value names an input, an output or lm-eval tasks: a bad one is reported by what it names.
 NAMES_SOMETHING = {"dataset", "eval_dataset", "finetune_dataset", "calibration", "base_model", "data_dir", "tasks",
-                   "tasks_dir", "output_dir", "name", "save_ckpt_log_name", "lora_targets"}
+                   "tasks_dir", "output_dir", "name", "save_ckpt_log_name", "lora_targets", "teacher"}
 BAD_VALUES = {int: ["0", "-1", "1"], float: ["0", "-1", "1", "1.5", "nan"], str: ["bogus"]}
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*")
 

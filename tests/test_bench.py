@@ -201,3 +201,28 @@ def test_streamed_compensation_bench_runs_tiny(tmp_path):
     assert figures["budget"]["widest_kept"] > 0 and figures["budget"]["largest_fit"] > 0
     assert "with --select obs" in done.stdout and figures["budget"]["obs_choice"] > 0
     assert figures["peaks"]["obs"]["peak_rss"] >= figures["peaks"]["obs"]["rss_after_imports"] > 0
+
+
+def test_recovery_bench_runs_tiny(tmp_path):
+    """bench/recovery.py --tiny: a row per method after the pruned one, each's share recovered on both domains
+    (None where the tiny random model's pruning lost nothing), and the one-step peaks of KD against LM."""
+    out = tmp_path / "recovery.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "recovery.py"), "--tiny", "--methods",
+                           "lm-lora,kd-full", "--out", str(out)], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert [(r["method"], r["steps"]) for r in rows] == [("none", 0), ("lm-lora", 2), ("kd-full", 2)]
+    for row in rows:
+        assert finite_positive(row["ppl128"]) and finite_positive(row["other_ppl128"]), row
+    for row, before in ((row, rows[0]) for row in rows[1:]):
+        for prefix in ("", "other_"):
+            dense, pruned, tuned = report["dense"][f"{prefix}ppl128"], before[f"{prefix}ppl128"], row[f"{prefix}ppl128"]
+            share = row[f"{prefix}recovered"]
+            assert share == (round((pruned - tuned) / (pruned - dense), 4) if pruned > dense else None), row
+        assert finite_positive(row["seconds"]) and row["peak_mib"] > 0 and row["validation"][0]["step"] == 0
+    assert "lm_loss" in rows[2]["validation"][0] and "lm_loss" not in rows[1]["validation"][0]
+    peak = report["peak"]
+    assert peak["kd_peak_mib"] >= peak["teacher_mib"] > 0 and finite_positive(peak["kd_over_lm"])
+    assert f"one step's peak: {json.dumps(peak)}" in done.stdout
+    assert (tmp_path / "recovery_curves.png").stat().st_size > 1000

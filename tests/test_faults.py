@@ -80,7 +80,7 @@ def faults(tmp_path_factory, tokenizer) -> Faults:
                   "--seq-len", "16", "--criteria", "taylor,magnitude"],
         "apply": ["apply", str(plan_path), "--model", str(model), "--out", "{out}"],
         "finetune": ["finetune", str(model), "--out", "{out}", "--dataset", str(calib), "--samples", "8",
-                     "--seq-len", "16", "--batch-size", "4"],
+                     "--seq-len", "16", "--batch-size", "4", "--teacher", str(model)],  # distilled: two models
     }
     jobs = []
     for seed, command in enumerate(COMMANDS):

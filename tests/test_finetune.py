@@ -160,9 +160,9 @@ def test_gradient_accumulation_equals_one_big_batch(tokenizer, train_txt):
     for group in ([batch], halves):
         model = model_for(tokenizer)
         params = list(model.parameters())
-        loss = optimizer_step(model, group, params, torch.optim.SGD(params, lr=0.1), torch.device("cpu"))
+        loss, nll = optimizer_step(model, group, params, torch.optim.SGD(params, lr=0.1), torch.device("cpu"))
         weights.append(torch.cat([p.detach().flatten() for p in params]))
-    assert loss == pytest.approx(mean_nll(model_for(tokenizer), batch), abs=1e-5)
+    assert loss == nll == pytest.approx(mean_nll(model_for(tokenizer), batch), abs=1e-5)
     assert torch.allclose(weights[0], weights[1], atol=1e-6) and not torch.equal(
         weights[0], torch.cat([p.flatten() for p in model_for(tokenizer).parameters()])
     )

@@ -244,16 +244,19 @@ def apply_and_finetune(options: ApplyOptions,
                        finetune: FinetuneOptions | None = None) -> tuple[Path, dict, dict | None]:
     """``apply --finetune``: the pruned checkpoint goes to ``OUT-pruned`` (kept) and its finetuned copy to OUT;
     returns where the pruned checkpoint is, the apply's summary and the finetune's (None without ``finetune``).
-    The finetune's input is the apply's output: everything but that is checked, and bad finetuning data fails,
-    before any work."""
+    The finetune's input is the apply's output: everything but that is checked, and bad finetuning data or a
+    teacher that cannot teach it (checked against the model the plan prunes) fails, before any work."""
     if finetune is None:
         return options.out, apply(options), None
     from llamaprune.recover.command import FinetuneRun, read_inputs, run_finetune
+    from llamaprune.recover.teacher import check_teacher
     from llamaprune.runs.phase import preflight
 
     pruned = options.out.with_name(f"{options.out.name}-pruned")
     recovery = FinetuneRun(str(pruned), options.out, finetune, options.eval, dtype=options.load_dtype,
                            device=options.device, overwrite=options.overwrite, max_shard_size=options.max_shard_size)
-    preflight(recovery.phase(model_ready=False), lambda _: read_inputs(recovery))
+    preflight(recovery.phase(model_ready=False), lambda _: read_inputs(recovery, model_ready=False))
+    plan = read_plan(options.plan)
+    check_teacher(finetune.distill, options.model, plan, len(plan.layers) - len(plan.removed_layers))
     summary = apply(dataclasses.replace(options, out=pruned))
     return pruned, summary, run_finetune(recovery)

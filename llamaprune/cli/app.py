@@ -23,7 +23,19 @@ from typing import Annotated
 import typer
 
 from llamaprune.cli.finetune import finetune_command, report_finetune
-from llamaprune.cli.options import DataDir, DeviceOpt, DTypeOpt, TasksDirOpt, TasksLimitOpt, TasksOpt
+from llamaprune.cli.options import (
+    DataDir,
+    DeviceOpt,
+    DTypeOpt,
+    KdHiddenOpt,
+    KdTemperatureOpt,
+    KdTopKOpt,
+    KdWeightOpt,
+    TasksDirOpt,
+    TasksLimitOpt,
+    TasksOpt,
+    TeacherDeviceOpt,
+)
 from llamaprune.cli.prune import prune_command
 from llamaprune.core.criteria import CRITERIA, DEFAULT_CRITERIA, FORWARD_ONLY, help_text
 from llamaprune.core.errors import UsageError, flags_named
@@ -366,6 +378,16 @@ def apply_command(
     finetune_epochs: Annotated[int, typer.Option(help="Passes over the finetuning data.")] = 1,
     lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 16,
     lora_alpha: Annotated[float, typer.Option(help="LoRA alpha.")] = 32.0,
+    teacher: Annotated[
+        str | None,
+        typer.Option(help="--finetune distils from this model (dir, .gguf, hub id, smollm2-135m; default: --model, "
+                          "the dense source); none: the next-token loss alone."),
+    ] = None,
+    kd_temperature: KdTemperatureOpt = 1.0,
+    kd_weight: KdWeightOpt = 1.0,
+    kd_top_k: KdTopKOpt = None,
+    kd_hidden: KdHiddenOpt = 0.0,
+    teacher_device: TeacherDeviceOpt = None,
     force: Annotated[bool, typer.Option(help="Apply a plan scored on other weights of the same shapes.")] = False,
 ) -> None:
     """Slice a checkpoint by a plan into a smaller one that from_pretrained loads (phase 3), then optionally
@@ -386,11 +408,14 @@ def apply_command(
                                        data_dir=data_dir, select=select, swaps=swaps, target=target)
     recovery = None
     if finetune:
+        from llamaprune.recover.distill import distillation
         from llamaprune.recover.finetune import FinetuneOptions
 
+        distill = distillation(model if teacher is None else teacher, kd_temperature, kd_weight, kd_top_k, kd_hidden,
+                               teacher_device)
         recovery = FinetuneOptions(method=finetune, dataset=finetune_dataset, samples=finetune_samples,
                                    seq_len=finetune_seq_len, epochs=finetune_epochs, lr=finetune_lr, lora_r=lora_r,
-                                   lora_alpha=lora_alpha, data_dir=data_dir)
+                                   lora_alpha=lora_alpha, data_dir=data_dir, distill=distill)
     plan_out, summary, finetuned = apply_and_finetune(
         ApplyOptions(plan, model, out, dtype, device, max_shard_size, overwrite, evaluation, compensation, force),
         recovery,

@@ -11,7 +11,16 @@ from typing import Annotated
 
 import typer
 
-from llamaprune.cli.options import DataDir, DeviceOpt, DTypeOpt
+from llamaprune.cli.options import (
+    DataDir,
+    DeviceOpt,
+    DTypeOpt,
+    KdHiddenOpt,
+    KdTemperatureOpt,
+    KdTopKOpt,
+    KdWeightOpt,
+    TeacherDeviceOpt,
+)
 from llamaprune.core.arch import LINEAR_NAMES
 from llamaprune.core.errors import flags_named
 from llamaprune.io.loading import Device, DType
@@ -55,21 +64,34 @@ def finetune_command(
         bool, typer.Option("--gradient-checkpointing", help="Recompute activations in backward: less memory.")
     ] = False,
     seed: Annotated[int, typer.Option(help="Seed of the data sample, the split and the initialization.")] = 0,
+    teacher: Annotated[
+        str | None,
+        typer.Option(help="Distil from this model (dir, .gguf, hub id, smollm2-135m): the one that was pruned. "
+                          "Default: the next-token loss alone."),
+    ] = None,
+    kd_temperature: KdTemperatureOpt = 1.0,
+    kd_weight: KdWeightOpt = 1.0,
+    kd_top_k: KdTopKOpt = None,
+    kd_hidden: KdHiddenOpt = 0.0,
+    teacher_device: TeacherDeviceOpt = None,
     dtype: DTypeOpt = DType.float32,
     device: DeviceOpt = Device.cpu,
     data_dir: DataDir = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT directory.")] = False,
 ) -> None:
-    """Recover quality after pruning: LoRA or full finetuning, saved in the same checkpoint format."""
+    """Recover quality after pruning: LoRA or full finetuning, on the next-token loss or distilled from the dense
+    model (--teacher), saved in the same checkpoint format."""
     from llamaprune.evaluate.perplexity import EvalOptions
     from llamaprune.recover.command import FinetuneRun, run_finetune
+    from llamaprune.recover.distill import distillation
     from llamaprune.recover.finetune import FinetuneOptions, parse_targets
 
+    distill = distillation(teacher, kd_temperature, kd_weight, kd_top_k, kd_hidden, teacher_device)
     options = FinetuneOptions(
         method=method, dataset=dataset, samples=samples, seq_len=seq_len, epochs=epochs, lr=lr,
         batch_size=batch_size, grad_accum=grad_accum, lora_r=lora_r, lora_alpha=lora_alpha,
         lora_dropout=lora_dropout, val_every=val_every, gradient_checkpointing=gradient_checkpointing, seed=seed,
-        data_dir=data_dir, lora_targets=parse_targets(lora_targets),
+        data_dir=data_dir, lora_targets=parse_targets(lora_targets), distill=distill,
     )
     evaluation = EvalOptions(eval_dataset, eval_seq_len, max_windows, batch_size, data_dir) if eval_dataset else None
     summary = run_finetune(FinetuneRun(model_dir, out, options, evaluation, save_adapter, dtype, device, overwrite))
@@ -79,8 +101,9 @@ def finetune_command(
 def report_finetune(summary: dict, options, evaluation, out: Path) -> None:
     """What ``finetune`` (and ``apply --finetune``) print: training, then perplexity (and task accuracies) before
     and after."""
+    distilled = f" distilled from {options.distill.teacher}" if options.distill else ""
     typer.echo(
-        f"{options.method.value}: {summary['steps']} steps over {summary['train_examples']} examples "
+        f"{options.method.value}{distilled}: {summary['steps']} steps over {summary['train_examples']} examples "
         f"({summary['tokens_per_s']:.0f} tokens/s), best validation loss {summary['best_validation_loss']:.4f} "
         f"at step {summary['best_step']} in {summary['seconds']:.1f} s -> {out}"
     )

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from llamaprune.cli.options import INSTALL_EVAL, DeviceOpt, DTypeOpt
+from llamaprune.cli.options import INSTALL_EVAL, KD_HELP, DeviceOpt, DTypeOpt
 from llamaprune.core.criteria import names_text
 from llamaprune.core.errors import flags_named
 from llamaprune.io.loading import Device, DType
@@ -101,6 +101,18 @@ def prune_command(
     ] = None,
     lora_r: Annotated[int, typer.Option("--lora_r", help="LoRA rank.")] = 16,
     lora_alpha: Annotated[float, typer.Option("--lora_alpha", help="LoRA scaling numerator.")] = 32.0,
+    teacher: Annotated[
+        str | None,
+        typer.Option("--teacher", help="--finetune distils from this model (default: --base_model, the dense "
+                                       "model); none: the next-token loss alone."),
+    ] = None,
+    kd_temperature: Annotated[float, typer.Option("--kd_temperature", help=KD_HELP["temperature"])] = 1.0,
+    kd_weight: Annotated[float, typer.Option("--kd_weight", help=KD_HELP["weight"])] = 1.0,
+    kd_top_k: Annotated[int | None, typer.Option("--kd_top_k", help=KD_HELP["top_k"])] = None,
+    kd_hidden: Annotated[float, typer.Option("--kd_hidden", help=KD_HELP["hidden"])] = 0.0,
+    teacher_device: Annotated[
+        Device | None, typer.Option("--teacher_device", help=KD_HELP["device"])
+    ] = None,
     output_dir: Annotated[
         Path | None, typer.Option("--output_dir", help="Run directory (artifacts/<name>).")
     ] = None,
@@ -133,8 +145,9 @@ def prune_command(
         tasks_dir=tasks_dir, save_model=save_model or output_model,
         finetune=finetune, finetune_method=finetune_method, finetune_dataset=finetune_dataset,
         finetune_samples=finetune_samples, finetune_seq_len=finetune_seq_len, finetune_lr=finetune_lr,
-        lora_r=lora_r, lora_alpha=lora_alpha, output_dir=output_dir, data_dir=data_dir, device=device,
-        dtype=dtype, seed=seed, overwrite=overwrite,
+        lora_r=lora_r, lora_alpha=lora_alpha, teacher=teacher, kd_temperature=kd_temperature, kd_weight=kd_weight,
+        kd_top_k=kd_top_k, kd_hidden=kd_hidden, teacher_device=teacher_device, output_dir=output_dir,
+        data_dir=data_dir, device=device, dtype=dtype, seed=seed, overwrite=overwrite,
     )
     for line in summary_lines(prune(options)):
         typer.echo(line)

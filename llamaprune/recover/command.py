@@ -24,6 +24,7 @@ from llamaprune.io.pruned_checkpoint import MODELING_FILE, save_pruned
 from llamaprune.recover.data import TrainingText, build_examples, read_source
 from llamaprune.recover.finetune import FinetuneOptions, Method, finetune, merge_lora
 from llamaprune.recover.loss_curve import CURVE_JSON, CURVE_PNG, plot_curve
+from llamaprune.recover.teacher import check_teacher, checkpoint_plan, load_teacher
 from llamaprune.runs.command_log import TRAINING_LOG
 from llamaprune.runs.phase import Phase, run_phase
 
@@ -75,8 +76,12 @@ class Inputs:
     evaluation: list[str] | None
 
 
-def read_inputs(run: FinetuneRun) -> Inputs:
-    return Inputs(read_source(run.options.dataset, run.options.data_dir), run.eval.test_rows() if run.eval else None)
+def read_inputs(run: FinetuneRun, model_ready: bool = True) -> Inputs:
+    """The texts, then (``model_ready``: the checkpoint to finetune exists) the teacher against the checkpoint."""
+    inputs = Inputs(read_source(run.options.dataset, run.options.data_dir), run.eval.test_rows() if run.eval else None)
+    if model_ready:
+        check_teacher(run.options.distill, run.model, checkpoint_plan(Path(run.model)))
+    return inputs
 
 
 def check_checkpoint_dir(name: str) -> None:
@@ -111,7 +116,8 @@ def run_finetune(run: FinetuneRun, progress: bool = True) -> dict:
         examples = build_examples(tokenizer, inputs.training, options.samples, options.seq_len, options.seed)
         if run.eval:
             before = measure(model, tokenizer, run.eval, inputs.evaluation, progress)
-        result = finetune(model, tokenizer, options, examples, progress)
+        teacher = load_teacher(options.distill, model, checkpoint_plan(source), run.dtype) if options.distill else None
+        result = finetune(model, tokenizer, options, examples, progress, teacher)
         if run.save_adapter:
             result.model.save_pretrained(tmp / ADAPTER_DIR)
         model = merge_lora(result.model)

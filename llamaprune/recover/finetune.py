@@ -1,8 +1,9 @@
 """Recovery finetuning of a (pruned) model: LoRA through peft, or all weights, with the best weights kept.
 
 ``finetune`` trains a loaded model in memory on text windows or Alpaca-style instructions
-(``llamaprune.recover.data``), checked against a held-out split; ``merge_lora`` folds the adapters back
-into the weights. The ``llamaprune finetune`` command around it is ``llamaprune.recover.command``.
+(``llamaprune.recover.data``), checked against a held-out split, on the next-token loss or by distillation from a
+teacher (``llamaprune.recover.distill``); ``merge_lora`` folds the adapters back into the weights. The
+``llamaprune finetune`` command around it is ``llamaprune.recover.command``.
 
     >>> options = FinetuneOptions(method="lora", dataset="wikitext2", samples=1000, seq_len=256)
     >>> result = finetune(model, tokenizer, options)                                   # doctest: +SKIP
@@ -23,6 +24,7 @@ from enum import Enum
 from llamaprune.core.arch import LINEAR_NAMES
 from llamaprune.core.choices import parse_choice
 from llamaprune.core.errors import UsageError, flag
+from llamaprune.io.loading import DType
 from llamaprune.recover.data import (
     IGNORE_INDEX,
     build_examples,
@@ -31,6 +33,8 @@ from llamaprune.recover.data import (
     read_source,
     split_validation,
 )
+from llamaprune.recover.distill import Distillation, Teacher, batch_sums
+from llamaprune.recover.teacher import load_teacher, own_tensors
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +52,8 @@ DEFAULT_LR = {Method.lora: 1e-4, Method.full: 1e-5}
 
 @dataclass(frozen=True)
 class FinetuneOptions:
-    """What to train and how; ``lr`` None: the method's default, ``val_every`` None: about 10 checks."""
+    """What to train and how; ``lr`` None: the method's default, ``val_every`` None: about 10 checks, ``distill``
+    None: the next-token loss alone."""
 
     method: Method = Method.lora
     dataset: str = "wikitext2"
@@ -68,6 +73,7 @@ class FinetuneOptions:
     gradient_checkpointing: bool = False
     seed: int = 0
     data_dir: str | None = None
+    distill: Distillation | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", parse_choice(Method, self.method, flag("finetune --method")))
@@ -242,22 +248,37 @@ def batch_nll(model, batch: dict, device):
     return token_nll(logits, batch["labels"].to(device))
 
 
-def validation_loss(model, batches: list[dict], device) -> float:
-    """Mean next-token NLL over the validation batches, in eval mode (no dropout)."""
+def batch_losses(model, batch: dict, device, teacher: Teacher | None = None):
+    """(the training objective, the next-token NLL) of one batch, each summed over its predicted tokens: the
+    NLL alone, or with a ``teacher`` the distillation objective (``recover.distill``)."""
+    if teacher is None:
+        nll, _ = batch_nll(model, batch, device)
+        return nll, nll
+    with autocast(device):
+        sums = batch_sums(model, teacher, batch, device)
+    return sums.objective, sums.nll
+
+
+def validation_loss(model, batches: list[dict], device, teacher: Teacher | None = None) -> tuple[float, float]:
+    """(mean objective, mean next-token NLL) per predicted token over the validation batches, in eval mode (no
+    dropout)."""
     import torch
 
     model.eval()
-    total, count = 0.0, 0
+    total, nll_total, count = 0.0, 0.0, 0
     with torch.inference_mode():
         for batch in batches:
-            nll, n = batch_nll(model, batch, device)
-            total, count = total + nll.item(), count + n
+            objective, nll = batch_losses(model, batch, device, teacher)
+            total, nll_total = total + objective.item(), nll_total + nll.item()
+            count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     model.train()
-    return total / max(count, 1)
+    return total / max(count, 1), nll_total / max(count, 1)
 
 
-def optimizer_step(model, group: list[dict], params: list, optimizer, device) -> float:
-    """One step over the ``group`` of batches (gradient accumulation); returns its mean token loss.
+def optimizer_step(model, group: list[dict], params: list, optimizer, device,
+                   teacher: Teacher | None = None) -> tuple[float, float]:
+    """One step over the ``group`` of batches (gradient accumulation); returns its mean token objective and
+    next-token NLL (the same without a ``teacher``).
 
     Each batch's summed loss is divided by the tokens of the whole group, so the gradient is the one of
     the token mean over the group, however the tokens fall into batches.
@@ -265,22 +286,24 @@ def optimizer_step(model, group: list[dict], params: list, optimizer, device) ->
     import torch
 
     targets = max(1, sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group))
-    total = 0.0
+    total, nll_total = 0.0, 0.0
     for batch in group:
-        nll, _ = batch_nll(model, batch, device)
-        (nll / targets).backward()
-        total += nll.item()
+        objective, nll = batch_losses(model, batch, device, teacher)
+        (objective / targets).backward()
+        total, nll_total = total + objective.item(), nll_total + nll.item()
     torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total / targets
+    return total / targets, nll_total / targets
 
 
-def finetune(model, tokenizer, options: FinetuneOptions, examples: list | None = None, progress: bool = True):
+def finetune(model, tokenizer, options: FinetuneOptions, examples: list | None = None, progress: bool = True,
+             teacher: Teacher | None = None):
     """Train ``model`` on ``examples`` (default: read from ``options.dataset``); returns a FinetuneResult.
 
     A seeded validation split is scored before training, every ``val_every`` optimizer steps and at the end;
-    the weights with the lowest validation loss are the ones returned.
+    the weights with the lowest validation loss (the training objective: with ``options.distill``, the
+    distillation loss from ``teacher``, loaded from its settings where not given) are the ones returned.
     """
     import torch
     from tqdm.auto import tqdm
@@ -298,6 +321,10 @@ def finetune(model, tokenizer, options: FinetuneOptions, examples: list | None =
     pad = pad_id(tokenizer)
     validation = batches_of(held_out, options.batch_size, pad)
     device = next(model.parameters()).device
+    if options.distill is not None and teacher is None:
+        teacher = load_teacher(options.distill, model, None, DType(str(model.dtype).removeprefix("torch.")))
+    if teacher is not None and options.method is Method.full:
+        own_tensors(model, teacher.model)
     model = prepare(model, options)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -318,13 +345,19 @@ def finetune(model, tokenizer, options: FinetuneOptions, examples: list | None =
         options.grad_accum,
         sum(p.numel() for p in params),
     )
+    if teacher is not None:
+        kd = teacher.settings
+        log.info("distilling from %s: KL at temperature %g over %s, weight %g (next-token loss %g), hidden-state "
+                 "loss %g on %d matched layers", kd.teacher, kd.temperature,
+                 f"the top {kd.top_k} tokens" if kd.top_k else "the vocabulary", kd.weight, 1 - kd.weight, kd.hidden,
+                 len(teacher.layers))
     curve = {"train": [], "validation": [], "best": None, "tokens_per_s": None}
     best_state = None
 
     def validate(step: int) -> None:
         nonlocal best_state
-        loss = validation_loss(model, validation, device)
-        curve["validation"].append({"step": step, "loss": loss})
+        loss, nll = validation_loss(model, validation, device, teacher)
+        curve["validation"].append({"step": step, "loss": loss, **({"lm_loss": nll} if teacher else {})})
         if curve["best"] is None or loss < curve["best"]["loss"]:
             curve["best"], best_state = {"step": step, "loss": loss}, trainable_state(model)
         log.info(
@@ -345,14 +378,13 @@ def finetune(model, tokenizer, options: FinetuneOptions, examples: list | None =
         for first in range(0, len(batches), options.grad_accum):
             group = batches[first : first + options.grad_accum]
             start = time.perf_counter()
-            loss = optimizer_step(model, group, params, optimizer, device)
+            loss, nll = optimizer_step(model, group, params, optimizer, device, teacher)
             scheduler.step()
             seconds += time.perf_counter() - start
             step += 1
             tokens += sum(int(b["attention_mask"].sum()) for b in group)
-            curve["train"].append(
-                {"step": step, "loss": loss, "tokens": tokens, "lr": scheduler.get_last_lr()[0]}
-            )
+            curve["train"].append({"step": step, "loss": loss, **({"lm_loss": nll} if teacher else {}),
+                                   "tokens": tokens, "lr": scheduler.get_last_lr()[0]})
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / seconds:.0f}")
             if step % val_every == 0 or step == total:

@@ -29,6 +29,7 @@ from llamaprune.evaluate.speed import measure_pair, speed_text
 from llamaprune.evaluate.zero_shot import task_lines, task_options
 from llamaprune.io.loading import Device, DType
 from llamaprune.plan import LayerStrategy, Normalize, PlanOptions, Strategy
+from llamaprune.recover.distill import distillation
 from llamaprune.recover.finetune import FinetuneOptions, Method
 from llamaprune.recover.loss_curve import CURVE_JSON, CURVE_PNG
 from llamaprune.runs.command_log import TRAINING_LOG
@@ -100,6 +101,12 @@ SEED_FLAGS: dict[str, str | None] = {
     "finetune --lr": "--finetune_lr",
     "finetune --lora-r": "--lora_r",
     "finetune --lora-alpha": "--lora_alpha",
+    "finetune --teacher": "--teacher",
+    "finetune --kd-temperature": "--kd_temperature",
+    "finetune --kd-weight": "--kd_weight",
+    "finetune --kd-top-k": "--kd_top_k",
+    "finetune --kd-hidden": "--kd_hidden",
+    "finetune --teacher-device": "--teacher_device",
     **dict.fromkeys(
         ("finetune --epochs", "finetune --batch-size", "finetune --grad-accum", "finetune --lora-dropout",
          "finetune --lora-targets", "finetune --val-every")
@@ -110,7 +117,8 @@ SEED_FLAGS: dict[str, str | None] = {
 @dataclass(frozen=True)
 class PruneOptions:
     """Everything ``llamaprune prune`` does, under the seed's names; ``output_dir`` None means
-    ``artifacts/<save_ckpt_log_name>``, ``finetune_dataset`` None the calibration ``dataset``."""
+    ``artifacts/<save_ckpt_log_name>``, ``finetune_dataset`` None the calibration ``dataset``, ``teacher`` None the
+    ``base_model`` (``none``: no distillation)."""
 
     base_model: str = "smollm2-135m"
     save_ckpt_log_name: str = "prune"
@@ -144,6 +152,12 @@ class PruneOptions:
     finetune_lr: float | None = None
     lora_r: int = 16
     lora_alpha: float = 32.0
+    teacher: str | None = None
+    kd_temperature: float = 1.0
+    kd_weight: float = 1.0
+    kd_top_k: int | None = None
+    kd_hidden: float = 0.0
+    teacher_device: Device | None = None
     output_dir: Path | None = None
     data_dir: str | None = None
     device: Device = Device.cpu
@@ -242,6 +256,8 @@ class PruneOptions:
             lora_alpha=self.lora_alpha,
             seed=self.seed,
             data_dir=self.data_dir,
+            distill=distillation(self.base_model if self.teacher is None else self.teacher, self.kd_temperature,
+                                 self.kd_weight, self.kd_top_k, self.kd_hidden, self.teacher_device),
         )
 
     @property
@@ -270,15 +286,20 @@ class _Inputs:
 
 
 def read_inputs(options: PruneOptions) -> _Inputs:
+    """The texts, then the finetune's teacher against the model to prune (whose layers its plan will keep)."""
     from llamaprune.io.text_data import load_rows
     from llamaprune.recover.data import read_source
+    from llamaprune.recover.teacher import check_teacher
 
     finetune = options.finetune_options()
-    return _Inputs(
+    inputs = _Inputs(
         calibration=load_rows(options.dataset, split="train", data_dir=options.data_dir),
         evaluation=options.eval_options().test_rows() if options.test_after_prune else None,
         training=read_source(finetune.dataset, finetune.data_dir) if options.finetune else None,
     )
+    if options.finetune:
+        check_teacher(finetune.distill, options.base_model)
+    return inputs
 
 
 @flags_named(SEED_FLAGS)
@@ -332,7 +353,7 @@ def _run(options: PruneOptions, run: PhaseRun[_Inputs], progress: bool) -> None:
     curve = None
     if options.finetune:
         model, curve, summary["finetune"] = _finetune(
-            model, loaded.tokenizer, options, inputs.training, progress
+            model, loaded, done.plan, options, inputs.training, progress
         )
         if report:
             report.update(_recovery(report, measure(model)))
@@ -375,18 +396,25 @@ def _recovery(report: dict, finetuned: dict) -> dict:
     }
 
 
-def _finetune(model, tokenizer, options: PruneOptions, text, progress: bool):
-    """Recovery finetuning in memory; returns the (LoRA-merged) model, its loss curve and a summary."""
+def _finetune(model, dense, plan, options: PruneOptions, text, progress: bool):
+    """Recovery finetuning in memory, distilled from the ``dense`` model already loaded (a LoadedModel) unless
+    another teacher is asked for; returns the (LoRA-merged) model, its loss curve and a summary."""
     from llamaprune.recover.data import build_examples
     from llamaprune.recover.finetune import finetune, merge_lora
+    from llamaprune.recover.teacher import load_teacher
 
     ft = options.finetune_options()
-    examples = build_examples(tokenizer, text, ft.samples, ft.seq_len, ft.seed)
-    result = finetune(model, tokenizer, ft, examples, progress)
+    teacher = None
+    if ft.distill is not None:
+        in_memory = ft.distill.teacher == options.base_model and ft.distill.device in (None, options.device)
+        teacher = load_teacher(ft.distill, model, plan, options.dtype, dense.model if in_memory else None)
+    examples = build_examples(dense.tokenizer, text, ft.samples, ft.seq_len, ft.seed)
+    result = finetune(model, dense.tokenizer, ft, examples, progress, teacher)
     summary = {
         "method": ft.method.value,
         "learning_rate": ft.learning_rate,
         "data_kind": text.kind,
+        "distill": plain_value(ft.distill),
         **result.summary(),
     }
     return merge_lora(result.model), result.curve, summary
