@@ -60,6 +60,7 @@ CASES = [
      dict(select="obs", target="dense")),
     ("global taylor2 + lstsq to the dense hidden states, obs selection", dict(criterion="taylor2"), "lstsq",
      dict(select="obs", target="residual")),
+    ("global obs + lstsq, obs selection", dict(criterion="obs"), "lstsq", LSTSQ_OBS),
 ]
 
 
@@ -115,7 +116,7 @@ def main(argv=None) -> list[dict]:
     run_dir = Path(args.run) if args.run else Path(tempfile.mkdtemp(prefix="llamaprune-bench-"))
     if not (run_dir / "groups.parquet").is_file():  # scored here (and kept in --run, when given)
         windows = calibration_windows(tokenizer, rows, args.num_samples, 128, 0)
-        result = score(model, list(windows.split(8)), criteria=("taylor2", "fluctuation"), progress=False)
+        result = score(model, list(windows.split(8)), criteria=("taylor2", "fluctuation", "obs"), progress=False)
         write_tables(run_dir, result)
     tables = load_run(run_dir)
     calibration = calibration_windows(tokenizer, rows, args.calibration_samples, 128, 0)
