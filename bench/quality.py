@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from llamaprune.apply.command import apply_plan  # noqa: E402
 from llamaprune.apply.refit import CompensationOptions  # noqa: E402
-from llamaprune.core.criteria import CRITERIA  # noqa: E402
+from llamaprune.core.criteria import DEFAULT_CRITERIA  # noqa: E402
 from llamaprune.evaluate.perplexity import perplexity  # noqa: E402
 from llamaprune.io.text_data import calibration_windows, evaluation_windows, load_rows  # noqa: E402
 from llamaprune.plan import PlanOptions, load_run, make_plan  # noqa: E402
@@ -53,7 +53,8 @@ class Case:
 
 
 def cases() -> list[Case]:
-    out = [Case(f"global {c} {r:.0%}", PlanOptions(ratio=r, criterion=c), sweep=True) for c in CRITERIA for r in RATIOS]
+    out = [Case(f"global {c} {r:.0%}", PlanOptions(ratio=r, criterion=c), sweep=True)
+           for c in DEFAULT_CRITERIA for r in RATIOS]
     layerwise = dict(criterion="taylor2", strategy="layerwise", distribution=(2, 8))
     out += [
         Case("layerwise 2:8 inverse taylor2 20%", PlanOptions(ratio=0.2, layer_strategy="inverse", **layerwise)),
@@ -142,7 +143,7 @@ def plot(rows: list[dict], dense_ppl: float, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for criterion in CRITERIA:
+    for criterion in DEFAULT_CRITERIA:
         points = sorted((r["ratio"], r["ppl"]) for r in rows if r["criterion"] == criterion and r["sweep"])
         ax.plot([0] + [p[0] for p in points], [dense_ppl] + [p[1] for p in points], marker="o", label=criterion)
     ax.set_yscale("log")
@@ -199,8 +200,8 @@ def main(argv=None) -> dict:
           + "  ".join(f"ppl@{L} {d['ppl']:.2f}" for L, d in dense.items()), flush=True)
 
     calib = calibration_windows(tokenizer, load_rows(args.calibration), args.num_samples, args.seq_len, seed=0)
-    result = score(model, calib.split(args.batch_size), CRITERIA, progress=False)
-    print(f"  score ({','.join(CRITERIA)}; {args.num_samples} x {args.seq_len} tokens): {result.seconds:.1f} s",
+    result = score(model, calib.split(args.batch_size), DEFAULT_CRITERIA, progress=False)
+    print(f"  score ({','.join(DEFAULT_CRITERIA)}; {args.num_samples} x {args.seq_len} tokens): {result.seconds:.1f} s",
           flush=True)
 
     rows = []
