@@ -67,6 +67,10 @@ class _OptedInGlobalReads(logging.Filter):
 logging.getLogger("transformers.integrations.heterogeneity.configuration_utils").addFilter(_OptedInGlobalReads())
 
 
+# The fields that carry a family's layer beyond Llama's (written only where a family sets them).
+FAMILY_FIELDS = ("layer_types", "head_norms", "post_norms", "norm_offset", "embed_scale", "query_pre_attn_scalar")
+
+
 @strict
 class LlamaPruneConfig(LlamaConfig):
     """A Llama config with per-layer widths; ``base_model_type`` names the architecture it was pruned from.
@@ -89,6 +93,15 @@ class LlamaPruneConfig(LlamaConfig):
     norm_offset: bool = False  # every RMSNorm scales by 1 + weight, in float32 (Gemma 3)
     embed_scale: float = 1.0  # input embeddings are multiplied by it (Gemma 3: sqrt(hidden_size))
     query_pre_attn_scalar: float | None = None  # attention scores scale by its -1/2 power, not head_dim's
+
+    def to_dict(self) -> dict:
+        """Without the family fields that keep Llama's defaults, so that a Llama, Mistral or Qwen2 checkpoint's
+        config reads as it did before Qwen3 and Gemma 3 came (missing fields load as these defaults)."""
+        out = super().to_dict()
+        for key in FAMILY_FIELDS:
+            if key in out and out[key] == getattr(LlamaPruneConfig, key):
+                del out[key]
+        return out
 
     def validate_architecture(self):
         """Each layer with attention must split its query heads evenly over its KV heads."""

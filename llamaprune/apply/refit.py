@@ -222,8 +222,13 @@ def _refit_block(stream: LayerStream, decoder: torch.nn.Module, block: Block, hi
     _store(tensors, plan, layer, path, weight, bias, True)
     if not reuse:
         kept_inputs = (_input_of(proj, lambda h=h: run(h))[..., keep.to(h.device)] for h in stream.batches(hidden))
-    hidden = torch.cat([h + stream.post_norm(decoder, block, z @ weight.T + bias)
-                        for h, z in zip(stream.batches(hidden), kept_inputs, strict=True)])
+
+    def after(h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        if block.post_norm is None:  # added in this order, as the refits of checkpoints made before (bit for bit)
+            return h + z @ weight.T + bias
+        return h + stream.post_norm(decoder, block, z @ weight.T + bias)
+
+    hidden = torch.cat([after(h, z) for h, z in zip(stream.batches(hidden), kept_inputs, strict=True)])
     return hidden, torch.cat(dense_after) if dense is not None else None
 
 
