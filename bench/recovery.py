@@ -15,7 +15,8 @@ the teacher's weights, over the next-token step's (goal: at most 1.3).
 
     python bench/recovery.py                                   # 20%, every method at 40 and 160 steps
     python bench/recovery.py --methods kd-full --steps 600     # one method, one budget
-    python bench/recovery.py --ratios 0.3 --run artifacts/smollm2
+    python bench/recovery.py --ratios 0.3 --select obs --run artifacts/smollm2
+    python bench/recovery.py --pruned students --steps 40  # later budgets reuse the same compensated model
     python bench/recovery.py --tiny                            # tiny random model (smoke test)
 """
 
@@ -42,6 +43,7 @@ from compensation import heldout_rows  # noqa: E402
 
 from llamaprune.apply.command import apply_plan  # noqa: E402
 from llamaprune.apply.refit import CompensationOptions  # noqa: E402
+from llamaprune.core.plan_file import read_plan, write_plan  # noqa: E402
 from llamaprune.evaluate.perplexity import perplexity  # noqa: E402
 from llamaprune.io.loading import LoadedModel, Source, load_model  # noqa: E402
 from llamaprune.io.pruned_checkpoint import save_pruned  # noqa: E402
@@ -80,13 +82,22 @@ def recovered(dense: float, pruned: float, tuned: float) -> float | None:
 
 
 def pruned_model(model, tokenizer, args, ratio: float, valid: Path, run_dir: Path):
-    """The compensated model of a global taylor2 plan at ``ratio`` (sharing uncut tensors with ``model``)."""
+    """The compensated model of a global taylor2 plan at ``ratio`` (sharing uncut tensors with ``model``), read from
+    ``--pruned`` where an earlier invocation saved it there, so that separate budgets start from the same bits."""
+    saved = Path(args.pruned) / f"{ratio:g}" if args.pruned else None
+    if saved is not None and (saved / "plan.json").is_file():
+        return load_model(str(saved), device=args.device).model, read_plan(saved / "plan.json")
     plan = make_plan(load_run(run_dir), PlanOptions(ratio=ratio, criterion="taylor2"))
-    compensation = CompensationOptions("lstsq", str(valid), args.calibration_samples, 128)
+    compensation = CompensationOptions("lstsq", str(valid), args.calibration_samples, 128, select=args.select)
     rows = load_rows(str(valid), split="train")
     done = compensation.compensate(plan, model.config, loaded=LoadedModel(model, tokenizer, Source("bench", "dir", "")),
                                    rows=rows, run_dir=run_dir, progress=False)
-    return apply_plan(model, done.plan, done.tensors), done.plan
+    pruned = apply_plan(model, done.plan, done.tensors)
+    if saved is not None:
+        save_pruned(pruned, saved)
+        tokenizer.save_pretrained(saved)
+        write_plan(done.plan, saved / "plan.json")
+    return pruned, done.plan
 
 
 def recover(dense, pruned, plan, tokenizer, args, method: str, steps: int, valid: Path) -> tuple:
@@ -170,6 +181,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--calibration-samples", type=int, default=1024, help="lstsq: windows to refit on.")
+    parser.add_argument("--select", default="score", choices=("score", "obs"), help="The refit's selection.")
+    parser.add_argument("--pruned", default=None,
+                        help="Directory keeping each ratio's compensated model: loaded if there, else saved there.")
     parser.add_argument("--windows", type=int, default=256, help="Evaluation windows of 128 tokens per domain.")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-peak", action="store_true", help="Skip the one-step peak memory measurement.")
@@ -210,6 +224,7 @@ def main(argv=None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {"heldout": other_source, "dense": perplexities(model), "settings": {
         "batch_size": args.batch_size, "seq_len": args.seq_len, "calibration_samples": args.calibration_samples,
+        "select": args.select,
         "windows": args.windows, "device": args.device}, "rows": []}
     print(f"dense: {report['dense']}", flush=True)
     curves = {}
