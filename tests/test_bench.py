@@ -226,3 +226,26 @@ def test_recovery_bench_runs_tiny(tmp_path):
     assert peak["kd_peak_mib"] >= peak["teacher_mib"] > 0 and finite_positive(peak["kd_over_lm"])
     assert f"one step's peak: {json.dumps(peak)}" in done.stdout
     assert (tmp_path / "recovery_curves.png").stat().st_size > 1000
+
+
+def test_recovery_bench_keeps_each_ratios_compensated_model(tmp_path):
+    """bench/recovery.py --pruned: the first invocation saves the compensated model (here chosen by --select obs),
+    a later one loads it instead of compensating again, and starts from the same perplexities."""
+    kept = tmp_path / "students"
+    weights = kept / "0.2" / "model.safetensors"
+
+    def run(name: str) -> dict:
+        out = tmp_path / f"{name}.json"
+        done = subprocess.run([sys.executable, str(ROOT / "bench" / "recovery.py"), "--tiny", "--methods", "lm-lora",
+                               "--no-peak", "--select", "obs", "--pruned", str(kept), "--out", str(out)],
+                              capture_output=True, text=True, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(out.read_text())
+
+    first = run("first")
+    written = weights.stat().st_mtime_ns
+    second = run("second")
+    assert weights.stat().st_mtime_ns == written  # loaded, not made and saved again
+    assert json.loads((kept / "0.2" / "plan.json").read_text())["selection"]["method"] == "obs"
+    assert first["settings"]["select"] == "obs"
+    assert first["rows"][0] == second["rows"][0]
