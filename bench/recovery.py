@@ -86,7 +86,11 @@ def pruned_model(model, tokenizer, args, ratio: float, valid: Path, run_dir: Pat
     ``--pruned`` where an earlier invocation saved it there, so that separate budgets start from the same bits."""
     saved = Path(args.pruned) / f"{ratio:g}" if args.pruned else None
     if saved is not None and (saved / "plan.json").is_file():
-        return load_model(str(saved), device=args.device).model, read_plan(saved / "plan.json")
+        plan = read_plan(saved / "plan.json")
+        if (plan.selection or {}).get("method", "score") != args.select:
+            raise SystemExit(f"{saved} was compensated with another selection than --select {args.select}: give "
+                             f"another --pruned directory")
+        return load_model(str(saved), device=args.device).model, plan
     plan = make_plan(load_run(run_dir), PlanOptions(ratio=ratio, criterion="taylor2"))
     compensation = CompensationOptions("lstsq", str(valid), args.calibration_samples, 128, select=args.select)
     rows = load_rows(str(valid), split="train")

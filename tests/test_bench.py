@@ -234,18 +234,22 @@ def test_recovery_bench_keeps_each_ratios_compensated_model(tmp_path):
     kept = tmp_path / "students"
     weights = kept / "0.2" / "model.safetensors"
 
-    def run(name: str) -> dict:
-        out = tmp_path / f"{name}.json"
-        done = subprocess.run([sys.executable, str(ROOT / "bench" / "recovery.py"), "--tiny", "--methods", "lm-lora",
-                               "--no-peak", "--select", "obs", "--pruned", str(kept), "--out", str(out)],
-                              capture_output=True, text=True, cwd=tmp_path)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return json.loads(out.read_text())
+    def run(name: str, select: str = "obs") -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "bench" / "recovery.py"), "--tiny", "--methods", "lm-lora",
+                               "--no-peak", "--select", select, "--pruned", str(kept), "--out",
+                               str(tmp_path / f"{name}.json")], capture_output=True, text=True, cwd=tmp_path)
 
-    first = run("first")
+    def report(name: str) -> dict:
+        done = run(name)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads((tmp_path / f"{name}.json").read_text())
+
+    first = report("first")
     written = weights.stat().st_mtime_ns
-    second = run("second")
+    second = report("second")
     assert weights.stat().st_mtime_ns == written  # loaded, not made and saved again
     assert json.loads((kept / "0.2" / "plan.json").read_text())["selection"]["method"] == "obs"
     assert first["settings"]["select"] == "obs"
     assert first["rows"][0] == second["rows"][0]
+    other = run("other", select="score")  # a model chosen otherwise is not taken for this one
+    assert other.returncode != 0 and "another selection than --select score" in other.stderr.strip().splitlines()[-1]
