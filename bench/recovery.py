@@ -17,6 +17,7 @@ the teacher's weights, over the next-token step's (goal: at most 1.3).
     python bench/recovery.py --methods kd-full --steps 600     # one method, one budget
     python bench/recovery.py --ratios 0.3 --select obs --run artifacts/smollm2
     python bench/recovery.py --pruned students --steps 40  # later budgets reuse the same compensated model
+    python bench/recovery.py --pruned students --lr 1e-3 --steps 20 --out bench/recovery_lr1e-3.json
     python bench/recovery.py --tiny                            # tiny random model (smoke test)
 """
 
@@ -58,11 +59,11 @@ from llamaprune.scoring.command import write_tables  # noqa: E402
 from llamaprune.scoring.in_memory import score  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
-# method -> (finetuning method, distillation settings or None)
+# method -> (finetuning method, distillation settings or None); kd+lm is finetune --teacher's default mix
 METHODS = {
     "lm-lora": ("lora", None),
-    "kd-lora": ("lora", {}),
-    "kd-full": ("full", {}),
+    "kd-lora": ("lora", {"weight": 1.0}),
+    "kd-full": ("full", {"weight": 1.0}),
     "kd+lm-lora": ("lora", {"weight": 0.5}),
 }
 TEACHER = "dense"  # the dense model in memory; recorded as the teacher's name
@@ -105,11 +106,12 @@ def pruned_model(model, tokenizer, args, ratio: float, valid: Path, run_dir: Pat
 
 
 def recover(dense, pruned, plan, tokenizer, args, method: str, steps: int, valid: Path) -> tuple:
-    """One finetune of a copy of ``pruned``: the merged model, its seconds, peak memory and loss curve."""
+    """One finetune of a copy of ``pruned``: the merged model, its seconds, peak memory, the finetune's result and
+    learning rate."""
     kind, settings = METHODS[method]
-    distill = None if settings is None else Distillation(TEACHER, **settings)
+    distill = None if settings is None else Distillation(TEACHER, temperature=args.kd_temperature, **settings)
     options = FinetuneOptions(method=kind, dataset=str(valid), samples=samples_for(steps, args.batch_size),
-                              seq_len=args.seq_len, batch_size=args.batch_size, distill=distill)
+                              seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, distill=distill)
     student = copy.deepcopy(pruned)
     teacher = load_teacher(distill, student, plan, model=dense) if distill else None
     examples = build_examples(tokenizer, read_source(str(valid)), options.samples, options.seq_len, options.seed)
@@ -117,7 +119,7 @@ def recover(dense, pruned, plan, tokenizer, args, method: str, steps: int, valid
     start = time.perf_counter()
     result = finetune(student, tokenizer, options, examples, progress=False, teacher=teacher)
     seconds = time.perf_counter() - start
-    return merge_lora(result.model), seconds, peak.read()[0], result
+    return merge_lora(result.model), seconds, peak.read()[0], result, options.learning_rate
 
 
 def curves_png(curves: dict[str, list[dict]], path: Path) -> None:
@@ -184,6 +186,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", default="40,160", help="Comma-separated budgets in optimizer steps.")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=None, help="Every method's learning rate (default: finetune's "
+                        "default of its method).")
+    parser.add_argument("--kd-temperature", type=float, default=1.0)
     parser.add_argument("--calibration-samples", type=int, default=1024, help="lstsq: windows to refit on.")
     parser.add_argument("--select", default="score", choices=("score", "obs"), help="The refit's selection.")
     parser.add_argument("--pruned", default=None,
@@ -228,7 +233,7 @@ def main(argv=None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {"heldout": other_source, "dense": perplexities(model), "settings": {
         "batch_size": args.batch_size, "seq_len": args.seq_len, "calibration_samples": args.calibration_samples,
-        "select": args.select,
+        "select": args.select, "lr": args.lr, "kd_temperature": args.kd_temperature,
         "windows": args.windows, "device": args.device}, "rows": []}
     print(f"dense: {report['dense']}", flush=True)
     curves = {}
@@ -239,9 +244,10 @@ def main(argv=None) -> dict:
         print(json.dumps(report["rows"][-1]), flush=True)
         for steps in (int(s) for s in args.steps.split(",")):
             for method in args.methods.split(","):
-                tuned, seconds, peak, result = recover(model, pruned, plan, tokenizer, args, method, steps, valid)
+                tuned, seconds, peak, result, lr = recover(model, pruned, plan, tokenizer, args, method, steps, valid)
                 ppl = perplexities(tuned)
-                row = {"ratio": ratio, "method": method, "steps": result.steps, "tokens": result.tokens, **ppl,
+                row = {"ratio": ratio, "method": method, "steps": result.steps, "tokens": result.tokens, "lr": lr,
+                       **ppl,
                        **{f"{key.removesuffix('ppl128')}recovered": recovered(report["dense"][key], before[key],
                                                                               ppl[key]) for key in ppl},
                        "seconds": round(seconds, 1), "peak_mib": peak >> 20, "best_step": result.best["step"],

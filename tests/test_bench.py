@@ -213,6 +213,7 @@ def test_recovery_bench_runs_tiny(tmp_path):
     report = json.loads(out.read_text())
     rows = report["rows"]
     assert [(r["method"], r["steps"]) for r in rows] == [("none", 0), ("lm-lora", 2), ("kd-full", 2)]
+    assert [r["lr"] for r in rows[1:]] == [1e-4, 1e-5]  # each method's default
     for row in rows:
         assert finite_positive(row["ppl128"]) and finite_positive(row["other_ppl128"]), row
     for row, before in ((row, rows[0]) for row in rows[1:]):
@@ -236,7 +237,7 @@ def test_recovery_bench_keeps_each_ratios_compensated_model(tmp_path):
 
     def run(name: str, select: str = "obs") -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, str(ROOT / "bench" / "recovery.py"), "--tiny", "--methods", "lm-lora",
-                               "--no-peak", "--select", select, "--pruned", str(kept), "--out",
+                               "--no-peak", "--select", select, "--pruned", str(kept), "--lr", "3e-3", "--out",
                                str(tmp_path / f"{name}.json")], capture_output=True, text=True, cwd=tmp_path)
 
     def report(name: str) -> dict:
@@ -251,5 +252,6 @@ def test_recovery_bench_keeps_each_ratios_compensated_model(tmp_path):
     assert json.loads((kept / "0.2" / "plan.json").read_text())["selection"]["method"] == "obs"
     assert first["settings"]["select"] == "obs"
     assert first["rows"][0] == second["rows"][0]
+    assert first["settings"]["lr"] == first["rows"][1]["lr"] == 3e-3
     other = run("other", select="score")  # a model chosen otherwise is not taken for this one
     assert other.returncode != 0 and "another selection than --select score" in other.stderr.strip().splitlines()[-1]

@@ -43,8 +43,9 @@ def pair(layers: int = 2, seed: int = 0):
     return student, copy.deepcopy(student).eval()
 
 
-def sums(student, teacher, data, chunk=None, **settings):
-    return batch_sums(student, Teacher(teacher, Distillation("teacher", **settings), (0, 1)), data,
+def sums(student, teacher, data, chunk=None, weight=1.0, **settings):
+    """The losses of ``data``; by default of the KL alone (no share for the next-token loss)."""
+    return batch_sums(student, Teacher(teacher, Distillation("teacher", weight=weight, **settings), (0, 1)), data,
                       torch.device("cpu"), chunk)
 
 
@@ -163,8 +164,8 @@ def validation_kl(student, teacher: Teacher, tokenizer, opts: FinetuneOptions) -
 
 
 @pytest.mark.parametrize(("method", "settings"), [
-    (dict(method="lora", lr=1e-2, lora_r=4, lora_alpha=8, gradient_checkpointing=True), {}),
-    (dict(method="full", lr=1e-3), dict(temperature=2.0, hidden=0.5)),
+    (dict(method="lora", lr=1e-2, lora_r=4, lora_alpha=8, gradient_checkpointing=True), dict(weight=1.0)),
+    (dict(method="full", lr=1e-3), dict(temperature=2.0, weight=1.0, hidden=0.5)),
 ], ids=["lora-checkpointing", "full-hidden"])
 def test_a_kd_finetune_brings_a_compensated_pruned_model_closer_to_its_teacher(tokenizer, train_txt, method,
                                                                                settings):
@@ -247,7 +248,7 @@ def test_a_teacher_with_another_tokenizer_of_the_same_size_is_refused(tmp_path, 
 
 
 @pytest.mark.parametrize(("args", "fragment"), [
-    (["--kd-weight", 0.5], "--kd-weight is a setting of distillation, which needs a teacher: give --teacher"),
+    (["--kd-weight", 0.7], "--kd-weight is a setting of distillation, which needs a teacher: give --teacher"),
     (["--teacher", "none", "--kd-top-k", 4], "--kd-top-k is a setting of distillation"),
     (["--teacher", "T", "--kd-temperature", 0], "--kd-temperature must be positive"),
     (["--teacher", "T", "--kd-weight", 1.5], "--kd-weight is the KD's share of the loss, in [0, 1]"),
@@ -287,7 +288,7 @@ def check_distilled(seen: dict, teacher: str, kept: tuple[int, ...], history: di
     expected = Distillation(teacher, temperature=2.0, top_k=5, hidden=0.5)
     assert seen["options"].distill == expected == seen["teacher"].settings
     assert seen["teacher"].layers == kept
-    assert history["distill"] == {"teacher": teacher, "temperature": 2.0, "weight": 1.0, "top_k": 5, "hidden": 0.5,
+    assert history["distill"] == {"teacher": teacher, "temperature": 2.0, "weight": 0.5, "top_k": 5, "hidden": 0.5,
                                   "device": None}
 
 

@@ -40,6 +40,7 @@ from llamaprune.cli.prune import prune_command
 from llamaprune.core.criteria import CRITERIA, DEFAULT_CRITERIA, FORWARD_ONLY, help_text
 from llamaprune.core.errors import UsageError, flags_named
 from llamaprune.io.loading import Device, DType
+from llamaprune.recover.distill import DEFAULT_TEMPERATURE, DEFAULT_WEIGHT
 
 app = typer.Typer(
     add_completion=False,
@@ -383,8 +384,8 @@ def apply_command(
         typer.Option(help="--finetune distils from this model (dir, .gguf, hub id, smollm2-135m; default: --model, "
                           "the dense source); none: the next-token loss alone."),
     ] = None,
-    kd_temperature: KdTemperatureOpt = 1.0,
-    kd_weight: KdWeightOpt = 1.0,
+    kd_temperature: KdTemperatureOpt = DEFAULT_TEMPERATURE,
+    kd_weight: KdWeightOpt = DEFAULT_WEIGHT,
     kd_top_k: KdTopKOpt = None,
     kd_hidden: KdHiddenOpt = 0.0,
     teacher_device: TeacherDeviceOpt = None,

@@ -24,6 +24,7 @@ from llamaprune.cli.options import (
 from llamaprune.core.arch import LINEAR_NAMES
 from llamaprune.core.errors import flags_named
 from llamaprune.io.loading import Device, DType
+from llamaprune.recover.distill import DEFAULT_TEMPERATURE, DEFAULT_WEIGHT
 
 
 @flags_named({"eval --seq-len": "--eval-seq-len"})  # --seq-len is the training examples'
@@ -69,8 +70,8 @@ def finetune_command(
         typer.Option(help="Distil from this model (dir, .gguf, hub id, smollm2-135m): the one that was pruned. "
                           "Default: the next-token loss alone."),
     ] = None,
-    kd_temperature: KdTemperatureOpt = 1.0,
-    kd_weight: KdWeightOpt = 1.0,
+    kd_temperature: KdTemperatureOpt = DEFAULT_TEMPERATURE,
+    kd_weight: KdWeightOpt = DEFAULT_WEIGHT,
     kd_top_k: KdTopKOpt = None,
     kd_hidden: KdHiddenOpt = 0.0,
     teacher_device: TeacherDeviceOpt = None,

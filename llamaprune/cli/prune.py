@@ -16,6 +16,7 @@ from llamaprune.cli.options import INSTALL_EVAL, KD_HELP, DeviceOpt, DTypeOpt
 from llamaprune.core.criteria import names_text
 from llamaprune.core.errors import flags_named
 from llamaprune.io.loading import Device, DType
+from llamaprune.recover.distill import DEFAULT_TEMPERATURE, DEFAULT_WEIGHT
 
 
 def prune_command(
@@ -106,8 +107,10 @@ def prune_command(
         typer.Option("--teacher", help="--finetune distils from this model (default: --base_model, the dense "
                                        "model); none: the next-token loss alone."),
     ] = None,
-    kd_temperature: Annotated[float, typer.Option("--kd_temperature", help=KD_HELP["temperature"])] = 1.0,
-    kd_weight: Annotated[float, typer.Option("--kd_weight", help=KD_HELP["weight"])] = 1.0,
+    kd_temperature: Annotated[
+        float, typer.Option("--kd_temperature", help=KD_HELP["temperature"])
+    ] = DEFAULT_TEMPERATURE,
+    kd_weight: Annotated[float, typer.Option("--kd_weight", help=KD_HELP["weight"])] = DEFAULT_WEIGHT,
     kd_top_k: Annotated[int | None, typer.Option("--kd_top_k", help=KD_HELP["top_k"])] = None,
     kd_hidden: Annotated[float, typer.Option("--kd_hidden", help=KD_HELP["hidden"])] = 0.0,
     teacher_device: Annotated[

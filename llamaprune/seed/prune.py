@@ -29,7 +29,7 @@ from llamaprune.evaluate.speed import measure_pair, speed_text
 from llamaprune.evaluate.zero_shot import task_lines, task_options
 from llamaprune.io.loading import Device, DType
 from llamaprune.plan import LayerStrategy, Normalize, PlanOptions, Strategy
-from llamaprune.recover.distill import distillation
+from llamaprune.recover.distill import DEFAULT_TEMPERATURE, DEFAULT_WEIGHT, distillation
 from llamaprune.recover.finetune import FinetuneOptions, Method
 from llamaprune.recover.loss_curve import CURVE_JSON, CURVE_PNG
 from llamaprune.runs.command_log import TRAINING_LOG
@@ -153,8 +153,8 @@ class PruneOptions:
     lora_r: int = 16
     lora_alpha: float = 32.0
     teacher: str | None = None
-    kd_temperature: float = 1.0
-    kd_weight: float = 1.0
+    kd_temperature: float = DEFAULT_TEMPERATURE
+    kd_weight: float = DEFAULT_WEIGHT
     kd_top_k: int | None = None
     kd_hidden: float = 0.0
     teacher_device: Device | None = None
