@@ -28,9 +28,9 @@ from llamaprune.recover.data import IGNORE_INDEX
 # holds a few such tensors at once.
 CHUNK_ELEMENTS = 2**24
 # The defaults of every command that distils (finetune, apply --finetune, prune --finetune). Half KD, half
-# next-token loss: on SmolLM2 at 20% it recovered more than KD alone on both domains at every budget and learning
-# rate measured, and, unlike the next-token loss alone, it did not trade text of another domain away
-# (bench/RESULTS.md, "Recovery after compensation").
+# next-token loss: on SmolLM2 at 20% it recovered more than KD alone on both domains at both learning rates
+# measured, and, unlike the next-token loss alone, it did not trade text of another domain away (bench/RESULTS.md,
+# "Recovery after compensation").
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_WEIGHT = 0.5
 SETTINGS = ("finetune --kd-temperature", "finetune --kd-weight", "finetune --kd-top-k", "finetune --kd-hidden",
