@@ -51,7 +51,7 @@ from llamaprune.io.pruned_checkpoint import save_pruned  # noqa: E402
 from llamaprune.io.text_data import calibration_windows, evaluation_windows, load_rows  # noqa: E402
 from llamaprune.plan import PlanOptions, load_run, make_plan  # noqa: E402
 from llamaprune.recover.data import build_examples, collate, pad_id, read_source  # noqa: E402
-from llamaprune.recover.distill import Distillation  # noqa: E402
+from llamaprune.recover.distill import DEFAULT_TEMPERATURE, Distillation  # noqa: E402
 from llamaprune.recover.finetune import FinetuneOptions, finetune, merge_lora, optimizer_step, prepare  # noqa: E402
 from llamaprune.recover.teacher import load_teacher  # noqa: E402
 from llamaprune.runs.peak_memory import PeakMemory  # noqa: E402
@@ -188,7 +188,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--lr", type=float, default=None, help="Every method's learning rate (default: finetune's "
                         "default of its method).")
-    parser.add_argument("--kd-temperature", type=float, default=1.0)
+    parser.add_argument("--kd-temperature", type=float, default=DEFAULT_TEMPERATURE)
     parser.add_argument("--calibration-samples", type=int, default=1024, help="lstsq: windows to refit on.")
     parser.add_argument("--select", default="score", choices=("score", "obs"), help="The refit's selection.")
     parser.add_argument("--pruned", default=None,
