@@ -61,6 +61,8 @@ CASES = [
     ("global taylor2 + lstsq to the dense hidden states, obs selection", dict(criterion="taylor2"), "lstsq",
      dict(select="obs", target="residual")),
     ("global obs + lstsq, obs selection", dict(criterion="obs"), "lstsq", LSTSQ_OBS),
+    ("global taylor2 + lstsq, obs selection among 1.25x the plan's lowest-scored groups", dict(criterion="taylor2"),
+     "lstsq", dict(select="obs", obs_pool=1.25)),
 ]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from typer.testing import CliRunner
 from llamaprune.apply.command import apply_plan
 from llamaprune.apply.compensation import FitSums, refit
 from llamaprune.apply.refit import CompensationOptions, refit_layers
-from llamaprune.apply.selection import Selection, select
+from llamaprune.apply.selection import Selection, candidates, select
 from llamaprune.core.artifacts import atomic_write_json
 from llamaprune.core.errors import UsageError
 from llamaprune.core.plan_file import plan_from_kept, read_plan, write_plan
@@ -96,6 +97,29 @@ def test_swaps_find_a_better_set_than_greedy_somewhere():
     assert max(gains) > 0
 
 
+def test_a_pool_keeps_obs_among_the_lowest_scored_groups_and_a_pool_of_one_is_the_plan_s_choice():
+    outside = 0
+    for seed in range(6):
+        x, w, b = layer_inputs(seed, features=10)
+        gram = accumulate_gram(x, None)
+        groups = torch.arange(10).view(-1, 1)
+        scores = torch.rand(10, generator=torch.Generator().manual_seed(seed))
+        planned = scores.argsort()[4:].sort().values  # the plan keeps the 6 highest scores
+        pool = candidates(scores, 4, 1.5)
+        assert pool.sum() == 6 and pool[planned].sum() == 2
+        for swaps in (0, 8):
+            kept = select(gram, w, b, groups, 4, DAMP, swaps, planned, allowed=pool)
+            removed = sorted(set(range(10)) - set(kept.tolist()))
+            assert len(kept) == 6 and pool[removed].all()
+            assert refit_error(x, w, b, kept.tolist()) <= refit_error(x, w, b, planned.tolist()) * (1 + 1e-6)
+        alone = select(gram, w, b, groups, 1, DAMP, allowed=candidates(scores, 4, 1.0))
+        assert torch.equal(select(gram, w, b, groups, 4, DAMP, 8, allowed=candidates(scores, 4, 1.0)), planned)
+        assert len(alone) == 9
+        free = sorted(set(range(10)) - set(select(gram, w, b, groups, 4, DAMP).tolist()))
+        outside += not pool[free].all()
+    assert outside  # the pool is not a no-op: unrestricted obs goes outside it somewhere
+
+
 def test_nothing_to_remove_is_the_identity():
     x, w, b = layer_inputs(0)
     assert select(accumulate_gram(x, None), w, b, torch.arange(12).view(-1, 1), 0, DAMP).tolist() == list(range(12))
@@ -160,6 +184,52 @@ def test_the_plan_obs_chose_re_applies_bit_for_bit_with_score_selection(tmp_path
     assert read_plan(planned / "plan.json").selection is None
 
 
+def test_an_obs_pool_reads_the_plan_s_run_and_is_recorded(tmp_path, tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from llamaprune.cli.app import app
+
+    config = tiny_config(heads=4, kv_heads=2, vocab=len(tokenizer), layers=2, intermediate=32)
+    tiny_model(config).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    kept = [([0, 1], list(range(8, 32))), ([0, 1], list(range(0, 24)))]
+    plan = replace(plan_from_kept(config, kept), criterion="taylor2")
+    run = tmp_path / "run"
+    atomic_write_json(run / "manifest.json", {"schema_version": 1, "history": []})
+    write_plan(plan, run / "plans" / "p.json")
+    outside = tmp_path / "p.json"
+    write_plan(plan, outside)
+    rows = [(layer, "mlp", i, float(i in keep)) for layer, (_, keep) in enumerate(kept) for i in range(32)]
+    rows += [(layer, "attn", i, 1.0) for layer in range(2) for i in range(2)]
+    layer, kind, index, score = zip(*rows, strict=True)
+    pq.write_table(pa.table({"layer": pa.array(layer, pa.int32()), "kind": kind, "index": pa.array(index, pa.int32()),
+                             "taylor2": score}), run / "groups.parquet")
+    runner = CliRunner()
+    base = ["--model", str(tmp_path / "model"), "--compensate", "lstsq", "--calibration", str(VALID_TXT),
+            "--calibration-samples", "16", "--calibration-seq-len", "16", "--select", "obs"]
+
+    def apply(plan_path, out, *extra):
+        return runner.invoke(app, ["apply", str(plan_path), "--out", str(tmp_path / out), *base, *extra])
+
+    for factor, out in (("1", "one"), ("1.5", "wider")):
+        result = apply(run / "plans" / "p.json", out, "--obs-pool", factor)
+        assert result.exit_code == 0, result.output
+        recorded = read_plan(tmp_path / out / "plan.json")
+        assert recorded.selection["pool"] == float(factor)
+        for lp, (_, keep) in zip(recorded.layers, kept, strict=True):
+            planned_removed = set(range(32)) - set(keep)
+            removed = set(range(32)) - set(lp.mlp_channels)
+            assert len(removed) == 8
+            if factor == "1":
+                assert removed == planned_removed
+            else:  # the 12 lowest: the 8 planned and the 4 kept of lowest index (stable ties)
+                assert removed <= planned_removed | set(sorted(keep)[:4])
+    assert_one_error_line(apply(outside, "lost", "--obs-pool", "1.5"), "--obs-pool", "RUN/plans/")
+    assert_one_error_line(apply(run / "plans" / "p.json", "lost", "--obs-pool", "0.5"), "--obs-pool", "at least 1")
+    assert not (tmp_path / "lost").exists()
+
+
 def test_select_swaps_and_target_need_the_least_squares_refit(tmp_path, tiny_checkpoint):
     from llamaprune.cli.app import app
 
@@ -171,6 +241,7 @@ def test_select_swaps_and_target_need_the_least_squares_refit(tmp_path, tiny_che
     assert_one_error_line(runner.invoke(app, [*base, "--compensate", "lstsq", "--calibration", str(VALID_TXT),
                                               "--select", "best"]), "--select 'best' is not one of")
     assert_one_error_line(runner.invoke(app, [*base, "--swaps", "3"]), "--swaps")
+    assert_one_error_line(runner.invoke(app, [*base, "--obs-pool", "1.5"]), "--obs-pool", "--select")
     assert_one_error_line(runner.invoke(app, [*base, "--target", "dense"]), "--target", "--compensate lstsq")
     assert not (tmp_path / "out").exists()
     assert CompensationOptions("lstsq", "x", select="obs").select is Selection.obs

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from llamaprune.apply.compensation import Compensation, FitSums, mean_bias, non_finite, refit
-from llamaprune.apply.selection import Selection, select
+from llamaprune.apply.selection import Pool, Selection, select
 from llamaprune.apply.slicing import GROUP_FIELDS, group_columns, kept_indices, layer_indices, tensor_route
 from llamaprune.apply.spill import SpilledTensors
 from llamaprune.core.arch import BLOCKS, LAYERS_PREFIX, Block, family_of, linear_biases, output_linear
@@ -117,11 +117,12 @@ class Target(str, Enum):
 
 def refit_layers(stream: LayerStream, plan: Plan, windows: torch.Tensor, damp: float,
                  progress: bool = True, spill: Path | None = None, selection: Selection = Selection.score,
-                 swaps: int = 0, target: Target = Target.pruned) -> Compensated:
+                 swaps: int = 0, target: Target = Target.pruned, pool: Pool | None = None) -> Compensated:
     """Sequential least-squares compensation: the calibration windows run through the pruned model layer by
     layer; each kept o_proj / down_proj is refitted (``compensation.refit``) so that, on the activations of the
     already pruned layers below, it reproduces the ``target``. ``obs`` selection first chooses which groups each
-    block loses, on those same activations (``apply.selection``), keeping the plan's counts. With ``spill`` (a
+    block loses, on those same activations (``apply.selection``; among ``pool``'s candidates, if given), keeping
+    the plan's counts. With ``spill`` (a
     directory), each layer's tensors go to disk as soon as they are fitted, so memory holds one layer."""
     from tqdm.auto import tqdm
 
@@ -145,7 +146,7 @@ def refit_layers(stream: LayerStream, plan: Plan, windows: torch.Tensor, damp: f
                             dense = _advance(stream, decoder, block, dense)
                         continue
                     if selection is Selection.obs:
-                        lp = _choose(stream, decoder, block, hidden, lp, plan.head_dim, damp, swaps)
+                        lp = _choose(stream, decoder, block, hidden, lp, plan.head_dim, damp, swaps, pool)
                     keep = layer_indices(lp, plan.head_dim)[output_linear(block).index]
                     hidden, dense = _refit_block(stream, decoder, block, hidden, dense, keep, damp, plan, lp.layer,
                                                  tensors, target)
@@ -162,7 +163,7 @@ def _advance(stream: LayerStream, decoder: torch.nn.Module, block: Block, hidden
 
 
 def _choose(stream: LayerStream, decoder: torch.nn.Module, block: Block, hidden: torch.Tensor, lp: LayerPlan,
-            head_dim: int, damp: float, swaps: int) -> LayerPlan:
+            head_dim: int, damp: float, swaps: int, pool: Pool | None) -> LayerPlan:
     """``lp`` with the groups of ``block`` it keeps chosen by structured OBS on the Gram matrix of the block's
     output projection's inputs for ``hidden`` (one pass of the block up to that projection)."""
     linear = output_linear(block)
@@ -177,8 +178,9 @@ def _choose(stream: LayerStream, decoder: torch.nn.Module, block: Block, hidden:
     for h in stream.batches(hidden):
         gram = accumulate_gram(_input_of(proj, lambda h=h: stream.sub_block(decoder, block, h)), gram)
     bias = None if proj.bias is None else proj.bias.detach()
+    allowed = pool.allowed(lp.layer, block.kind, remove) if pool is not None else None
     kept = select(gram, proj.weight.detach(), bias, groups, remove, damp, swaps, planned,
-                  f"layer {lp.layer} ({block.name})")
+                  f"layer {lp.layer} ({block.name})", allowed)
     return replace(lp, **{field: tuple(kept.tolist())})
 
 
@@ -283,8 +285,9 @@ def _use_lstsq() -> str:
 class CompensationOptions:
     """How apply compensates: ``method``, and for ``lstsq`` the calibration text (``num_samples`` windows of
     ``seq_len`` tokens, seeded), the ridge ``damp`` (relative to the mean diagonal of the inputs' Gram), how
-    the removed groups are chosen (``select``; ``swaps``: OBS swap rounds per block) and what the refit
-    reproduces (``target``)."""
+    the removed groups are chosen (``select``; ``swaps``: OBS swap rounds per block; ``obs_pool``: OBS chooses
+    among that many times each block's count of its lowest-scored groups, by the plan's criterion in its run) and
+    what the refit reproduces (``target``)."""
 
     method: Compensation = Compensation.none
     calibration: str | None = None
@@ -298,6 +301,7 @@ class CompensationOptions:
     select: Selection = Selection.score
     swaps: int = 0
     target: Target = Target.pruned
+    obs_pool: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", parse_choice(Compensation, self.method, flag("apply --compensate")))
@@ -313,6 +317,9 @@ class CompensationOptions:
         if self.swaps < 0 or (self.swaps and self.select is not Selection.obs):
             raise UsageError(f"{flag('apply --swaps')} must be 0 or more, and is for {flag('apply --select')} obs; "
                              f"got {self.swaps}")
+        if self.obs_pool is not None and (self.select is not Selection.obs or not self.obs_pool >= 1):
+            raise UsageError(f"{flag('apply --obs-pool')} is a factor of at least 1 (1: the plan's own groups), for "
+                             f"{flag('apply --select')} obs; got {self.obs_pool}")
         for name, option in (("num_samples", "--calibration-samples"), ("seq_len", "--calibration-seq-len")):
             if getattr(self, name) <= 0:
                 raise UsageError(f"{flag('apply ' + option)} must be positive, got {getattr(self, name)}")
@@ -371,6 +378,7 @@ class CompensationOptions:
             return Compensated(mean_biases(plan, load_file(path), weight_of, config, str(path)), plan)
         from llamaprune.io.text_data import calibration_windows
 
+        pool = Pool.of_run(self.obs_pool, run_dir, plan.criterion) if self.obs_pool is not None else None
         if loaded is not None:
             stream, tokenizer = LayerStream.from_model(loaded.model, self.batch_size), loaded.tokenizer
         else:
@@ -382,11 +390,13 @@ class CompensationOptions:
             unmap_large_frees()  # a layer's temporaries go back to the OS when freed, not to the heap
         windows = calibration_windows(tokenizer, rows, self.num_samples, self.seq_len, self.seed,
                                       flag("apply --calibration-seq-len"))
-        done = refit_layers(stream, plan, windows, self.damp, progress, spill, self.select, self.swaps, self.target)
+        done = refit_layers(stream, plan, windows, self.damp, progress, spill, self.select, self.swaps, self.target,
+                            pool)
         if self.select is Selection.score:
             return done
-        record = {"method": self.select.value, "swaps": self.swaps, "calibration": self.calibration,
-                  "num_samples": self.num_samples, "seq_len": self.seq_len, "seed": self.seed, "damp": self.damp}
+        record = {"method": self.select.value, "swaps": self.swaps, "pool": self.obs_pool,
+                  "calibration": self.calibration, "num_samples": self.num_samples, "seq_len": self.seq_len,
+                  "seed": self.seed, "damp": self.damp}
         return replace(done, plan=replace(done.plan, selection=record))
 
 

@@ -8,6 +8,10 @@ one, the exchange that lowers J most, while one does (as OSSCAR's local search).
 plan's own selection is kept where it is better, so ``obs`` never loses to ``score`` on the calibration inputs'
 reconstruction error.
 
+J is measured on the calibration text alone, and a group it calls cheap may carry text of another domain: obs alone
+fits the calibration domain at the expense of others (bench/RESULTS.md). ``pool`` keeps the plan's criterion as a
+guard: obs then chooses only among the ``pool`` x count lowest-scored groups of each block (1: the plan's own).
+
     >>> import torch
     >>> from llamaprune.scoring.importance.obs import accumulate_gram
     >>> x = torch.randn(256, 6, dtype=torch.float64)
@@ -19,12 +23,17 @@ reconstruction error.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 
 import torch
 
 from llamaprune.apply.compensation import non_finite
-from llamaprune.core.errors import flag
+from llamaprune.core.errors import UsageError, flag
+from llamaprune.core.tables import GROUPS_FILE
 from llamaprune.scoring.importance.obs import Problem, SingularGram, greedy_path, singular
 
 
@@ -57,14 +66,58 @@ def _pair_changes(problem: Problem, removed: torch.Tensor, kept: torch.Tensor) -
     return cost - u_norms / m_rr - ridge[k_cols][None] + ridge[r_cols][:, None]
 
 
-def _swap(problem: Problem, removed: torch.Tensor, rounds: int) -> torch.Tensor:
-    """Up to ``rounds`` swaps of a removed group for a kept one, each the swap that lowers J most, while one does
-    (exactly, for one-column groups; by trying every pair for wider ones, which are few: KV groups)."""
+def candidates(scores: torch.Tensor, remove: int, pool: float) -> torch.Tensor:
+    """The mask of the ``ceil(pool * remove)`` groups of lowest ``scores`` (a block's, by the plan's criterion):
+    those obs may remove."""
+    mask = torch.zeros(len(scores), dtype=torch.bool)
+    mask[scores.argsort(stable=True)[: min(len(scores), math.ceil(pool * remove))]] = True
+    return mask
+
+
+@dataclass(frozen=True)
+class Pool:
+    """obs's guard (``apply --obs-pool``): ``factor`` x a block's count of its groups of lowest score, ``scores``
+    mapping (layer, kind) to every group's score by the plan's criterion, in group order."""
+
+    factor: float
+    scores: Mapping[tuple[int, str], torch.Tensor]
+
+    def allowed(self, layer: int, kind: str, remove: int) -> torch.Tensor:
+        return candidates(self.scores[(layer, kind)], remove, self.factor)
+
+    @classmethod
+    def of_run(cls, factor: float, run_dir: Path | None, criterion: str) -> Pool:
+        """The pool of a plan made from the run ``run_dir`` by ``criterion``: its scores come from the run's group
+        table, which must be there."""
+        import pyarrow.parquet as pq
+
+        path = run_dir / GROUPS_FILE if run_dir is not None else None
+        if path is None or not path.is_file():
+            raise UsageError(f"{flag('apply --obs-pool')} ranks each block's groups by the plan's criterion in its "
+                             f"run's {GROUPS_FILE}, and this plan has none; keep the plan in RUN/plans/ or drop "
+                             f"{flag('apply --obs-pool')}")
+        if criterion not in pq.read_schema(path).names:
+            raise UsageError(f"{flag('apply --obs-pool')} needs the plan's criterion {criterion!r} in {path}, which "
+                             f"lacks it; plan from a run scored with it, or drop {flag('apply --obs-pool')}")
+        table = pq.read_table(path, columns=["layer", "kind", "index", criterion]).to_pydict()
+        rows: dict[tuple[int, str], dict[int, float]] = {}
+        for layer, kind, index, score in zip(*table.values(), strict=True):
+            rows.setdefault((layer, kind), {})[index] = score
+        return cls(factor, {key: torch.tensor([by[i] for i in sorted(by)], dtype=torch.float64)
+                            for key, by in rows.items()})
+
+
+def _swap(problem: Problem, removed: torch.Tensor, rounds: int, allowed: torch.Tensor | None) -> torch.Tensor:
+    """Up to ``rounds`` swaps of a removed group for a kept one (among ``allowed``, if given), each the swap that
+    lowers J most, while one does (exactly, for one-column groups; by trying every pair for wider ones, which are
+    few: KV groups)."""
     total = len(problem.groups)
     for _ in range(rounds):
-        mask = torch.ones(total, dtype=torch.bool, device=removed.device)
+        mask = torch.ones(total, dtype=torch.bool, device=removed.device) if allowed is None else allowed.clone()
         mask[removed] = False
         kept = mask.nonzero().reshape(-1)
+        if not len(kept):  # a pool as small as the count: nothing to swap in
+            break
         if problem.groups.shape[1] == 1:
             changes = _pair_changes(problem, removed, kept)
         else:
@@ -80,10 +133,12 @@ def _swap(problem: Problem, removed: torch.Tensor, rounds: int) -> torch.Tensor:
 
 
 def select(gram: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: torch.Tensor, remove: int,
-           damp: float, swaps: int = 0, planned: torch.Tensor | None = None, where: str = "a layer") -> torch.Tensor:
+           damp: float, swaps: int = 0, planned: torch.Tensor | None = None, where: str = "a layer",
+           allowed: torch.Tensor | None = None) -> torch.Tensor:
     """The sorted ids of the groups to keep when ``remove`` of them go from a projection (``weight``, ``bias``)
     whose inputs have the augmented Gram matrix ``gram`` (``accumulate_gram``); ``groups`` (g, s) lists each
-    group's input columns. ``planned``: the kept ids of the plan, returned instead where their J is lower."""
+    group's input columns. ``planned``: the kept ids of the plan, returned instead where their J is lower.
+    ``allowed`` (``candidates``): a mask of the only groups that may go."""
     total = len(groups)
     if remove <= 0:
         return torch.arange(total)
@@ -95,9 +150,11 @@ def select(gram: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
         raise singular(f"{flag('apply --select')} obs cannot choose the groups of {where}",
                        f"{flag('apply --damp')} is {damp}: give it a positive value such as 1e-3, or use "
                        f"{flag('apply --select')} score") from None
-    removed = greedy_path(problem, remove)[0].sort().values
+    if allowed is not None:
+        allowed = allowed.to(problem.weight.device)
+    removed = greedy_path(problem, remove, allowed)[0].sort().values
     if swaps:
-        removed = _swap(problem, removed, swaps)
+        removed = _swap(problem, removed, swaps, allowed)
     if planned is not None:
         mask = torch.ones(total, dtype=torch.bool)
         mask[planned.cpu()] = False

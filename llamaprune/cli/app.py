@@ -364,6 +364,11 @@ def apply_command(
                                "(chosen in the refit pass by structured OBS; written to OUT/plan.json).")
     ] = "score",
     swaps: Annotated[int, typer.Option(help="obs: swap rounds per block after the greedy choice.")] = 0,
+    obs_pool: Annotated[
+        float | None, typer.Option(help="obs: choose only among this many times each block's count of its "
+                                        "lowest-scored groups by the plan's criterion (needs the plan's run; 1: "
+                                        "the plan's own groups).")
+    ] = None,
     target: Annotated[
         str, typer.Option(help="lstsq: what the refit reproduces: pruned (the unpruned block on the pruned model's "
                                "inputs), dense (the dense model's block output there) or residual (the dense "
@@ -406,7 +411,8 @@ def apply_command(
     elif zero_shot_tasks is not None:
         raise UsageError("--tasks runs beside the perplexity of --eval; add --eval DATASET, e.g. --eval wikitext2")
     compensation = CompensationOptions(compensate, calibration, calibration_samples, calibration_seq_len, damp,
-                                       data_dir=data_dir, select=select, swaps=swaps, target=target)
+                                       data_dir=data_dir, select=select, swaps=swaps, target=target,
+                                       obs_pool=obs_pool)
     recovery = None
     if finetune:
         from llamaprune.recover.distill import distillation

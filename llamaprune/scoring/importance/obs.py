@@ -127,12 +127,15 @@ class Problem:
         return (w * solved.transpose(1, 2)).sum(dim=(1, 2)) - ridge
 
 
-def greedy_path(problem: Problem, remove: int) -> tuple[torch.Tensor, torch.Tensor]:
+def greedy_path(problem: Problem, remove: int, candidates: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``remove`` groups of the greedy path, in removal order, and for each the largest marginal J up to
     its removal (non-decreasing); at most ``STEPS`` steps, each removing the ceil(remove/STEPS) cheapest groups
-    and downdating once."""
+    and downdating once. ``candidates`` (a mask of the groups, at least ``remove`` true): the only groups it may
+    remove; the others still take part in the refit."""
     weight, inverse = problem.weight.clone(), problem.inverse.clone()  # downdated in place: no third copy
-    alive = torch.ones(len(problem.groups), dtype=torch.bool, device=weight.device)
+    alive = (torch.ones(len(problem.groups), dtype=torch.bool) if candidates is None
+             else candidates.clone()).to(weight.device)
     per_step = math.ceil(remove / STEPS) if remove > 0 else 0
     order: list[torch.Tensor] = []
     costs: list[torch.Tensor] = []
