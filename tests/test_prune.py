@@ -119,8 +119,13 @@ def test_global_run_writes_native_and_seed_files(tiny_checkpoint, tokenizer, tex
     by_id = {g["group_id"]: g for g in groups}
     scores = [float(r["score"]) for r in rows]
     assert scores == sorted(scores) and [int(r["rank"]) for r in rows] == list(range(1, len(rows) + 1))
-    kept = {(lp.layer, "attn", i) for lp in plan.layers for i in lp.attn_groups}
-    kept |= {(lp.layer, "mlp", i) for lp in plan.layers for i in lp.mlp_channels}
+    # the groups removed are those the default recipe's OBS chose within the pool, in the plan's counts
+    chosen = read_plan(out / "model" / "plan.json")
+    assert chosen.selection["method"] == "obs" and chosen.selection["pool"] == 1.25
+    assert [(len(lp.attn_groups), len(lp.mlp_channels)) for lp in chosen.layers] == [
+        (len(lp.attn_groups), len(lp.mlp_channels)) for lp in plan.layers]
+    kept = {(lp.layer, "attn", i) for lp in chosen.layers for i in lp.attn_groups}
+    kept |= {(lp.layer, "mlp", i) for lp in chosen.layers for i in lp.mlp_channels}
     for row in rows:
         group = by_id[row["group_id"]]
         assert float(row["importance"]) == pytest.approx(group["taylor2"], rel=1e-12)

@@ -36,6 +36,10 @@ from llamaprune.core.errors import UsageError, flag
 from llamaprune.core.tables import GROUPS_FILE
 from llamaprune.scoring.importance.obs import Problem, SingularGram, greedy_path, singular
 
+# The pool of ``prune``'s recipe: on SmolLM2 it beat the plan's own groups on WikiText and on text of another
+# domain at 20% and 30%, where wider pools gained more on WikiText and lost the other domain (bench/RESULTS.md).
+DEFAULT_POOL = 1.25
+
 
 class Selection(str, Enum):
     """score: the plan's kept indices; obs: chosen again by structured OBS in the compensation pass."""

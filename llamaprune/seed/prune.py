@@ -235,11 +235,20 @@ class PruneOptions:
         )
 
     def compensation_options(self):
-        """lstsq refits on the calibration text, ``compensation_samples`` windows of ``seq_len`` tokens."""
-        from llamaprune.apply.refit import CompensationOptions
+        """lstsq refits on the calibration text, ``compensation_samples`` windows of ``seq_len`` tokens, its groups
+        chosen by OBS among ``DEFAULT_POOL`` x each block's count of the plan's lowest-scored ones: the recipe that
+        beat the plan's own groups on WikiText and on text of another domain at 20% and 30% (bench/RESULTS.md)."""
+        from dataclasses import replace
 
-        return CompensationOptions(self.compensate, self.dataset, self.compensation_samples, self.seq_len,
-                                   seed=self.seed, data_dir=self.data_dir)
+        from llamaprune.apply.compensation import Compensation
+        from llamaprune.apply.refit import CompensationOptions
+        from llamaprune.apply.selection import DEFAULT_POOL, Selection
+
+        options = CompensationOptions(self.compensate, self.dataset, self.compensation_samples, self.seq_len,
+                                      seed=self.seed, data_dir=self.data_dir)
+        if options.method is not Compensation.lstsq:
+            return options
+        return replace(options, select=Selection.obs, obs_pool=DEFAULT_POOL)
 
     def eval_options(self) -> EvalOptions:
         return EvalOptions(self.eval_dataset, self.eval_seq_len, self.max_windows, data_dir=self.data_dir,
