@@ -132,7 +132,7 @@ def compensate(method: str, model, tokenizer, plan, run: Path, args) -> dict:
 
     options = CompensationOptions(method, args.calibration, args.num_samples, args.seq_len)
     loaded = LoadedModel(model, tokenizer, Source("bench", "dir", ""))
-    return options.compensate(plan, model.config, loaded=loaded, rows=options.rows(run), run_dir=run,
+    return options.compensate(plan, model.config, loaded=loaded, rows=options.rows(run, plan.criterion), run_dir=run,
                               progress=False).tensors
 
 

@@ -3,7 +3,8 @@ equal budgets, on WikiText-2 and on text of another domain, with each finetune's
 peak of one distillation step against one next-token-loss step of the same batch.
 
 The protocol (issue 24): SmolLM2-135M, global taylor2 plans scored on 128 x 128 tokens of WikiText-2 valid,
-compensated by lstsq on 1,024 windows of 128 tokens (as ``prune`` does by default), finetuned on windows of 256
+compensated by lstsq on 1,024 windows of 128 tokens with the groups chosen by obs among 1.25x the plan's (as
+``prune`` does by default; ``--select score`` for the plan's own groups), finetuned on windows of 256
 tokens of WikiText-2 valid in batches of 8 (LoRA rank 16, the default learning rates), perplexity on the first 256
 windows of 128 tokens of the WikiText-2 raw test split and of the other domain (``compensation.heldout_rows``). Each
 method starts from the same compensated model; ``recovered`` is the share of the perplexity lost to pruning that the
@@ -15,7 +16,7 @@ the teacher's weights, over the next-token step's (goal: at most 1.3).
 
     python bench/recovery.py                                   # 20%, every method at 40 and 160 steps
     python bench/recovery.py --methods kd-full --steps 600     # one method, one budget
-    python bench/recovery.py --ratios 0.3 --select obs --run artifacts/smollm2
+    python bench/recovery.py --ratios 0.3 --run artifacts/smollm2
     python bench/recovery.py --pruned students --steps 40  # later budgets reuse the same compensated model
     python bench/recovery.py --pruned students --lr 1e-3 --steps 20 --out bench/recovery_lr1e-3.json
     python bench/recovery.py --tiny                            # tiny random model (smoke test)
@@ -44,6 +45,7 @@ from compensation import heldout_rows  # noqa: E402
 
 from llamaprune.apply.command import apply_plan  # noqa: E402
 from llamaprune.apply.refit import CompensationOptions  # noqa: E402
+from llamaprune.apply.selection import DEFAULT_POOL  # noqa: E402
 from llamaprune.core.plan_file import read_plan, write_plan  # noqa: E402
 from llamaprune.evaluate.perplexity import perplexity  # noqa: E402
 from llamaprune.io.loading import LoadedModel, Source, load_model  # noqa: E402
@@ -86,14 +88,17 @@ def pruned_model(model, tokenizer, args, ratio: float, valid: Path, run_dir: Pat
     """The compensated model of a global taylor2 plan at ``ratio`` (sharing uncut tensors with ``model``), read from
     ``--pruned`` where an earlier invocation saved it there, so that separate budgets start from the same bits."""
     saved = Path(args.pruned) / f"{ratio:g}" if args.pruned else None
+    pool = args.obs_pool if args.select == "obs" else None
     if saved is not None and (saved / "plan.json").is_file():
         plan = read_plan(saved / "plan.json")
-        if (plan.selection or {}).get("method", "score") != args.select:
-            raise SystemExit(f"{saved} was compensated with another selection than --select {args.select}: give "
-                             f"another --pruned directory")
+        selection = plan.selection or {}
+        if (selection.get("method", "score"), selection.get("pool")) != (args.select, pool):
+            raise SystemExit(f"{saved} was compensated with another selection than --select {args.select} "
+                             f"--obs-pool {pool}: give another --pruned directory")
         return load_model(str(saved), device=args.device).model, plan
     plan = make_plan(load_run(run_dir), PlanOptions(ratio=ratio, criterion="taylor2"))
-    compensation = CompensationOptions("lstsq", str(valid), args.calibration_samples, 128, select=args.select)
+    compensation = CompensationOptions("lstsq", str(valid), args.calibration_samples, 128, select=args.select,
+                                       obs_pool=pool)
     rows = load_rows(str(valid), split="train")
     done = compensation.compensate(plan, model.config, loaded=LoadedModel(model, tokenizer, Source("bench", "dir", "")),
                                    rows=rows, run_dir=run_dir, progress=False)
@@ -190,7 +195,9 @@ def main(argv=None) -> dict:
                         "default of its method).")
     parser.add_argument("--kd-temperature", type=float, default=DEFAULT_TEMPERATURE)
     parser.add_argument("--calibration-samples", type=int, default=1024, help="lstsq: windows to refit on.")
-    parser.add_argument("--select", default="score", choices=("score", "obs"), help="The refit's selection.")
+    parser.add_argument("--select", default="obs", choices=("score", "obs"), help="The refit's selection.")
+    parser.add_argument("--obs-pool", default=DEFAULT_POOL, type=lambda s: None if s == "none" else float(s),
+                        help="obs: the pool factor (apply --obs-pool; 'none' for obs among all groups).")
     parser.add_argument("--pruned", default=None,
                         help="Directory keeping each ratio's compensated model: loaded if there, else saved there.")
     parser.add_argument("--windows", type=int, default=256, help="Evaluation windows of 128 tokens per domain.")
@@ -233,7 +240,8 @@ def main(argv=None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {"heldout": other_source, "dense": perplexities(model), "settings": {
         "batch_size": args.batch_size, "seq_len": args.seq_len, "calibration_samples": args.calibration_samples,
-        "select": args.select, "lr": args.lr, "kd_temperature": args.kd_temperature,
+        "select": args.select, "obs_pool": args.obs_pool if args.select == "obs" else None, "lr": args.lr,
+        "kd_temperature": args.kd_temperature,
         "windows": args.windows, "device": args.device}, "rows": []}
     print(f"dense: {report['dense']}", flush=True)
     curves = {}

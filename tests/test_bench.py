@@ -230,15 +230,16 @@ def test_recovery_bench_runs_tiny(tmp_path):
 
 
 def test_recovery_bench_keeps_each_ratios_compensated_model(tmp_path):
-    """bench/recovery.py --pruned: the first invocation saves the compensated model (here chosen by --select obs),
-    a later one loads it instead of compensating again, and starts from the same perplexities."""
+    """bench/recovery.py --pruned: the first invocation saves the compensated model (chosen as ``prune`` does, by
+    obs among 1.25x the plan's groups), a later one loads it instead of compensating again, and starts from the same
+    perplexities; one chosen otherwise is refused."""
     kept = tmp_path / "students"
     weights = kept / "0.2" / "model.safetensors"
 
-    def run(name: str, select: str = "obs") -> subprocess.CompletedProcess:
+    def run(name: str, *extra: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, str(ROOT / "bench" / "recovery.py"), "--tiny", "--methods", "lm-lora",
-                               "--no-peak", "--select", select, "--pruned", str(kept), "--lr", "3e-3", "--out",
-                               str(tmp_path / f"{name}.json")], capture_output=True, text=True, cwd=tmp_path)
+                               "--no-peak", "--pruned", str(kept), "--lr", "3e-3", "--out",
+                               str(tmp_path / f"{name}.json"), *extra], capture_output=True, text=True, cwd=tmp_path)
 
     def report(name: str) -> dict:
         done = run(name)
@@ -249,9 +250,11 @@ def test_recovery_bench_keeps_each_ratios_compensated_model(tmp_path):
     written = weights.stat().st_mtime_ns
     second = report("second")
     assert weights.stat().st_mtime_ns == written  # loaded, not made and saved again
-    assert json.loads((kept / "0.2" / "plan.json").read_text())["selection"]["method"] == "obs"
-    assert first["settings"]["select"] == "obs"
+    selection = json.loads((kept / "0.2" / "plan.json").read_text())["selection"]
+    assert (selection["method"], selection["pool"]) == ("obs", 1.25)
+    assert (first["settings"]["select"], first["settings"]["obs_pool"]) == ("obs", 1.25)
     assert first["rows"][0] == second["rows"][0]
     assert first["settings"]["lr"] == first["rows"][1]["lr"] == 3e-3
-    other = run("other", select="score")  # a model chosen otherwise is not taken for this one
-    assert other.returncode != 0 and "another selection than --select score" in other.stderr.strip().splitlines()[-1]
+    for extra in (("--select", "score"), ("--obs-pool", "none")):  # a model chosen otherwise is not taken for this one
+        other = run("other", *extra)
+        assert other.returncode != 0 and "another selection than" in other.stderr.strip().splitlines()[-1]

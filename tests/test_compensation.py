@@ -166,7 +166,8 @@ def test_compensated_checkpoints_stream_like_in_memory_and_load_back(tmp_path, t
     from llamaprune.io.loading import LoadedModel, Source
 
     loaded = LoadedModel(model, tokenizer, Source("m", "dir", str(path)))
-    in_memory = compensation.compensate(plan, config, str(path), loaded, compensation.rows(None), None, False).tensors
+    in_memory = compensation.compensate(plan, config, str(path), loaded, compensation.rows(None, plan.criterion), None,
+                                        False).tensors
     memory_model = apply_plan(model, plan, in_memory)
     stored = read_tensors(tmp_path / "streamed")
     assert stored.keys() == dict(memory_model.state_dict()).keys() - {"lm_head.weight"} or stored.keys() == \

@@ -150,7 +150,7 @@ def compensated(tokenizer):
     plan = plan_from_kept(config, [([0], list(range(0, 24, 2))), ([0], [0]), ([], list(range(16)))], removed={1})
     compensation = CompensationOptions("lstsq", str(VALID_TXT), num_samples=8, seq_len=16)
     done = compensation.compensate(plan, config, loaded=LoadedModel(dense, tokenizer, Source("m", "dir", "")),
-                                   rows=compensation.rows(None), run_dir=None, progress=False)
+                                   rows=compensation.rows(None, plan.criterion), run_dir=None, progress=False)
     return dense, apply_plan(dense, plan, done.tensors), plan
 
 

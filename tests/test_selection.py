@@ -184,7 +184,7 @@ def test_the_plan_obs_chose_re_applies_bit_for_bit_with_score_selection(tmp_path
     assert read_plan(planned / "plan.json").selection is None
 
 
-def test_an_obs_pool_reads_the_plan_s_run_and_is_recorded(tmp_path, tokenizer):
+def test_an_obs_pool_reads_the_plan_s_run_and_is_recorded(tmp_path, tokenizer, monkeypatch):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -227,6 +227,13 @@ def test_an_obs_pool_reads_the_plan_s_run_and_is_recorded(tmp_path, tokenizer):
                 assert removed <= planned_removed | set(sorted(keep)[:4])
     assert_one_error_line(apply(outside, "lost", "--obs-pool", "1.5"), "--obs-pool", "RUN/plans/")
     assert_one_error_line(apply(run / "plans" / "p.json", "lost", "--obs-pool", "0.5"), "--obs-pool", "at least 1")
+    write_plan(replace(plan, criterion="wanda"), run / "plans" / "wanda.json")
+
+    def compensate(*args, **kwargs):
+        raise AssertionError("the run's table is checked before the compensation pass starts")
+
+    monkeypatch.setattr(CompensationOptions, "compensate", compensate)
+    assert_one_error_line(apply(run / "plans" / "wanda.json", "lost", "--obs-pool", "1.5"), "--obs-pool", "'wanda'")
     assert not (tmp_path / "lost").exists()
 
 

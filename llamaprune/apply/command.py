@@ -159,7 +159,7 @@ def apply(options: ApplyOptions) -> dict:
         check_plan(plan, checked.config, f"plan {options.plan}")
         compensation.check_model(checked.config)
         check_scored_weights(plan, checked.weights, options, f"plan {options.plan}")
-        return options.eval.test_rows() if options.eval else None, compensation.rows(run_dir)
+        return options.eval.test_rows() if options.eval else None, compensation.rows(run_dir, plan.criterion)
 
     evaluation = options.eval
     phase = Phase("apply", options.out, options.overwrite, options.model, options.device,

@@ -333,14 +333,17 @@ class CompensationOptions:
         """The local calibration text, an input that no output may replace."""
         return Path(self.calibration) if self.calibration and Path(self.calibration).is_file() else None
 
-    def rows(self, run_dir: Path | None) -> list[str] | None:
-        """The calibration text's rows (lstsq), after checking that the method has what it needs."""
+    def rows(self, run_dir: Path | None, criterion: str) -> list[str] | None:
+        """The calibration text's rows (lstsq), after checking that the method has what it needs from the run of a
+        plan by ``criterion``."""
         from llamaprune.io.text_data import load_rows
 
         if self.method is Compensation.bias:
             stats_file(run_dir)
         if self.method is not Compensation.lstsq:
             return None
+        if self.obs_pool is not None:
+            Pool.table_of(run_dir, criterion)
         if self.calibration is None:
             raise UsageError(
                 f"{flag('apply --compensate')} lstsq refits on calibration text; give it with "

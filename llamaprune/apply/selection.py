@@ -89,10 +89,9 @@ class Pool:
     def allowed(self, layer: int, kind: str, remove: int) -> torch.Tensor:
         return candidates(self.scores[(layer, kind)], remove, self.factor)
 
-    @classmethod
-    def of_run(cls, factor: float, run_dir: Path | None, criterion: str) -> Pool:
-        """The pool of a plan made from the run ``run_dir`` by ``criterion``: its scores come from the run's group
-        table, which must be there."""
+    @staticmethod
+    def table_of(run_dir: Path | None, criterion: str) -> Path:
+        """The run's group table, checked to hold the scores by ``criterion`` (apply checks it before loading)."""
         import pyarrow.parquet as pq
 
         path = run_dir / GROUPS_FILE if run_dir is not None else None
@@ -103,7 +102,16 @@ class Pool:
         if criterion not in pq.read_schema(path).names:
             raise UsageError(f"{flag('apply --obs-pool')} needs the plan's criterion {criterion!r} in {path}, which "
                              f"lacks it; plan from a run scored with it, or drop {flag('apply --obs-pool')}")
-        table = pq.read_table(path, columns=["layer", "kind", "index", criterion]).to_pydict()
+        return path
+
+    @classmethod
+    def of_run(cls, factor: float, run_dir: Path | None, criterion: str) -> Pool:
+        """The pool of a plan made from the run ``run_dir`` by ``criterion``: its scores come from the run's group
+        table, which must be there."""
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(cls.table_of(run_dir, criterion),
+                              columns=["layer", "kind", "index", criterion]).to_pydict()
         rows: dict[tuple[int, str], dict[int, float]] = {}
         for layer, kind, index, score in zip(*table.values(), strict=True):
             rows.setdefault((layer, kind), {})[index] = score
