@@ -63,6 +63,10 @@ CASES = [
     ("global obs + lstsq, obs selection", dict(criterion="obs"), "lstsq", LSTSQ_OBS),
     ("global taylor2 + lstsq, obs selection among 1.25x the plan's lowest-scored groups", dict(criterion="taylor2"),
      "lstsq", dict(select="obs", obs_pool=1.25)),
+    ("global taylor2 + lstsq to the dense hidden states, obs selection among 1.25x", dict(criterion="taylor2"),
+     "lstsq", dict(select="obs", obs_pool=1.25, target="residual")),
+    ("global taylor2 + lstsq, obs selection among 1.25x + 16 swaps", dict(criterion="taylor2"), "lstsq",
+     dict(select="obs", obs_pool=1.25, swaps=16)),
 ]
 
 
