@@ -88,17 +88,16 @@ def pruned_model(model, tokenizer, args, ratio: float, valid: Path, run_dir: Pat
     """The compensated model of a global taylor2 plan at ``ratio`` (sharing uncut tensors with ``model``), read from
     ``--pruned`` where an earlier invocation saved it there, so that separate budgets start from the same bits."""
     saved = Path(args.pruned) / f"{ratio:g}" if args.pruned else None
-    pool = args.obs_pool if args.select == "obs" else None
     if saved is not None and (saved / "plan.json").is_file():
         plan = read_plan(saved / "plan.json")
         selection = plan.selection or {}
-        if (selection.get("method", "score"), selection.get("pool")) != (args.select, pool):
+        if (selection.get("method", "score"), selection.get("pool")) != (args.select, args.obs_pool):
             raise SystemExit(f"{saved} was compensated with another selection than --select {args.select} "
-                             f"--obs-pool {pool}: give another --pruned directory")
+                             f"--obs-pool {args.obs_pool}: give another --pruned directory")
         return load_model(str(saved), device=args.device).model, plan
     plan = make_plan(load_run(run_dir), PlanOptions(ratio=ratio, criterion="taylor2"))
     compensation = CompensationOptions("lstsq", str(valid), args.calibration_samples, 128, select=args.select,
-                                       obs_pool=pool)
+                                       obs_pool=args.obs_pool)
     rows = load_rows(str(valid), split="train")
     done = compensation.compensate(plan, model.config, loaded=LoadedModel(model, tokenizer, Source("bench", "dir", "")),
                                    rows=rows, run_dir=run_dir, progress=False)
@@ -210,6 +209,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--teacher", help=argparse.SUPPRESS)
     parser.add_argument("--valid", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.select != "obs":  # the pool is obs's
+        args.obs_pool = None
     if args.peak_step:
         print(json.dumps(step_peak(args)))
         return {}
@@ -240,7 +241,7 @@ def main(argv=None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {"heldout": other_source, "dense": perplexities(model), "settings": {
         "batch_size": args.batch_size, "seq_len": args.seq_len, "calibration_samples": args.calibration_samples,
-        "select": args.select, "obs_pool": args.obs_pool if args.select == "obs" else None, "lr": args.lr,
+        "select": args.select, "obs_pool": args.obs_pool, "lr": args.lr,
         "kd_temperature": args.kd_temperature,
         "windows": args.windows, "device": args.device}, "rows": []}
     print(f"dense: {report['dense']}", flush=True)
