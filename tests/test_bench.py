@@ -232,13 +232,15 @@ def test_recovery_bench_runs_tiny(tmp_path):
 def test_recovery_bench_keeps_each_ratios_compensated_model(tmp_path):
     """bench/recovery.py --pruned: the first invocation saves the compensated model (chosen as ``prune`` does, by
     obs among 1.25x the plan's groups), a later one loads it instead of compensating again, and starts from the same
-    perplexities; one chosen otherwise is refused."""
+    perplexities; one chosen otherwise is refused. With ``--text sampled`` the dense model's own text is written
+    there once, enough for every step, and read again by the later invocation."""
     kept = tmp_path / "students"
     weights = kept / "0.2" / "model.safetensors"
+    sampled = kept / "sampled_6x32.jsonl"  # --tiny: 2 steps of 2 windows of 32 tokens, and the held-out share
 
     def run(name: str, *extra: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, str(ROOT / "bench" / "recovery.py"), "--tiny", "--methods", "lm-lora",
-                               "--no-peak", "--pruned", str(kept), "--lr", "3e-3", "--out",
+                               "--no-peak", "--pruned", str(kept), "--lr", "3e-3", "--text", "sampled", "--out",
                                str(tmp_path / f"{name}.json"), *extra], capture_output=True, text=True, cwd=tmp_path)
 
     def report(name: str) -> dict:
@@ -247,9 +249,13 @@ def test_recovery_bench_keeps_each_ratios_compensated_model(tmp_path):
         return json.loads((tmp_path / f"{name}.json").read_text())
 
     first = report("first")
-    written = weights.stat().st_mtime_ns
+    written, text_written = weights.stat().st_mtime_ns, sampled.stat().st_mtime_ns
+    texts = [json.loads(line)["text"] for line in sampled.read_text().splitlines()]
+    assert len(texts) == 7 and all(texts)  # 5% more than the 6 windows asked
     second = report("second")
     assert weights.stat().st_mtime_ns == written  # loaded, not made and saved again
+    assert sampled.stat().st_mtime_ns == text_written
+    assert first["settings"]["text"] == "sampled" and first["rows"][1]["steps"] == 2
     selection = json.loads((kept / "0.2" / "plan.json").read_text())["selection"]
     assert (selection["method"], selection["pool"]) == ("obs", 1.25)
     assert (first["settings"]["select"], first["settings"]["obs_pool"]) == ("obs", 1.25)
