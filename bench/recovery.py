@@ -123,9 +123,9 @@ def sampled_text(model, tokenizer, sequences: int, seq_len: int, path: Path) -> 
     if path.is_file():
         return path
     torch.manual_seed(0)
-    texts = []
-    for start in range(0, math.ceil(1.05 * sequences), SAMPLE_BATCH):
-        count = min(SAMPLE_BATCH, math.ceil(1.05 * sequences) - start)
+    total, texts = math.ceil(1.05 * sequences), []
+    for start in range(0, total, SAMPLE_BATCH):
+        count = min(SAMPLE_BATCH, total - start)
         ids = torch.full((count, 1), tokenizer.bos_token_id, device=model.device)
         with torch.no_grad():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0,
