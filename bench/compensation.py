@@ -67,6 +67,10 @@ CASES = [
      "lstsq", dict(select="obs", obs_pool=1.25, target="residual")),
     ("global taylor2 + lstsq, obs selection among 1.25x + 16 swaps", dict(criterion="taylor2"), "lstsq",
      dict(select="obs", obs_pool=1.25, swaps=16)),
+    ("global taylor2 + lstsq half way to the dense hidden states, obs selection among 1.25x",
+     dict(criterion="taylor2"), "lstsq", dict(select="obs", obs_pool=1.25, target="residual", residual_share=0.5)),
+    ("global taylor2 + lstsq 0.3 of the way to the dense hidden states, obs selection among 1.25x",
+     dict(criterion="taylor2"), "lstsq", dict(select="obs", obs_pool=1.25, target="residual", residual_share=0.3)),
 ]
 
 

@@ -3,8 +3,9 @@ equal budgets, on WikiText-2 and on text of another domain, with each finetune's
 peak of one distillation step against one next-token-loss step of the same batch.
 
 The protocol (issue 24): SmolLM2-135M, global taylor2 plans scored on 128 x 128 tokens of WikiText-2 valid,
-compensated by lstsq on 1,024 windows of 128 tokens with the groups chosen by obs among 1.25x the plan's (as
-``prune`` does by default; ``--select score`` for the plan's own groups), finetuned on windows of 256
+compensated by lstsq on 1,024 windows of 128 tokens with the groups chosen by obs among 1.25x the plan's (``prune``'s
+recipe when issue 24 was measured, before it also fitted part of the way to the dense hidden states; ``--select
+score`` for the plan's own groups), finetuned on windows of 256
 tokens of WikiText-2 valid in batches of 8 (LoRA rank 16, the default learning rates), perplexity on the first 256
 windows of 128 tokens of the WikiText-2 raw test split and of the other domain (``compensation.heldout_rows``). Each
 method starts from the same compensated model; ``recovered`` is the share of the perplexity lost to pruning that the

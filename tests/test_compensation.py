@@ -300,6 +300,11 @@ def test_bad_compensation_input_is_one_line_and_writes_nothing(tmp_path, tokeniz
     save_file({"tokens": torch.tensor([4])}, str(run / "stats.safetensors"))
     assert_one_error_line(invoke("--compensate", "bias"), "no input means", "llamaprune score")
     assert_one_error_line(invoke("--compensate", "ridge"), "--compensate 'ridge' is not one of")
+    lstsq = ("--compensate", "lstsq", "--calibration", VALID_TXT)
+    assert_one_error_line(invoke(*lstsq, "--residual-share", 0.5), "--residual-share", "--target residual",
+                          "target pruned")
+    assert_one_error_line(invoke(*lstsq, "--target", "residual", "--residual-share", 1.5), "--residual-share",
+                          "(0, 1]", "got 1.5")
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
@@ -347,6 +352,33 @@ def test_dense_targets_are_the_pruned_one_until_error_is_carried_up(target, mode
     dense = refit_layers(stream, below, windows, 1e-3, False, target=Target(target)).tensors
     assert torch.equal(pruned["model.layers.0.mlp.down_proj.weight"], dense["model.layers.0.mlp.down_proj.weight"])
     assert not torch.equal(pruned["model.layers.2.mlp.down_proj.weight"], dense["model.layers.2.mlp.down_proj.weight"])
+
+
+def test_a_residual_share_goes_that_share_of_the_way_from_the_pruned_target():
+    """The refit is linear in its target. Below layer 0's MLP only its attention is pruned, and its refit is the
+    same for every target (nothing is carried up to it yet): so the MLP's refit with a share s of the residual
+    target is (1 - s) times the pruned target's plus s times the residual's."""
+    from llamaprune.apply.refit import Target
+
+    config = tiny_config(layers=2, heads=4, kv_heads=2, intermediate=32)
+    model = tiny_model(config)
+    windows = ids(config.vocab_size, batch=8, length=16, seed=3)
+    plan = plan_from_kept(config, [([1], list(range(16))), ([0, 1], list(range(8, 32)))])
+    stream = LayerStream.from_model(model, 4)
+
+    def fit(target: str, share: float = 1.0) -> dict[str, torch.Tensor]:
+        return refit_layers(stream, plan, windows, 1e-3, False, target=Target(target), share=share).tensors
+
+    pruned, residual, quarter = fit("pruned"), fit("residual"), fit("residual", 0.25)
+
+    def off_line(key: str) -> float:
+        """How far the quarter share's tensor is from the line between the two targets', relative to their gap."""
+        gap = (residual[key] - pruned[key]).abs().max()
+        return float((quarter[key] - torch.lerp(pruned[key], residual[key], 0.25)).abs().max() / gap)
+
+    assert off_line("model.layers.0.mlp.down_proj.weight") < 1e-3
+    assert off_line("model.layers.0.mlp.down_proj.bias") < 1e-3
+    assert off_line("model.layers.1.mlp.down_proj.weight") > 1e-2  # above, the inputs differ too
 
 
 def test_the_residual_target_through_a_norm_after_the_projection_is_one_line(tmp_path, tokenizer):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import VALID_TXT, assert_one_error_line
+from conftest import VALID_TXT, assert_one_error_line, tiny_config
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -77,6 +77,20 @@ def compensated(plan, hidden: int) -> int:
     o_proj and down_proj."""
     kept = [lp for lp in plan.layers if not lp.removed]
     return plan.params_after + hidden * sum(("attention" not in lp.skip) + ("mlp" not in lp.skip) for lp in kept)
+
+@pytest.mark.parametrize(("model_type", "target"), [("llama", "residual"), ("qwen3", "residual"),
+                                                 ("gemma3_text", "pruned")])
+def test_prune_s_recipe_fits_towards_the_dense_model_where_the_family_allows(model_type, target):
+    """Gemma 3's output projections pass through a norm before the residual: its recipe keeps the pruned target."""
+    from llamaprune.seed.prune import PruneOptions
+
+    config = tiny_config(model_type=model_type)
+    options = PruneOptions(pruning_ratio=0.2).compensation_options(config)
+    assert (options.select.value, options.obs_pool, options.target.value) == ("obs", 1.25, target)
+    assert options.residual_share == (0.3 if target == "residual" else 1.0)
+    options.check_model(config)  # what the family takes
+    assert PruneOptions(pruning_ratio=0.2).compensation_options().target.value == "pruned"  # no model: checks only
+
 
 def test_global_run_writes_native_and_seed_files(tiny_checkpoint, tokenizer, texts, tmp_path):
     out = tmp_path / "global"
@@ -155,6 +169,8 @@ def test_global_run_writes_native_and_seed_files(tiny_checkpoint, tokenizer, tex
         assert report[key]["ppl"] == pytest.approx(perplexity(checked, windows, progress=False).ppl, rel=1e-5)
     manifest = read_manifest(out)
     assert [h["command"] for h in manifest["history"]] == ["score", "prune"]
+    compensation = manifest["history"][-1]["compensation"]
+    assert (compensation["target"], compensation["residual_share"]) == ("residual", 0.3)
     assert manifest["criteria"] == ["taylor2"] and manifest["calibration"]["n_samples"] == 8
     assert json.loads((out / "model" / "manifest.json").read_text()) == manifest
     assert f"{plan.params_before:,} -> {plan.params_after:,}" in result.stdout

@@ -374,6 +374,10 @@ def apply_command(
                                "inputs), dense (the dense model's block output there) or residual (the dense "
                                "model's hidden states after the block).")
     ] = "pruned",
+    residual_share: Annotated[
+        float, typer.Option(help="residual: how far the refit's target goes from pruned (0) to the dense hidden "
+                                 "states (1).")
+    ] = 1.0,
     finetune: Annotated[
         str | None, typer.Option("--finetune", help="Then recover: lora or full (see `llamaprune finetune`).")
     ] = None,
@@ -412,7 +416,7 @@ def apply_command(
         raise UsageError("--tasks runs beside the perplexity of --eval; add --eval DATASET, e.g. --eval wikitext2")
     compensation = CompensationOptions(compensate, calibration, calibration_samples, calibration_seq_len, damp,
                                        data_dir=data_dir, select=select, swaps=swaps, target=target,
-                                       obs_pool=obs_pool)
+                                       obs_pool=obs_pool, residual_share=residual_share)
     recovery = None
     if finetune:
         from llamaprune.recover.distill import distillation

@@ -234,21 +234,26 @@ class PruneOptions:
             normalize=self.normalize if not layerwise else Normalize.none,
         )
 
-    def compensation_options(self):
+    def compensation_options(self, config=None):
         """lstsq refits on the calibration text, ``compensation_samples`` windows of ``seq_len`` tokens, its groups
-        chosen by OBS among ``DEFAULT_POOL`` x each block's count of the plan's lowest-scored ones: the recipe that
-        beat the plan's own groups on WikiText and on text of another domain at 20% and 30% (bench/RESULTS.md)."""
+        chosen by OBS among ``DEFAULT_POOL`` x each block's count of the plan's lowest-scored ones, each projection
+        fitted ``DEFAULT_RESIDUAL_SHARE`` of the way to the dense hidden states where the model's family allows it
+        (``config``; without one, the pruned target): the recipe that beat the plan's own groups on WikiText and on
+        text of another domain (bench/RESULTS.md)."""
         from dataclasses import replace
 
         from llamaprune.apply.compensation import Compensation
-        from llamaprune.apply.refit import CompensationOptions
+        from llamaprune.apply.refit import DEFAULT_RESIDUAL_SHARE, CompensationOptions, Target, residual_fits
         from llamaprune.apply.selection import DEFAULT_POOL, Selection
 
         options = CompensationOptions(self.compensate, self.dataset, self.compensation_samples, self.seq_len,
                                       seed=self.seed, data_dir=self.data_dir)
         if options.method is not Compensation.lstsq:
             return options
-        return replace(options, select=Selection.obs, obs_pool=DEFAULT_POOL)
+        options = replace(options, select=Selection.obs, obs_pool=DEFAULT_POOL)
+        if config is None or not residual_fits(config):
+            return options
+        return replace(options, target=Target.residual, residual_share=DEFAULT_RESIDUAL_SHARE)
 
     def eval_options(self) -> EvalOptions:
         return EvalOptions(self.eval_dataset, self.eval_seq_len, self.max_windows, data_dir=self.data_dir,
@@ -339,8 +344,9 @@ def _run(options: PruneOptions, run: PhaseRun[_Inputs], progress: bool) -> None:
     manifest = with_history(manifest, score_entry(result))  # the scoring; this prune follows it
     plan, tables = _plan(options, out)
     t0 = time.perf_counter()
-    done = options.compensation_options().compensate(plan, loaded.model.config, loaded=loaded,
-                                                     rows=inputs.calibration, run_dir=out, progress=progress)
+    compensation = options.compensation_options(loaded.model.config)
+    done = compensation.compensate(plan, loaded.model.config, loaded=loaded, rows=inputs.calibration, run_dir=out,
+                                   progress=progress)
     model = apply_plan(loaded.model, done.plan, done.tensors)
     # the seed's files show the groups removed, which obs selection chose in the compensation pass
     seed_files = write_seed_files(out, tables, done.plan, {**options.description(), "plan": plan.name})
@@ -353,6 +359,7 @@ def _run(options: PruneOptions, run: PhaseRun[_Inputs], progress: bool) -> None:
         params_after=plan.params_after,
         seconds_score=round(result.seconds, 3),
         seconds_apply=round(time.perf_counter() - t0, 3),
+        compensation=plain_value(compensation),
         seed_files=seed_files,
     )
     report = None
