@@ -116,9 +116,9 @@ class Target(str, Enum):
     residual = "residual"
 
 
-# The residual target's share in ``prune``'s recipe: on SmolLM2 at 20%, a third of the way to the dense hidden states
-# gained on WikiText and on text of another domain, where the whole way fits the calibration text's carried error
-# and loses the other domain (bench/RESULTS.md).
+# The residual target's share in ``prune``'s recipe: on SmolLM2 at 10%, 20% and 30%, a third of the way to the dense
+# hidden states gained on WikiText and on text of another domain, where the whole way fits the calibration text's
+# carried error and loses the other domain (bench/RESULTS.md).
 DEFAULT_RESIDUAL_SHARE = 0.3
 
 
