@@ -64,15 +64,18 @@ def test_the_stored_plan_applies_as_before(tmp_path, compensate):
                                     "--compensate", compensate, *extra])
     assert done.exit_code == 0, done.output
     expected = EXPECTED["applies"][compensate]
-    if compensate == "none" or SAME_VERSIONS:  # slicing copies bytes; the refit's floats are exact on the same stack
+    # slicing copies bytes, and the mean bias is exact on the same stack; the refit's float32 products are not exact
+    # across CPUs either (another kernel sums them in another order)
+    if compensate == "none" or (SAME_VERSIONS and compensate == "bias"):
         assert sha256(out / "model.safetensors") == expected["model.safetensors"]
     else:  # the weights as they were written then (applies/), within float32 rounding
         reference = load_file(FROZEN / "applies" / f"{compensate}.safetensors")
         got = load_file(out / "model.safetensors")
         assert got.keys() == reference.keys()
-        # the ridge refit solves on activations that another torch's float32 sums move, and the change grows layer
-        # by layer (torch 2.6: up to 0.4% of a weight in the second layer); the mean bias moves far less
-        bound = 1e-2 if compensate == "lstsq" else 1e-5
+        # the ridge refit solves on activations whose float32 sums another torch or CPU moves, and the change grows
+        # layer by layer (torch 2.6: up to 0.4% of a weight in the second layer; the same torch on a Xeon with AMX:
+        # 0.15% in the first layer's down_proj, 1.1% in the fourth's); the mean bias moves far less
+        bound = 2e-2 if compensate == "lstsq" else 1e-5
         for key, tensor in got.items():
             error = (tensor.double() - reference[key].double()).norm() / reference[key].double().norm()
             assert error <= bound, (key, float(error))
