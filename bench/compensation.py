@@ -71,6 +71,13 @@ CASES = [
      dict(criterion="taylor2"), "lstsq", dict(select="obs", obs_pool=1.25, target="residual", residual_share=0.5)),
     ("global taylor2 + lstsq 0.3 of the way to the dense hidden states, obs selection among 1.25x",
      dict(criterion="taylor2"), "lstsq", dict(select="obs", obs_pool=1.25, target="residual", residual_share=0.3)),
+    ("global taylor2 + lstsq 0.3 of the way to the dense hidden states, obs selection among 1.25x + 16 swaps",
+     dict(criterion="taylor2"), "lstsq",
+     dict(select="obs", obs_pool=1.25, target="residual", residual_share=0.3, swaps=16)),
+    ("global obs + lstsq 0.3 of the way to the dense hidden states, obs selection among 1.25x",
+     dict(criterion="obs"), "lstsq", dict(select="obs", obs_pool=1.25, target="residual", residual_share=0.3)),
+    ("global taylor2 + lstsq 0.3 of the way to the dense hidden states, obs selection",
+     dict(criterion="taylor2"), "lstsq", dict(select="obs", target="residual", residual_share=0.3)),
 ]
 
 
@@ -106,6 +113,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--data-dir", default=os.environ.get("LLAMAPRUNE_DATA_DIR") or str(SHARED))
     parser.add_argument("--num-samples", type=int, default=128, help="Scoring windows (when scoring here).")
     parser.add_argument("--calibration-samples", type=int, default=1024, help="lstsq: windows to refit on.")
+    parser.add_argument("--calibration-seq-len", type=int, default=128, help="lstsq: tokens per window.")
     parser.add_argument("--ratios", default="0.2")
     parser.add_argument("--damp", type=float, default=DEFAULT_DAMP, help="lstsq: the ridge (apply --damp).")
     parser.add_argument("--cases", default=None, help="Comma-separated case numbers (default: all).")
@@ -129,7 +137,7 @@ def main(argv=None) -> list[dict]:
         result = score(model, list(windows.split(8)), criteria=("taylor2", "fluctuation", "obs"), progress=False)
         write_tables(run_dir, result)
     tables = load_run(run_dir)
-    calibration = calibration_windows(tokenizer, rows, args.calibration_samples, 128, 0)
+    calibration = calibration_windows(tokenizer, rows, args.calibration_samples, args.calibration_seq_len, 0)
     n128, n512 = (int(x) for x in args.windows.split(","))
     other_rows, other_source = heldout_rows()
     texts = {"": load_rows("wikitext2", split="test", data_dir=args.data_dir), "other_": other_rows}
@@ -149,8 +157,8 @@ def main(argv=None) -> list[dict]:
     for ratio in (float(r) for r in args.ratios.split(",")):
         for label, plan_fields, method, extra in chosen:
             plan = make_plan(tables, PlanOptions(ratio=ratio, **plan_fields))
-            compensation = CompensationOptions(method, str(valid), args.calibration_samples, 128, damp=args.damp,
-                                               **extra)
+            compensation = CompensationOptions(method, str(valid), args.calibration_samples, args.calibration_seq_len,
+                                               damp=args.damp, **extra)
             forward, forward_peak = forward_pass(model, calibration, 8) if method == "lstsq" else (None, None)
             peak = PeakMemory("cpu", "compensation")
             start = time.perf_counter()
@@ -163,6 +171,7 @@ def main(argv=None) -> list[dict]:
             row = {
                 "case": label, "ratio": ratio, "achieved_ratio": round(plan.achieved_ratio, 4),
                 "compensation": method, "calibration_samples": args.calibration_samples if method == "lstsq" else 0,
+                **({"calibration_seq_len": args.calibration_seq_len} if method == "lstsq" else {}),
                 **({"damp": args.damp} if method == "lstsq" else {}),
                 **extra, **ppl, **{f"{key}_vs_dense": round(value / dense[key], 3) for key, value in ppl.items()},
                 "compensation_seconds": round(seconds, 1),

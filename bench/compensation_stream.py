@@ -3,12 +3,14 @@
 Builds bench/score_stream.py's synthetic multi-shard bfloat16 llama checkpoint (about 1.2B parameters, with the
 embedded model's tokenizer) and bench/apply.py's ~20% heterogeneous plan for it, then applies the plan streamed,
 each in a fresh subprocess: (a) plainly sliced, (b) with the least-squares refit on 8 x 64 tokens of WikiText-2
-valid. The refit should hold one decoder layer (float32, as it computes), the fit's float64 state for the widest
-kept input (the kept columns' augmented Gram matrix, twice while it is factored, and its product with the
-outputs) and the calibration activations, on top of what the plain streamed apply holds; this prints that budget
-beside the measured peak.
+valid, (c) the refit 0.3 of the way to the dense hidden states (``prune``'s target: a dense stream beside the pruned
+one), (d) the refit with obs selection. The refit should hold one decoder layer (float32, as it computes), the
+fit's float64 state for the widest kept input (the kept columns' augmented Gram matrix, twice while it is
+factored, and its product with the outputs) and the calibration activations, on top of what the plain streamed
+apply holds; this prints that budget beside the measured peak.
 
     $ .venv/bin/python bench/compensation_stream.py           # ~2.4 GB of disk under $TMPDIR
+    $ .venv/bin/python bench/compensation_stream.py --methods none,lstsq,residual   # without obs (~45 min here)
     $ .venv/bin/python bench/compensation_stream.py --tiny    # a tiny checkpoint: a smoke test of the script
 """
 
@@ -29,21 +31,34 @@ from score_stream import synthetic_parser  # noqa: E402
 BUILDER = ROOT / "bench" / "score_stream.py"
 
 
+METHODS = ("none", "lstsq", "residual", "obs")
+
+
+def methods(text: str) -> list[str]:
+    """The applies to run, in ``METHODS``' order: the sliced and the plain refit ones always (the others are
+    measured against them)."""
+    asked = set(text.split(","))
+    if not asked <= set(METHODS):
+        raise SystemExit(f"--methods takes {', '.join(METHODS)}; got {text}")
+    return [m for m in METHODS if m in asked | {"none", "lstsq"}]
+
+
 def apply_streamed(src: Path, plan: Path, out: Path, method: str, calibration: Path, num_samples: int,
                    seq_len: int) -> dict:
     """``llamaprune apply`` as the CLI runs it, compensating with ``method``."""
     from transformers import AutoTokenizer  # noqa: F401  (the CLI's imports, outside the measured part)
 
     from llamaprune.apply.command import ApplyOptions, apply
-    from llamaprune.apply.refit import CompensationOptions
+    from llamaprune.apply.refit import DEFAULT_RESIDUAL_SHARE, CompensationOptions
     from llamaprune.io.loading import register
 
     register()
     imported = rss_bytes()
     start = time.perf_counter()
-    select = "obs" if method == "obs" else "score"
-    compensation = CompensationOptions("lstsq" if method == "obs" else method, str(calibration), num_samples, seq_len,
-                                       select=select)
+    extra = {"obs": dict(select="obs"),
+             "residual": dict(target="residual", residual_share=DEFAULT_RESIDUAL_SHARE)}.get(method, {})
+    compensation = CompensationOptions("none" if method == "none" else "lstsq", str(calibration), num_samples,
+                                       seq_len, **extra)
     apply(ApplyOptions(plan=plan, model=str(src), out=out, compensation=compensation))
     return {"seconds": time.perf_counter() - start, "peak_rss": rss_bytes(), "rss_after_imports": imported}
 
@@ -70,7 +85,7 @@ def refit_budget(src: Path, plan_path: Path, tokens: int) -> dict:
             "obs_choice": choice}
 
 
-def run(workdir: Path, tiny: bool, calibration: Path, num_samples: int, seq_len: int) -> dict:
+def run(workdir: Path, tiny: bool, calibration: Path, num_samples: int, seq_len: int, methods: list[str]) -> dict:
     """Build and plan, then each apply in a fresh interpreter (this one imports no torch: Linux keeps a
     process's peak RSS across fork and exec)."""
     src, plan = workdir / "checkpoint", workdir / "plan.json"
@@ -79,20 +94,26 @@ def run(workdir: Path, tiny: bool, calibration: Path, num_samples: int, seq_len:
     print(f"built the checkpoint in {built['build_seconds']:.1f} s", flush=True)
     size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
     peaks = {method: in_subprocess("apply", src, plan, workdir / f"out-{method}", method, calibration,
-                                   num_samples, seq_len, script=__file__) for method in ("none", "lstsq", "obs")}
+                                   num_samples, seq_len, script=__file__) for method in methods}
     budget = in_subprocess("budget", src, plan, num_samples * seq_len, script=__file__)
     held = peaks["lstsq"]["peak_rss"] - peaks["none"]["peak_rss"]
     refit = sum(budget[k] for k in ("layer_fp32", "largest_fit", "activations"))
-    obs_held = peaks["obs"]["peak_rss"] - peaks["none"]["peak_rss"]
-    return {
+    figures = {
         **planned, "checkpoint_bytes": size, "windows": [num_samples, seq_len], "peaks": peaks, "budget": budget,
         "lstsq_over_checkpoint": peaks["lstsq"]["peak_rss"] / size,
         "refit_held_bytes": held,
         "refit_held_over_budget": held / refit,
-        "obs_held_bytes": obs_held,
-        "obs_held_over_budget": obs_held / (refit + budget["obs_choice"]),
-        "obs_seconds_over_lstsq": peaks["obs"]["seconds"] / peaks["lstsq"]["seconds"],
     }
+    if "residual" in peaks:  # the dense stream's hidden states: one more copy of the activations
+        residual_held = peaks["residual"]["peak_rss"] - peaks["none"]["peak_rss"]
+        figures.update(residual_held_bytes=residual_held,
+                       residual_held_over_budget=residual_held / (refit + budget["activations"] / 3),
+                       residual_seconds_over_lstsq=peaks["residual"]["seconds"] / peaks["lstsq"]["seconds"])
+    if "obs" in peaks:
+        obs_held = peaks["obs"]["peak_rss"] - peaks["none"]["peak_rss"]
+        figures.update(obs_held_bytes=obs_held, obs_held_over_budget=obs_held / (refit + budget["obs_choice"]),
+                       obs_seconds_over_lstsq=peaks["obs"]["seconds"] / peaks["lstsq"]["seconds"])
+    return figures
 
 
 def report(figures: dict) -> str:
@@ -104,26 +125,39 @@ def report(figures: dict) -> str:
         return (f"{name:30}{peak['seconds']:9.1f}{peak['peak_rss'] / gb:13.2f}{peak['peak_rss'] / size:14.2f}"
                 f"{peak['rss_after_imports'] / gb:22.2f}")
 
-    return "\n".join([
+    lines = [
         f"checkpoint: bfloat16, {size / gb:.2f} GB; plan {figures['achieved_ratio']:.1%} removed (heterogeneous); "
         f"calibration {figures['windows'][0]} x {figures['windows'][1]} tokens",
         f"{'':30}{'seconds':>9}{'peak RSS GB':>13}{'/ checkpoint':>14}{'RSS after imports GB':>22}",
         row("apply (streamed, sliced)", "none"),
         row("apply --compensate lstsq", "lstsq"),
-        row("  --select obs", "obs"),
+        *([row("  --target residual (0.3)", "residual")] if "residual" in figures["peaks"] else []),
+        *([row("  --select obs", "obs")] if "obs" in figures["peaks"] else []),
         f"the refit's peak above the sliced apply's: {figures['refit_held_bytes'] / gb:.2f} GB; budget "
         f"{refit / gb:.2f} GB = one layer in float32 "
         f"{budget['layer_fp32'] / gb:.2f} + the widest fit ({budget['widest_kept']} kept inputs) "
         f"{budget['largest_fit'] / gb:.2f} + activations {budget['activations'] / gb:.3f}; held / budget "
         f"{figures['refit_held_over_budget']:.2f}",
-        f"with --select obs: {figures['obs_held_bytes'] / gb:.2f} GB above the sliced apply's; budget + the choice's "
-        f"float64 state {budget['obs_choice'] / gb:.2f} GB; held / budget {figures['obs_held_over_budget']:.2f}; "
-        f"time x{figures['obs_seconds_over_lstsq']:.2f} the lstsq apply's",
-    ])
+    ]
+    if "residual" in figures["peaks"]:
+        lines.append(
+            f"with --target residual: {figures['residual_held_bytes'] / gb:.2f} GB above the sliced apply's; budget "
+            f"+ the dense stream's hidden states {budget['activations'] / 3 / gb:.3f} GB; held / budget "
+            f"{figures['residual_held_over_budget']:.2f}; time x{figures['residual_seconds_over_lstsq']:.2f} the "
+            f"lstsq apply's")
+    if "obs" in figures["peaks"]:
+        lines.append(
+            f"with --select obs: {figures['obs_held_bytes'] / gb:.2f} GB above the sliced apply's; budget + the "
+            f"choice's float64 state {budget['obs_choice'] / gb:.2f} GB; held / budget "
+            f"{figures['obs_held_over_budget']:.2f}; time x{figures['obs_seconds_over_lstsq']:.2f} the lstsq apply's")
+    return "\n".join(lines)
 
 
 def main() -> None:
-    args = synthetic_parser(__doc__).parse_args()
+    parser = synthetic_parser(__doc__)
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"Applies to run, comma-separated among {', '.join(METHODS)} (none and lstsq always).")
+    args = parser.parse_args()
     if args.measure:
         kind, *rest = args.measure
         if kind == "plan":
@@ -137,7 +171,7 @@ def main() -> None:
         return
     calibration = args.data_dir / "wikitext-2-tokens" / "valid.txt"
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench-compensation-stream-") as tmp:
-        figures = run(Path(tmp), args.tiny, calibration, args.num_samples, args.seq_len)
+        figures = run(Path(tmp), args.tiny, calibration, args.num_samples, args.seq_len, methods(args.methods))
     publish(report(figures), figures, "--tiny" if args.tiny else None, args.json)
 
 

@@ -201,6 +201,8 @@ def test_streamed_compensation_bench_runs_tiny(tmp_path):
     assert figures["budget"]["widest_kept"] > 0 and figures["budget"]["largest_fit"] > 0
     assert "with --select obs" in done.stdout and figures["budget"]["obs_choice"] > 0
     assert figures["peaks"]["obs"]["peak_rss"] >= figures["peaks"]["obs"]["rss_after_imports"] > 0
+    assert "with --target residual" in done.stdout and figures["residual_held_over_budget"] > 0
+    assert figures["peaks"]["residual"]["peak_rss"] >= figures["peaks"]["residual"]["rss_after_imports"] > 0
 
 
 def test_recovery_bench_runs_tiny(tmp_path):
