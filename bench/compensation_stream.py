@@ -10,7 +10,7 @@ factored, and its product with the outputs) and the calibration activations, on 
 apply holds; this prints that budget beside the measured peak.
 
     $ .venv/bin/python bench/compensation_stream.py           # ~2.4 GB of disk under $TMPDIR
-    $ .venv/bin/python bench/compensation_stream.py --methods none,lstsq,residual   # without obs (~45 min here)
+    $ .venv/bin/python bench/compensation_stream.py --methods none,lstsq,residual   # no obs (it took 45 min here)
     $ .venv/bin/python bench/compensation_stream.py --tiny    # a tiny checkpoint: a smoke test of the script
 """
 
@@ -85,7 +85,7 @@ def refit_budget(src: Path, plan_path: Path, tokens: int) -> dict:
             "obs_choice": choice}
 
 
-def run(workdir: Path, tiny: bool, calibration: Path, num_samples: int, seq_len: int, methods: list[str]) -> dict:
+def run(workdir: Path, tiny: bool, calibration: Path, num_samples: int, seq_len: int, chosen: list[str]) -> dict:
     """Build and plan, then each apply in a fresh interpreter (this one imports no torch: Linux keeps a
     process's peak RSS across fork and exec)."""
     src, plan = workdir / "checkpoint", workdir / "plan.json"
@@ -94,7 +94,7 @@ def run(workdir: Path, tiny: bool, calibration: Path, num_samples: int, seq_len:
     print(f"built the checkpoint in {built['build_seconds']:.1f} s", flush=True)
     size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
     peaks = {method: in_subprocess("apply", src, plan, workdir / f"out-{method}", method, calibration,
-                                   num_samples, seq_len, script=__file__) for method in methods}
+                                   num_samples, seq_len, script=__file__) for method in chosen}
     budget = in_subprocess("budget", src, plan, num_samples * seq_len, script=__file__)
     held = peaks["lstsq"]["peak_rss"] - peaks["none"]["peak_rss"]
     refit = sum(budget[k] for k in ("layer_fp32", "largest_fit", "activations"))
