@@ -104,15 +104,13 @@ def run(workdir: Path, tiny: bool, calibration: Path, num_samples: int, seq_len:
         "refit_held_bytes": held,
         "refit_held_over_budget": held / refit,
     }
-    if "residual" in peaks:  # the dense stream's hidden states: one more copy of the activations
-        residual_held = peaks["residual"]["peak_rss"] - peaks["none"]["peak_rss"]
-        figures.update(residual_held_bytes=residual_held,
-                       residual_held_over_budget=residual_held / (refit + budget["activations"] / 3),
-                       residual_seconds_over_lstsq=peaks["residual"]["seconds"] / peaks["lstsq"]["seconds"])
-    if "obs" in peaks:
-        obs_held = peaks["obs"]["peak_rss"] - peaks["none"]["peak_rss"]
-        figures.update(obs_held_bytes=obs_held, obs_held_over_budget=obs_held / (refit + budget["obs_choice"]),
-                       obs_seconds_over_lstsq=peaks["obs"]["seconds"] / peaks["lstsq"]["seconds"])
+    # what each apply beyond the plain refit holds besides its budget: the dense stream's hidden states (one more
+    # copy of the activations), the choice's float64 state
+    for method, extra in (("residual", budget["activations"] / 3), ("obs", budget["obs_choice"])):
+        if method in peaks:
+            held_by = peaks[method]["peak_rss"] - peaks["none"]["peak_rss"]
+            figures.update({f"{method}_held_bytes": held_by, f"{method}_held_over_budget": held_by / (refit + extra),
+                            f"{method}_seconds_over_lstsq": peaks[method]["seconds"] / peaks["lstsq"]["seconds"]})
     return figures
 
 
@@ -139,17 +137,14 @@ def report(figures: dict) -> str:
         f"{budget['largest_fit'] / gb:.2f} + activations {budget['activations'] / gb:.3f}; held / budget "
         f"{figures['refit_held_over_budget']:.2f}",
     ]
-    if "residual" in figures["peaks"]:
-        lines.append(
-            f"with --target residual: {figures['residual_held_bytes'] / gb:.2f} GB above the sliced apply's; budget "
-            f"+ the dense stream's hidden states {budget['activations'] / 3 / gb:.3f} GB; held / budget "
-            f"{figures['residual_held_over_budget']:.2f}; time x{figures['residual_seconds_over_lstsq']:.2f} the "
-            f"lstsq apply's")
-    if "obs" in figures["peaks"]:
-        lines.append(
-            f"with --select obs: {figures['obs_held_bytes'] / gb:.2f} GB above the sliced apply's; budget + the "
-            f"choice's float64 state {budget['obs_choice'] / gb:.2f} GB; held / budget "
-            f"{figures['obs_held_over_budget']:.2f}; time x{figures['obs_seconds_over_lstsq']:.2f} the lstsq apply's")
+    for method, flag_name, what, extra in (
+            ("residual", "--target residual", "the dense stream's hidden states", budget["activations"] / 3),
+            ("obs", "--select obs", "the choice's float64 state", budget["obs_choice"])):
+        if method in figures["peaks"]:
+            lines.append(
+                f"with {flag_name}: {figures[f'{method}_held_bytes'] / gb:.2f} GB above the sliced apply's; budget + "
+                f"{what} {extra / gb:.3f} GB; held / budget {figures[f'{method}_held_over_budget']:.2f}; time "
+                f"x{figures[f'{method}_seconds_over_lstsq']:.2f} the lstsq apply's")
     return "\n".join(lines)
 
 
