@@ -78,6 +78,9 @@ CASES = [
      dict(criterion="obs"), "lstsq", dict(select="obs", obs_pool=1.25, target="residual", residual_share=0.3)),
     ("global taylor2 + lstsq 0.3 of the way to the dense hidden states, obs selection",
      dict(criterion="taylor2"), "lstsq", dict(select="obs", target="residual", residual_share=0.3)),
+    ("prune's recipe, the counts of a run scored after a 5% step (`score --after`, the step refitted on 128 windows)",
+     dict(criterion="taylor2"), "lstsq", dict(select="obs", obs_pool=1.25, target="residual", residual_share=0.3,
+                                              after=dict(step=0.05, samples=128))),
 ]
 
 
@@ -89,6 +92,33 @@ def forward_pass(model, windows: torch.Tensor, batch_size: int) -> tuple[float, 
         for batch in windows.split(batch_size):
             model.model(input_ids=batch, use_cache=False)
     return time.perf_counter() - start, peak.read()[0]
+
+
+def scored_after(source, run_dir: Path, tables, after: dict, calibration: str, rows: list[str],
+                 num_samples: int) -> Path:
+    """A run scored after ``after["step"]``'s plan (taylor2, refitted by prune's recipe on ``after["samples"]``
+    windows; ``score --after``), on the run's scoring windows, in a temporary directory beside a copy of the run's
+    group table (which ranks the step's pool)."""
+    import shutil
+
+    from llamaprune.apply.step import compensate_step
+    from llamaprune.core.plan_file import write_plan
+    from llamaprune.scoring.after_plan import in_original_groups
+    from llamaprune.scoring.in_memory import ScoreOptions
+
+    step_run = Path(tempfile.mkdtemp(prefix="llamaprune-bench-step-"))
+    shutil.copy(run_dir / "groups.parquet", step_run / "groups.parquet")
+    step = make_plan(tables, PlanOptions(ratio=after["step"], criterion="taylor2"))
+    write_plan(step, step_run / "plans" / "step.json")
+    options = ScoreOptions("bench", calibration, num_samples, 128, criteria=("taylor2",),
+                           after=str(step_run / "plans" / "step.json"), after_samples=after["samples"])
+    windows = calibration_windows(source.tokenizer, rows, num_samples, 128, 0)
+    model, chosen, record = compensate_step(source, step, step_run / "plans" / "step.json", options, rows, False)
+    result = in_original_groups(score(model, list(windows.split(8)), ("taylor2",), progress=False), chosen,
+                                source.model.config, record)
+    out = Path(tempfile.mkdtemp(prefix="llamaprune-bench-after-"))
+    write_tables(out, result)
+    return out
 
 
 def heldout_rows() -> tuple[list[str], dict]:
@@ -156,13 +186,18 @@ def main(argv=None) -> list[dict]:
     rows_out = []
     for ratio in (float(r) for r in args.ratios.split(",")):
         for label, plan_fields, method, extra in chosen:
-            plan = make_plan(tables, PlanOptions(ratio=ratio, **plan_fields))
+            extra = dict(extra)
+            after = extra.pop("after", None)
             compensation = CompensationOptions(method, str(valid), args.calibration_samples, args.calibration_seq_len,
                                                damp=args.damp, **extra)
             forward, forward_peak = forward_pass(model, calibration, 8) if method == "lstsq" else (None, None)
             peak = PeakMemory("cpu", "compensation")
             start = time.perf_counter()
-            done = compensation.compensate(plan, model.config, loaded=source, rows=rows, run_dir=run_dir,
+            plan_run = run_dir if after is None else scored_after(source, run_dir, tables, after, str(valid), rows,
+                                                                  args.num_samples)
+            allocation = time.perf_counter() - start
+            plan = make_plan(tables if after is None else load_run(plan_run), PlanOptions(ratio=ratio, **plan_fields))
+            done = compensation.compensate(plan, model.config, loaded=source, rows=rows, run_dir=plan_run,
                                            progress=False)
             seconds = time.perf_counter() - start
             compensation_peak = peak.read()[0]
@@ -175,6 +210,7 @@ def main(argv=None) -> list[dict]:
                 **({"damp": args.damp} if method == "lstsq" else {}),
                 **extra, **ppl, **{f"{key}_vs_dense": round(value / dense[key], 3) for key, value in ppl.items()},
                 "compensation_seconds": round(seconds, 1),
+                **({"after": after, "allocation_seconds": round(allocation, 1)} if after else {}),
             }
             if forward is not None:
                 row.update(forward_seconds=round(forward, 1), compensation_vs_forward=round(seconds / forward, 2),

@@ -39,9 +39,9 @@ def refit_error(x, w, b, kept_columns) -> float:
     """The refit's objective for keeping ``kept_columns``: the squared error on ``x`` plus the ridge, from the
     refit itself (``compensation.refit``), not from OBS's algebra."""
     keep = torch.tensor(kept_columns)
-    sums = FitSums.of(w, keep, b).add(x)
-    ridge = DAMP * float(torch.diagonal(sums.system)[: len(keep)].mean())
-    weight, bias = refit(sums, DAMP)
+    sums = FitSums.of(w, b).add(x)
+    ridge = DAMP * float(torch.diagonal(sums.gram)[keep].mean())
+    weight, bias = refit(sums, keep, DAMP)
     target = x.double() @ w.double().T + b.double()
     error = (x.double()[:, keep] @ weight.double().T + bias.double() - target).square().sum()
     return float(error + ridge * (weight.double() - w.double()[:, keep]).square().sum())

@@ -10,8 +10,8 @@ layers below it (the OBS / SlimGPT family).
 
     >>> import torch
     >>> x, w = torch.randn(64, 4, dtype=torch.float64), torch.randn(3, 4)
-    >>> sums = FitSums.of(w, keep=torch.tensor([0, 1, 2, 3])).add(x)
-    >>> kept, bias = refit(sums, damp=0.01)
+    >>> sums = FitSums.of(w).add(x)
+    >>> kept, bias = refit(sums, keep=torch.tensor([0, 1, 2, 3]), damp=0.01)
     >>> torch.allclose(kept, w, atol=1e-5), float(bias.abs().max()) < 1e-5
     (True, True)
 """
@@ -25,6 +25,7 @@ import torch
 
 from llamaprune.core.errors import UsageError, flag
 from llamaprune.scoring.importance import token_sums
+from llamaprune.scoring.importance.obs import accumulate_gram
 
 
 class Compensation(str, Enum):
@@ -37,42 +38,40 @@ class Compensation(str, Enum):
 
 @dataclass
 class FitSums:
-    """Running float64 sums for refitting one linear layer's kept input columns ``keep``: ``system``, the Gram
-    matrix of the kept inputs with a constant 1 appended (the bias), and ``cross``, that augmented input times the
-    unpruned layer's output. Only the kept columns' Gram is held, never the whole layer's: (k+1)^2 + (k+1)·out
-    numbers, the most compensation keeps besides the layer itself."""
+    """Running float64 sums for refitting one linear layer: ``gram``, the Gram matrix of all its inputs with a
+    constant 1 appended (the bias, ``accumulate_gram``), and, for a target other than the layer's own output on
+    those inputs, ``cross``: the augmented inputs times that target. The own output's cross term is the Gram's
+    G [W b]^T, so one pass over the calibration inputs serves both the choice of the columns to keep
+    (``apply.selection``, on the same Gram) and the refit of whichever are kept. The refit's target is ``share`` of
+    the way from the own output to the given one."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
-    keep: torch.Tensor
-    system: torch.Tensor | None  # None once refit has factored it
-    cross: torch.Tensor
+    gram: torch.Tensor | None  # None once refit has spent it
+    cross: torch.Tensor | None
+    share: float = 1.0
 
     @classmethod
-    def of(cls, weight: torch.Tensor, keep: torch.Tensor, bias: torch.Tensor | None = None) -> FitSums:
-        k, (outputs, _) = len(keep), weight.shape
-        zeros = dict(dtype=torch.float64, device=weight.device)
-        return cls(weight.detach(), None if bias is None else bias.detach(), keep.to(weight.device),
-                   torch.zeros(k + 1, k + 1, **zeros), torch.zeros(k + 1, outputs, **zeros))
+    def of(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, target: bool = False,
+           share: float = 1.0) -> FitSums:
+        """Empty sums for ``weight``; ``target``: batches will come with a target of their own."""
+        (outputs, inputs), device = weight.shape, weight.device
+        cross = torch.zeros(inputs + 1, outputs, dtype=torch.float64, device=device) if target else None
+        return cls(weight.detach(), None if bias is None else bias.detach(), None, cross, share if target else 0.0)
 
-    def add(self, x: torch.Tensor, output: torch.Tensor | None = None) -> FitSums:
-        """Fold a batch of the layer's inputs (..., in_features) and, where the caller has it, the unpruned layer's
-        output for them (else it is computed); returns self. A batch's products are formed in the inputs' dtype,
-        float32 at least (a GPU's float64 is a small fraction of its float32 rate), and summed in float64."""
+    def add(self, x: torch.Tensor, target: torch.Tensor | None = None) -> FitSums:
+        """Fold a batch of the layer's inputs (..., in_features) and, for sums made with a target, that target's
+        batch (..., out_features); returns self. A batch's products are formed in the inputs' dtype, float32 at
+        least (a GPU's float64 is a small fraction of its float32 rate), and summed in float64."""
         x = x.detach().reshape(-1, x.shape[-1]).to(self.weight.device)
         x = x.to(torch.promote_types(x.dtype, torch.float32))
-        if output is None:
-            bias = None if self.bias is None else self.bias.to(x.dtype)
-            output = torch.nn.functional.linear(x, self.weight.to(x.dtype), bias)
-        output = output.detach().reshape(-1, self.weight.shape[0]).to(self.weight.device, x.dtype)
-        kept, k = x[:, self.keep], len(self.keep)
-        sums = token_sums(kept)
-        self.system[:k, :k] += kept.T @ kept
-        self.system[k, :k] += sums
-        self.system[:k, k] += sums
-        self.system[k, k] += len(x)
-        self.cross[:k] += kept.T @ output
-        self.cross[k] += token_sums(output)
+        self.gram = accumulate_gram(x, self.gram)
+        if (target is None) != (self.cross is None):
+            raise ValueError("a target batch goes with sums made for a target, and only with those")
+        if target is not None:
+            target = target.detach().reshape(-1, self.weight.shape[0]).to(self.weight.device, x.dtype)
+            self.cross[:-1] += x.T @ target
+            self.cross[-1] += token_sums(target)
         return self
 
 
@@ -101,20 +100,30 @@ def non_finite(where: str) -> UsageError:
     )
 
 
-def refit(sums: FitSums, damp: float, where: str = "a layer") -> tuple[torch.Tensor, torch.Tensor]:
+def refit(sums: FitSums, keep: torch.Tensor, damp: float, where: str = "a layer") -> tuple[torch.Tensor, torch.Tensor]:
     """Kept columns W_K' and output bias b' minimizing, over the calibration inputs x,
-    ||x_K W_K'^T + b' - (x W^T + b)||^2 + λ ||W_K' - W_K||^2, solved in float64 (Cholesky) from ``sums``.
-    The ridge pulls towards the original columns (keeping every column returns them unchanged); ``damp`` is λ
-    relative to the mean diagonal of the kept inputs' Gram matrix. ``sums`` is spent: its system is dropped.
-    ``where`` names the layer in errors."""
-    system, target, k = sums.system, sums.cross, len(sums.keep)
-    if not torch.isfinite(system[k]).all():  # the inputs' sums: any NaN or infinity among the inputs is there
+    ||x_K W_K'^T + b' - t||^2 + λ ||W_K' - W_K||^2, solved in float64 (Cholesky) from ``sums``, where t is the sums'
+    target (the unpruned output x W^T + b, or ``share`` of the way from it to the target they were given). The
+    ridge pulls towards the original columns (keeping every column returns them unchanged under the own target);
+    ``damp`` is λ relative to the mean diagonal of the kept inputs' Gram matrix. ``sums`` is spent: its Gram is
+    dropped. ``where`` names the layer in errors."""
+    gram, k = sums.gram, len(keep)
+    if gram is None or not torch.isfinite(gram[-1]).all():  # the inputs' sums: any NaN or infinity is there
         raise non_finite(where)
+    rows = torch.cat([keep.to(gram.device), torch.tensor([len(gram) - 1], device=gram.device)])
+    bias = torch.zeros(sums.weight.shape[0], dtype=torch.float64, device=gram.device) if sums.bias is None else \
+        sums.bias.to(gram.device, torch.float64)
+    own = torch.cat([sums.weight.to(gram.device, torch.float64), bias[:, None]], dim=1)
+    target = gram[rows] @ own.T  # the unpruned output's cross term
+    if sums.cross is not None:
+        target = torch.lerp(target, sums.cross[rows], sums.share)
+    system = gram[rows][:, rows]
+    sums.gram = gram = None  # the kept system replaces it
     ridge = damp * float(torch.diagonal(system)[:k].mean()) if k else 0.0
     torch.diagonal(system)[:k] += ridge
-    target[:k].add_(sums.weight[:, sums.keep].T, alpha=ridge)
+    target[:k].add_(own[:, rows[:k]].T, alpha=ridge)
     factor, info = torch.linalg.cholesky_ex(system)
-    sums.system = system = None  # the factor replaces it: one (k+1)^2 matrix fewer while solving
+    system = None  # the factor replaces it: one (k+1)^2 matrix fewer while solving
     if info:
         damp_flag = flag("apply --damp")
         raise UsageError(

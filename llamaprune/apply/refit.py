@@ -13,7 +13,7 @@ checkpoint has one layout (``output_bias`` in its config, docs/ARTIFACTS.md).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
@@ -31,7 +31,6 @@ from llamaprune.core.plan_file import LayerPlan, Plan
 from llamaprune.io.layer_stream import LayerStream, unmap_large_frees
 from llamaprune.io.weights import load_file, read_tensors, tensor_files
 from llamaprune.scoring.importance.obs import DAMP as DEFAULT_DAMP
-from llamaprune.scoring.importance.obs import accumulate_gram
 from llamaprune.scoring.in_memory import STATS_FILE
 
 # The output projection of each block (o_proj, down_proj): the linears whose input columns a plan removes.
@@ -77,23 +76,10 @@ def _input_of(module: torch.nn.Module, run: Callable[[], object]) -> torch.Tenso
     return seen["x"]
 
 
-Batches = Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]  # (inputs, unpruned outputs) of a linear
-
-
 def _as_is(linear: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
     """A projection none of whose inputs were removed: its weight, and its bias (zero where it had none)."""
     weight, bias = linear.weight.detach(), linear.bias
     return weight, bias.detach() if bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype)
-
-
-def _fitted(linear: torch.nn.Linear, keep: torch.Tensor, damp: float, inputs: Batches,
-            where: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The refitted kept columns and output bias of ``linear`` from the batches of its calibration inputs and
-    unpruned outputs that ``inputs`` yields."""
-    sums = FitSums.of(linear.weight.detach(), keep, linear.bias)
-    for x, y in inputs():
-        sums.add(x, y)
-    return refit(sums, damp, where)
 
 
 @dataclass(frozen=True)
@@ -160,11 +146,8 @@ def refit_layers(stream: LayerStream, plan: Plan, windows: torch.Tensor, damp: f
                         if dense is not None:
                             dense = _advance(stream, decoder, block, dense)
                         continue
-                    if selection is Selection.obs:
-                        lp = _choose(stream, decoder, block, hidden, lp, plan.head_dim, damp, swaps, pool)
-                    keep = layer_indices(lp, plan.head_dim)[output_linear(block).index]
-                    hidden, dense = _refit_block(stream, decoder, block, hidden, dense, keep, damp, plan, lp.layer,
-                                                 tensors, target, share)
+                    step = _BlockFit(stream, decoder, block, plan, damp, target, share)
+                    lp, hidden, dense = step.run(lp, hidden, dense, tensors, selection, swaps, pool)
             if not torch.isfinite(hidden).all():
                 raise non_finite(f"layer {lp.layer}")
             fitted.add(tensors)
@@ -177,81 +160,97 @@ def _advance(stream: LayerStream, decoder: torch.nn.Module, block: Block, hidden
     return torch.cat([h + stream.sub_block(decoder, block, h) for h in stream.batches(hidden)])
 
 
-def _choose(stream: LayerStream, decoder: torch.nn.Module, block: Block, hidden: torch.Tensor, lp: LayerPlan,
-            head_dim: int, damp: float, swaps: int, pool: Pool | None) -> LayerPlan:
-    """``lp`` with the groups of ``block`` it keeps chosen by structured OBS on the Gram matrix of the block's
-    output projection's inputs for ``hidden`` (one pass of the block up to that projection)."""
-    linear = output_linear(block)
-    field = GROUP_FIELDS[linear.index]
-    planned = torch.tensor(getattr(lp, field), dtype=torch.long)
-    groups = group_columns(lp, head_dim, linear.index)
-    remove = len(groups) - len(planned)
-    if remove == 0:
-        return lp
-    proj = decoder.get_submodule(linear.path)
-    gram = None
-    for h in stream.batches(hidden):
-        gram = accumulate_gram(_input_of(proj, lambda h=h: stream.sub_block(decoder, block, h)), gram)
-    bias = None if proj.bias is None else proj.bias.detach()
-    allowed = pool.allowed(lp.layer, block.kind, remove) if pool is not None else None
-    kept = select(gram, proj.weight.detach(), bias, groups, remove, damp, swaps, planned,
-                  f"layer {lp.layer} ({block.name})", allowed)
-    return replace(lp, **{field: tuple(kept.tolist())})
+@dataclass
+class _BlockFit:
+    """The compensation of one sub-block: one pass over its calibration inputs gathers the sums of its output
+    projection (``FitSums``), on which obs chooses the groups it loses and the refit fits the rest; then the pruned
+    stream goes on through the refitted sub-block, and the dense stream (None unless the target needs it) through
+    the unpruned one."""
 
+    stream: LayerStream
+    decoder: torch.nn.Module
+    block: Block
+    plan: Plan
+    damp: float
+    target: Target
+    share: float
 
-def _refit_block(stream: LayerStream, decoder: torch.nn.Module, block: Block, hidden: torch.Tensor,
-                 dense: torch.Tensor | None, keep: torch.Tensor, damp: float, plan: Plan, layer: int, tensors: dict,
-                 target: Target = Target.pruned, share: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Refit the output projection of one sub-block on ``hidden`` and return the hidden states after the pruned,
-    refitted sub-block, and the dense stream ``dense`` (None unless the target needs it) after the unpruned one.
-    A residual target short of ``share`` 1 is that share of the way there from the pruned target, the unpruned
-    projection of the pruned inputs: the whole way fits the calibration text's carried error at the expense of
-    other text (bench/RESULTS.md).
-    The kept inputs of the fit pass are reused when they are no larger than the hidden states (held anyway); wider
-    ones (an MLP's) are drawn again, stopping at the projection."""
-    path = output_linear(block).path
-    proj = decoder.get_submodule(path)
+    def sub_block(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.stream.sub_block(self.decoder, self.block, hidden)
 
-    def run(h: torch.Tensor) -> torch.Tensor:
-        return stream.sub_block(decoder, block, h)
+    def inputs(self, hidden: torch.Tensor, proj: torch.nn.Module) -> torch.Tensor:
+        """The projection's inputs for ``hidden``: the sub-block runs up to it and stops."""
+        return _input_of(proj, lambda: self.sub_block(hidden))
 
-    if len(keep) == proj.in_features:  # nothing to refit: the sub-block as it is
-        _store(tensors, plan, layer, path, *_as_is(proj), False)
-        return _advance(stream, decoder, block, hidden), dense if dense is None else _advance(stream, decoder,
-                                                                                              block, dense)
-    reuse = len(keep) <= hidden.shape[-1]
-    kept_inputs = []
-    dense_after = []
-    dense_batches = stream.batches(dense) if dense is not None else [None] * len(stream.batches(hidden))
+    def run(self, lp: LayerPlan, hidden: torch.Tensor, dense: torch.Tensor | None, tensors: dict,
+            selection: Selection, swaps: int, pool: Pool | None
+            ) -> tuple[LayerPlan, torch.Tensor, torch.Tensor | None]:
+        """The layer plan (its groups of this block chosen by obs, with ``selection`` obs), and both streams after
+        the sub-block; the refitted tensors go into ``tensors``."""
+        stream, linear = self.stream, output_linear(self.block)
+        proj = self.decoder.get_submodule(linear.path)
+        keep = layer_indices(lp, self.plan.head_dim)[linear.index]
+        if len(keep) == proj.in_features:  # nothing to refit: the sub-block as it is
+            _store(tensors, self.plan, lp.layer, linear.path, *_as_is(proj), False)
+            return lp, _advance(stream, self.decoder, self.block, hidden), \
+                None if dense is None else _advance(stream, self.decoder, self.block, dense)
+        sums, stored, dense = self.sums(proj, hidden, dense)
+        if selection is Selection.obs:
+            lp = self.choose(proj, sums.gram, lp, swaps, pool)
+            keep = layer_indices(lp, self.plan.head_dim)[linear.index]
+        weight, bias = refit(sums, keep, self.damp, f"layer {lp.layer}")
+        _store(tensors, self.plan, lp.layer, linear.path, weight, bias, True)
+        keep = keep.to(hidden.device)
+        kept_inputs = (z[..., keep] for z in stored) if stored is not None else \
+            (self.inputs(h, proj)[..., keep] for h in stream.batches(hidden))
 
-    def inputs() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for h, d in zip(stream.batches(hidden), dense_batches, strict=True):
+        def after(h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+            if self.block.post_norm is None:  # added in this order, as the refits of checkpoints made before
+                return h + z @ weight.T + bias
+            return h + stream.post_norm(self.decoder, self.block, z @ weight.T + bias)
+
+        hidden = torch.cat([after(h, z) for h, z in zip(stream.batches(hidden), kept_inputs, strict=True)])
+        return lp, hidden, dense
+
+    def sums(self, proj: torch.nn.Module, hidden: torch.Tensor, dense: torch.Tensor | None
+             ) -> tuple[FitSums, list[torch.Tensor] | None, torch.Tensor | None]:
+        """The projection's sums over the calibration batches; its inputs, kept when they are no wider than the
+        hidden states (held anyway; an MLP's are drawn again after the refit); and the dense stream after the
+        unpruned sub-block. A residual target short of ``share`` 1 is that share of the way there from the pruned
+        target: the whole way fits the calibration text's carried error at the expense of other text
+        (bench/RESULTS.md)."""
+        residual = self.target is Target.residual
+        sums = FitSums.of(proj.weight, proj.bias, target=dense is not None, share=self.share if residual else 1.0)
+        stored = [] if proj.in_features <= hidden.shape[-1] else None
+        dense_after = []
+        batches = self.stream.batches(hidden)
+        for h, d in zip(batches, self.stream.batches(dense) if dense is not None else [None] * len(batches),
+                        strict=True):
+            z = self.inputs(h, proj)
             if d is None:
-                z, y, _ = _capture(proj, lambda h=h: run(h))
-            else:  # the target comes from the dense stream: the pruned one stops at the projection
-                z = _input_of(proj, lambda h=h: run(h))
-                _, y, update = _capture(proj, lambda d=d: run(d))  # y: the projection's own output
+                sums.add(z)
+            else:  # the target comes from the dense stream: y, the unpruned projection's output there
+                _, y, update = _capture(proj, lambda d=d: self.sub_block(d))
                 dense_after.append(d + update)
-            if reuse:
-                kept_inputs.append(z[..., keep.to(z.device)])
-            if target is Target.residual:  # a family without a norm after the projection (check_model)
-                y = y + (d - h)
-                if share != 1:
-                    y = torch.lerp(torch.nn.functional.linear(z, proj.weight, proj.bias), y, share)
-            yield z, y
+                sums.add(z, y + (d - h) if residual else y)  # residual: a family without a norm after the projection
+            if stored is not None:
+                stored.append(z)
+        return sums, stored, torch.cat(dense_after) if dense is not None else None
 
-    weight, bias = _fitted(proj, keep, damp, inputs, f"layer {layer}")
-    _store(tensors, plan, layer, path, weight, bias, True)
-    if not reuse:
-        kept_inputs = (_input_of(proj, lambda h=h: run(h))[..., keep.to(h.device)] for h in stream.batches(hidden))
-
-    def after(h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        if block.post_norm is None:  # added in this order, as the refits of checkpoints made before (bit for bit)
-            return h + z @ weight.T + bias
-        return h + stream.post_norm(decoder, block, z @ weight.T + bias)
-
-    hidden = torch.cat([after(h, z) for h, z in zip(stream.batches(hidden), kept_inputs, strict=True)])
-    return hidden, torch.cat(dense_after) if dense is not None else None
+    def choose(self, proj: torch.nn.Module, gram: torch.Tensor, lp: LayerPlan, swaps: int,
+               pool: Pool | None) -> LayerPlan:
+        """``lp`` with the groups of the block it keeps chosen by structured OBS on ``gram``, the Gram matrix of the
+        projection's inputs."""
+        linear = output_linear(self.block)
+        field = GROUP_FIELDS[linear.index]
+        planned = torch.tensor(getattr(lp, field), dtype=torch.long)
+        groups = group_columns(lp, self.plan.head_dim, linear.index)
+        remove = len(groups) - len(planned)
+        bias = None if proj.bias is None else proj.bias.detach()
+        allowed = pool.allowed(lp.layer, self.block.kind, remove) if pool is not None else None
+        kept = select(gram, proj.weight.detach(), bias, groups, remove, self.damp, swaps, planned,
+                      f"layer {lp.layer} ({self.block.name})", allowed)
+        return replace(lp, **{field: tuple(kept.tolist())})
 
 
 def _store(tensors: dict, plan: Plan, layer: int, path: str, weight: torch.Tensor, bias: torch.Tensor,
@@ -427,12 +426,28 @@ class CompensationOptions:
         return replace(done, plan=replace(done.plan, selection=record))
 
 
+def recipe(options: CompensationOptions, config=None) -> CompensationOptions:
+    """``options`` (lstsq) with ``prune``'s recipe: the groups chosen by OBS among ``DEFAULT_POOL`` x each block's
+    count of the plan's lowest-scored ones, each projection fitted ``DEFAULT_RESIDUAL_SHARE`` of the way to the
+    dense hidden states where the model's family allows it (``config``; without one, the pruned target): the
+    recipe that beat the plan's own groups on WikiText and on text of another domain (bench/RESULTS.md)."""
+    from llamaprune.apply.selection import DEFAULT_POOL
+
+    if options.method is not Compensation.lstsq:
+        return options
+    options = replace(options, select=Selection.obs, obs_pool=DEFAULT_POOL)
+    if config is None or not residual_fits(config):
+        return options
+    return replace(options, target=Target.residual, residual_share=DEFAULT_RESIDUAL_SHARE)
+
+
 def stats_file(run_dir: Path | None) -> Path:
     """The run's stats.safetensors, which holds the input sums that ``bias`` needs."""
     path = run_dir / STATS_FILE if run_dir is not None else None
     if path is None or not path.is_file():
         raise UsageError(
             f"{flag('apply --compensate')} bias needs the input means in the plan's run directory ({STATS_FILE}), "
-            f"and this plan has none; keep the plan in RUN/plans/ or use {_use_lstsq()}"
+            f"and this plan has none (a run scored with `score --after` has none either); keep the plan in "
+            f"RUN/plans/ or use {_use_lstsq()}"
         )
     return path

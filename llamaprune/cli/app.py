@@ -188,6 +188,17 @@ def score_command(
                                 "holds about one layer, not the model; forward-only criteria "
                                 f"({','.join(FORWARD_ONLY)}).")
     ] = False,
+    after: Annotated[
+        Path | None, typer.Option(help="A plan (RUN/plans/NAME.json, a first step such as 5%): score the model it "
+                                       "leaves, compensated by prune's recipe on this calibration text. Another "
+                                       "calibration pass (the step's refit) besides scoring; plans from the new run "
+                                       "remove the step's groups and more, counted as the compensated model ranks "
+                                       "them (allocation for the compensated model).")
+    ] = None,
+    after_samples: Annotated[
+        int | None, typer.Option(help="With --after: calibration windows the step is refitted on (default "
+                                      "--num-samples).")
+    ] = None,
 ) -> None:
     """Measure importance and cost of every attention group and MLP channel (phase 1). Under
     `torchrun --nproc-per-node N -m llamaprune score ...` the processes share the calibration windows."""
@@ -197,8 +208,11 @@ def score_command(
     from llamaprune.scoring.in_memory import ScoreOptions
 
     options = ScoreOptions(model, dataset, num_samples, seq_len, batch_size, parse_criteria(criteria), seed, dtype,
-                           device, data_dir, fisher_windows, accumulate, fsdp, stream)
-    result = score_run(options, out, overwrite)
+                           device, data_dir, fisher_windows, accumulate, fsdp, stream,
+                           str(after) if after is not None else None, after_samples)
+    from llamaprune.apply.step import compensate_step
+
+    result = score_run(options, out, overwrite, compensate_step if after is not None else None)
     ranks = ranks_from_env()
     if ranks is not None and not ranks.main:  # the first process reports the run it wrote
         return

@@ -15,14 +15,16 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
-from llamaprune.core.errors import UsageError
+import numpy as np
+
+from llamaprune.core.errors import UsageError, flag
 from llamaprune.core.plan_file import Plan
 from llamaprune.plan.assemble import assemble, default_plan_name, ratio_text
 from llamaprune.plan.greedy import global_removal
 from llamaprune.plan.layerwise import layerwise_removal
 from llamaprune.plan.limits import param_budget, removal_limits
-from llamaprune.plan.options import PlanOptions, Strategy
-from llamaprune.plan.order import plan_order
+from llamaprune.plan.options import Normalize, PlanOptions, Strategy
+from llamaprune.plan.order import Order, plan_order
 from llamaprune.plan.tables import RunTables, load_run
 
 
@@ -35,12 +37,32 @@ def make_plan(source: RunTables | Path | str, options: PlanOptions, name: str | 
             f"{', '.join(tables.criteria)} "
             f"(add it with `llamaprune score ... --criteria {options.criterion}`)"
         )
+    after = tables.meta.get("after")
+    if after is not None and options.normalize is not Normalize.none:
+        raise UsageError(f"{tables.groups_path} was scored after the plan {after['plan']['name']!r}, whose groups "
+                         f"score -inf; plan from it with {flag('plan --normalize')} none")
     order = plan_order(tables, options)
     limits = removal_limits(tables, options)
     budget = param_budget(options.ratio, tables.total)
     strategy = global_removal if options.strategy is Strategy.global_ else layerwise_removal
     removal = strategy(tables, order, limits, options, budget)
+    if after is not None:
+        _check_after(tables, order, removal, after, options)
     return assemble(tables, order, removal, options, name or default_plan_name(options))
+
+
+def _check_after(tables: RunTables, order: Order, removal: np.ndarray, after: dict, options: PlanOptions) -> None:
+    """A plan from a run scored after a step's plan (``scoring.after_plan``) must remove every group of the step:
+    they are the first of each layer and kind in plan order (their scores are -inf)."""
+    step = np.bincount(order.part[np.isneginf(order.score)], minlength=removal.size).reshape(removal.shape)
+    if (removal < step).any():
+        plan = after["plan"]
+        raise UsageError(
+            f"{tables.groups_path} was scored after the plan {plan['name']!r} removed "
+            f"{plan['achieved_ratio']:.1%} of the model, and a plan at {flag('plan --ratio')} {options.ratio} by "
+            f"these options keeps some of its groups; plan at least that ratio, with the layerwise strategy's "
+            f"counts or the layers and minimums kept no tighter than the step's"
+        )
 
 
 def make_plans(

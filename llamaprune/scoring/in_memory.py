@@ -58,7 +58,7 @@ class ScoreResult:
 
     groups: pa.Table
     layers: pa.Table
-    stats: dict[str, torch.Tensor]
+    stats: dict[str, torch.Tensor] | None  # None: a run scored after a plan (``scoring.after_plan``)
     meta: dict
     seconds: float
     peak_memory_bytes: int
@@ -96,13 +96,20 @@ class ScoreOptions:
     accumulate: Accumulate = Accumulate.fp32  # dtype of the w*G sums of the gradient criteria
     fsdp: bool = False  # under torchrun: parameters, gradients and w*G sums sharded (llamaprune.scoring.sharded)
     stream: bool = False  # read one decoder layer at a time (llamaprune.scoring.streamed): forward-only criteria
+    after: str | None = None  # a plan: score the model it leaves, compensated (llamaprune.scoring.after_plan)
+    after_samples: int | None = None  # windows the plan's step is refitted on (None: num_samples)
 
     def __post_init__(self) -> None:
         parse_criteria(",".join(self.criteria))
+        if self.after_samples is None:
+            object.__setattr__(self, "after_samples", self.num_samples)
+        if self.after is not None and (self.stream or self.fsdp):
+            raise UsageError(f"{flag('score --after')} refits and scores the compensated model in memory, in one "
+                             f"process; drop {flag('score --stream' if self.stream else 'score --fsdp')}")
         object.__setattr__(self, "accumulate", parse_choice(Accumulate, self.accumulate, flag("score --accumulate")))
         if self.stream:
             check_streamable(self.criteria)
-        for name in ("num_samples", "seq_len", "batch_size", "fisher_windows"):
+        for name in ("num_samples", "seq_len", "batch_size", "fisher_windows", "after_samples"):
             if getattr(self, name) <= 0:
                 option = flag(f"score --{name.replace('_', '-')}")
                 raise UsageError(f"{option} must be positive, got {getattr(self, name)}")
@@ -163,8 +170,9 @@ def score_result(shape: ModelShape, specs: list[ParamSpec], scores, acc: Accumul
     """The tables, with ``meta``, and stats of a finished pass, whole-model or layer-streamed;
     ``accumulator_bytes``: what the accumulators held before any reduction (default: what they hold now)."""
     return ScoreResult(
-        groups=with_meta(_groups_table(shape, scores, meta["criteria"]), meta),
-        layers=with_meta(_layers_table(shape, scores, acc, meta["criteria"]), meta),
+        groups=with_meta(groups_table(shape, scores, meta["criteria"]), meta),
+        layers=with_meta(layers_table(shape, scores, {i: block_influence(c) for i, c in acc.cosines.items()},
+                                      meta["criteria"]), meta),
         stats=_stats(specs, scores, acc),
         meta=meta,
         seconds=seconds,
@@ -251,7 +259,8 @@ def check_finite(scores: dict[tuple[int, str, str], torch.Tensor]) -> None:
             )
 
 
-def _groups_table(shape: ModelShape, scores, criteria) -> pa.Table:
+def groups_table(shape: ModelShape, scores, criteria) -> pa.Table:
+    """groups.parquet's rows: every group of ``shape`` in table order, with its scores by criterion."""
     groups = list(iter_groups(shape))
     columns = {
         "group_id": [g.group_id for g in groups],
@@ -271,7 +280,8 @@ def _groups_table(shape: ModelShape, scores, criteria) -> pa.Table:
     return pa.Table.from_pydict(columns, schema=groups_schema(criteria))
 
 
-def _layers_table(shape: ModelShape, scores, acc: Accumulators, criteria) -> pa.Table:
+def layers_table(shape: ModelShape, scores, influence: dict[int, float | None], criteria) -> pa.Table:
+    """layers.parquet's rows: each layer's widths and costs, its block ``influence`` and its groups' score sums."""
     rows = []
     for i, layer_shape in enumerate(shape.layers):
         row = {
@@ -283,7 +293,7 @@ def _layers_table(shape: ModelShape, scores, acc: Accumulators, criteria) -> pa.
             "mlp_group_params": shape.mlp_group_cost(i),
             "attn_fixed_params": shape.attn_fixed_params(i),
             "mlp_fixed_params": shape.mlp_fixed_params(i),
-            "block_influence": block_influence(acc.cosines[i]) if i in acc.cosines else None,
+            "block_influence": influence.get(i),
         }
         for criterion in criteria:
             row[criterion] = sum(

@@ -235,25 +235,12 @@ class PruneOptions:
         )
 
     def compensation_options(self, config=None):
-        """lstsq refits on the calibration text, ``compensation_samples`` windows of ``seq_len`` tokens, its groups
-        chosen by OBS among ``DEFAULT_POOL`` x each block's count of the plan's lowest-scored ones, each projection
-        fitted ``DEFAULT_RESIDUAL_SHARE`` of the way to the dense hidden states where the model's family allows it
-        (``config``; without one, the pruned target): the recipe that beat the plan's own groups on WikiText and on
-        text of another domain (bench/RESULTS.md)."""
-        from dataclasses import replace
+        """lstsq refits on the calibration text, ``compensation_samples`` windows of ``seq_len`` tokens, by
+        ``prune``'s recipe (``apply.refit.recipe``, for ``config``'s family)."""
+        from llamaprune.apply.refit import CompensationOptions, recipe
 
-        from llamaprune.apply.compensation import Compensation
-        from llamaprune.apply.refit import DEFAULT_RESIDUAL_SHARE, CompensationOptions, Target, residual_fits
-        from llamaprune.apply.selection import DEFAULT_POOL, Selection
-
-        options = CompensationOptions(self.compensate, self.dataset, self.compensation_samples, self.seq_len,
-                                      seed=self.seed, data_dir=self.data_dir)
-        if options.method is not Compensation.lstsq:
-            return options
-        options = replace(options, select=Selection.obs, obs_pool=DEFAULT_POOL)
-        if config is None or not residual_fits(config):
-            return options
-        return replace(options, target=Target.residual, residual_share=DEFAULT_RESIDUAL_SHARE)
+        return recipe(CompensationOptions(self.compensate, self.dataset, self.compensation_samples, self.seq_len,
+                                          seed=self.seed, data_dir=self.data_dir), config)
 
     def eval_options(self) -> EvalOptions:
         return EvalOptions(self.eval_dataset, self.eval_seq_len, self.max_windows, data_dir=self.data_dir,
