@@ -5,8 +5,8 @@ embedded model's tokenizer) and bench/apply.py's ~20% heterogeneous plan for it,
 each in a fresh subprocess: (a) plainly sliced, (b) with the least-squares refit on 8 x 64 tokens of WikiText-2
 valid, (c) the refit 0.3 of the way to the dense hidden states (``prune``'s target: a dense stream beside the pruned
 one), (d) the refit with obs selection. The refit should hold one decoder layer (float32, as it computes), the
-fit's float64 state for the widest kept input (the kept columns' augmented Gram matrix, twice while it is
-factored, and its product with the outputs) and the calibration activations, on top of what the plain streamed
+fit's float64 state for the widest projection (the augmented Gram matrix of all its inputs, and while it is solved
+the kept columns' system and its target) and the calibration activations, on top of what the plain streamed
 apply holds; this prints that budget beside the measured peak.
 
     $ .venv/bin/python bench/compensation_stream.py           # ~2.4 GB of disk under $TMPDIR
@@ -64,8 +64,9 @@ def apply_streamed(src: Path, plan: Path, out: Path, method: str, calibration: P
 
 
 def refit_budget(src: Path, plan_path: Path, tokens: int) -> dict:
-    """Bytes of the largest decoder layer in float32, of the largest refit's float64 state ((k+1)^2 twice while
-    factored, plus (k+1) x out) and of the float32 hidden states (three copies at most)."""
+    """Bytes of the largest decoder layer in float32, of the largest refit's float64 state (the whole input's
+    augmented Gram matrix (n+1)^2, which obs's choice shares, beside the kept inputs' system (k+1)^2 and its target
+    (k+1) x out while it is formed) and of the float32 hidden states (three copies at most)."""
     from transformers import AutoConfig
 
     from llamaprune.apply.slicing import kept_indices
@@ -77,7 +78,7 @@ def refit_budget(src: Path, plan_path: Path, tokens: int) -> dict:
     layer = 4 * (2 * d * config.num_attention_heads * head_dim + 2 * d * config.num_key_value_heads * head_dim
                  + 3 * d * i)
     widest = max(len(kept["mlp"]) for kept in kept_indices(plan).values())
-    fit = 8 * (2 * (widest + 1) ** 2 + (widest + 1) * d)
+    fit = 8 * ((i + 1) ** 2 + (widest + 1) ** 2 + (widest + 1) * d)
     # obs: the Gram matrix of the widest projection's whole input, its inverse and the greedy's working copy, and
     # the weights twice (float64)
     choice = 8 * (3 * (i + 1) ** 2 + 2 * (i + 1) * d)

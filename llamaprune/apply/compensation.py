@@ -100,6 +100,9 @@ def non_finite(where: str) -> UsageError:
     )
 
 
+ROW_BLOCK = 2048  # rows of the Gram matrix refit multiplies at once (16 MB of float64 per 1,000 inputs)
+
+
 def refit(sums: FitSums, keep: torch.Tensor, damp: float, where: str = "a layer") -> tuple[torch.Tensor, torch.Tensor]:
     """Kept columns W_K' and output bias b' minimizing, over the calibration inputs x,
     ||x_K W_K'^T + b' - t||^2 + λ ||W_K' - W_K||^2, solved in float64 (Cholesky) from ``sums``, where t is the sums'
@@ -114,10 +117,11 @@ def refit(sums: FitSums, keep: torch.Tensor, damp: float, where: str = "a layer"
     bias = torch.zeros(sums.weight.shape[0], dtype=torch.float64, device=gram.device) if sums.bias is None else \
         sums.bias.to(gram.device, torch.float64)
     own = torch.cat([sums.weight.to(gram.device, torch.float64), bias[:, None]], dim=1)
-    target = gram[rows] @ own.T  # the unpruned output's cross term
+    # the unpruned output's cross term, a block of rows at a time: never a (k+1) x (n+1) copy of the Gram's rows
+    target = torch.cat([gram[block] @ own.T for block in rows.split(ROW_BLOCK)])
     if sums.cross is not None:
         target = torch.lerp(target, sums.cross[rows], sums.share)
-    system = gram[rows][:, rows]
+    system = gram[rows[:, None], rows]
     sums.gram = gram = None  # the kept system replaces it
     ridge = damp * float(torch.diagonal(system)[:k].mean()) if k else 0.0
     torch.diagonal(system)[:k] += ridge
