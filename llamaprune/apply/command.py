@@ -23,8 +23,7 @@ from llamaprune.apply.streaming import check_params, stream_checkpoint
 from llamaprune.core.artifacts import MANIFEST, atomic_write_json, manifest_in, new_manifest, plain_value
 from llamaprune.core.errors import UsageError, flag
 from llamaprune.core.groups import config_fingerprint
-from llamaprune.core.plan_file import Plan, check_shape, read_plan, write_plan
-from llamaprune.core.tables import check_fingerprint
+from llamaprune.core.plan_file import Plan, check_plan, read_plan, write_plan
 from llamaprune.evaluate.perplexity import EVAL_FILE, EvalOptions, compare, measure
 from llamaprune.evaluate.speed import measure_pair
 from llamaprune.io.loading import Device, DType, load_model, register, resolve_device
@@ -72,13 +71,6 @@ class ApplyOptions:
         if size <= 0:
             raise UsageError(f"--max-shard-size {self.max_shard_size!r} is not a size; use e.g. 2GB, 500MB or 1GiB")
         return size
-
-
-def check_plan(plan: Plan, config, what: str = "plan") -> None:
-    """Refuse a plan made for another model, naming both fingerprints, or one whose layers are not this
-    model's (``core.plan_file.check_shape``)."""
-    check_fingerprint(plan.fingerprint, config_fingerprint(config), what)
-    check_shape(plan, config, what)
 
 
 

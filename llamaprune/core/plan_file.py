@@ -296,6 +296,15 @@ def read_plan(path: Path) -> Plan:
 KeptIndices = Sequence[tuple[Sequence[int], Sequence[int]]]
 
 
+def check_plan(plan: Plan, config, what: str = "plan") -> None:
+    """Refuse a plan made for another model, naming both fingerprints, or one whose layers are not this
+    model's (``check_shape``)."""
+    from llamaprune.core.tables import check_fingerprint
+
+    check_fingerprint(plan.fingerprint, config_fingerprint(config), what)
+    check_shape(plan, config, what)
+
+
 def plan_from_kept(config, kept: KeptIndices, removed: Collection[int] = (), name: str = "manual") -> Plan:
     """A plan from the (KV heads, MLP channels) kept in each original layer, an empty list skipping that
     block: for hand-made plans in notebooks, tests and benchmarks (``llamaprune plan`` makes scored ones)."""

@@ -27,9 +27,9 @@ import torch
 
 from llamaprune.core.arch import ATTN, MLP
 from llamaprune.core.errors import UsageError, flag
-from llamaprune.core.groups import config_fingerprint, group_id, model_shape
-from llamaprune.core.plan_file import Plan, check_shape
-from llamaprune.core.tables import GROUPS_FILE, check_fingerprint, with_meta
+from llamaprune.core.groups import group_id, model_shape
+from llamaprune.core.plan_file import Plan, check_plan
+from llamaprune.core.tables import GROUPS_FILE, with_meta
 from llamaprune.scoring.in_memory import ScoreResult, groups_table, layers_table, table_meta
 
 AFTER = "after"  # the tables' metadata and the manifest's record of the plan a run was scored after
@@ -40,8 +40,7 @@ def check_after(plan: Plan, path: Path, config, weights: str | None) -> None:
     model or other weights (``weights``: the checkpoint's fingerprint), one outside its run's plans/ (its run's
     group table ranks obs's pool in the step's refit), or one that removes whole layers (the compensated model's
     layers would no longer be the original's)."""
-    check_fingerprint(plan.fingerprint, config_fingerprint(config), f"the plan {path}")
-    check_shape(plan, config, f"the plan {path}")
+    check_plan(plan, config, f"the plan {path}")
     if None not in (plan.weights_fingerprint, weights) and plan.weights_fingerprint != weights:
         raise UsageError(f"the plan {path} was made from a run scored on other weights than this checkpoint's; "
                          f"score this checkpoint and plan its step from that run")

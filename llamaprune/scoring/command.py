@@ -88,7 +88,7 @@ def score_into(out: Path | None, options: ScoreOptions, loaded, rows: list[str],
             if step is None:
                 raise ValueError("score --after needs the step's compensation (apply.step.compensate_step)")
             from llamaprune.core.plan_file import read_plan
-            from llamaprune.scoring.after_plan import in_original_groups
+            from llamaprune.scoring.after_plan import AFTER, in_original_groups
 
             path = Path(options.after)
             model, plan, record = step(loaded, read_plan(path), path, options, rows, progress)
@@ -118,7 +118,7 @@ def score_into(out: Path | None, options: ScoreOptions, loaded, rows: list[str],
         peak_memory_scope=result.peak_memory_scope,
         accumulators={"dtype": options.accumulate.value, "bytes": result.accumulator_bytes},
         processes={"count": ranks.world if ranks else 1, "fsdp": options.fsdp},
-        **({"after": result.meta["after"]} if options.after is not None else {}),
+        **({AFTER: result.meta[AFTER]} if options.after is not None else {}),
     )
     return result, manifest
 
