@@ -113,6 +113,10 @@ def test_a_plan_that_keeps_the_step_s_groups_and_other_misuse_is_refused(step_ru
     assert_one_error_line(runner.invoke(app, ["score", model, "--out", str(step_run / "y"), *CALIBRATION,
                                               "--after", str(loose)]), "RUN/plans/")
     assert not (step_run / "x").exists() and not (step_run / "y").exists()
+    before = (step_run / "run" / "groups.parquet").read_bytes()
+    assert_one_error_line(runner.invoke(app, ["score", model, "--out", str(step_run / "run"), *CALIBRATION,
+                                              "--after", str(plan), "--overwrite"]))
+    assert (step_run / "run" / "groups.parquet").read_bytes() == before and plan.is_file()
     bias = runner.invoke(app, ["plan", after, "--ratio", "0.2", "--criterion", "taylor2", "--name", "q"])
     assert bias.exit_code == 0, bias.output
     assert_one_error_line(runner.invoke(app, ["apply", str(step_run / "after" / "plans" / "q.json"), "--model",
